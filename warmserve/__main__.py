@@ -1,0 +1,3 @@
+from warmserve.cli import main
+
+main()

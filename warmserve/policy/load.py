@@ -1,0 +1,103 @@
+"""Per-model load measured as concurrent requests: time-weighted average and peak per window.
+
+The forecaster learns from these windows; the scheduler plugin feeds arrivals and completions of
+live requests and the simulator feeds simulated ones, so both measure load the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+class WindowLoad(NamedTuple):
+    """Load of ``model`` in window ``index`` (covering ``[index*w, (index+1)*w)``)."""
+
+    model: str
+    index: int
+    avg: float
+    peak: float
+
+
+@dataclass(slots=True)
+class _Track:
+    level: int = 0  # requests in flight
+    since: float = 0.0  # time of the last change of level
+    area: float = 0.0  # integral of level over the open window so far
+    peak: int = 0  # highest level in the open window
+    window: int = 0  # index of the open window
+
+
+class LoadMeter:
+    """Integrates each model's concurrency over fixed windows.
+
+    Events must come in non-decreasing time order. :meth:`close_until` emits every window that
+    ended at or before ``t``, including empty ones, so a quiet model still teaches the forecaster
+    that it was quiet.
+    """
+
+    def __init__(self, window: float, start: float = 0.0) -> None:
+        if window <= 0:
+            raise ValueError(f"window must be positive, got {window}")
+        self.window = float(window)
+        self.start = float(start)
+        self._tracks: dict[str, _Track] = {}
+        self._pending: list[WindowLoad] = []  # windows closed by arrive/depart, not reported yet
+
+    def _index(self, t: float) -> int:
+        return math.floor((t - self.start) / self.window)
+
+    def _track(self, model: str, t: float) -> _Track:
+        tr = self._tracks.get(model)
+        if tr is None:
+            tr = self._tracks[model] = _Track(since=t, window=max(self._index(t), 0))
+        return tr
+
+    def _advance(self, tr: _Track, model: str, t: float, out: list[WindowLoad] | None) -> None:
+        """Move ``tr`` forward to time ``t``, closing the windows that end on the way."""
+        while True:
+            end = self.start + (tr.window + 1) * self.window
+            if t < end:
+                tr.area += tr.level * (t - tr.since)
+                tr.since = t
+                return
+            tr.area += tr.level * (end - tr.since)
+            if out is not None:
+                out.append(WindowLoad(model, tr.window, tr.area / self.window, float(tr.peak)))
+            tr.window += 1
+            tr.since = end
+            tr.area = 0.0
+            tr.peak = tr.level
+
+    def arrive(self, model: str, t: float) -> None:
+        """A request of ``model`` started at ``t``."""
+        tr = self._track(model, t)
+        self._advance(tr, model, t, self._pending)
+        tr.level += 1
+        tr.peak = max(tr.peak, tr.level)
+
+    def depart(self, model: str, t: float) -> None:
+        """A request of ``model`` finished (or failed) at ``t``."""
+        tr = self._track(model, t)
+        if tr.level <= 0:
+            raise ValueError(f"depart of {model!r} at {t} with no request in flight")
+        self._advance(tr, model, t, self._pending)
+        tr.level -= 1
+
+    def level(self, model: str) -> int:
+        """Requests of ``model`` in flight now."""
+        tr = self._tracks.get(model)
+        return tr.level if tr else 0
+
+    def models(self) -> list[str]:
+        return list(self._tracks)
+
+    def close_until(self, t: float) -> list[WindowLoad]:
+        """Every window that ended at or before ``t`` and was not reported yet, oldest first."""
+        out = self._pending
+        self._pending = []
+        for model, tr in self._tracks.items():
+            self._advance(tr, model, t, out)
+        out.sort(key=lambda w: (w.index, w.model))
+        return out
