@@ -1,0 +1,240 @@
+"""The simulator: accounting, determinism, warm versus cold, memory, bad inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from warmserve.policy.config import PolicyConfig
+from warmserve.policy.state import ClusterSnapshot, Prewarm, Start, Stop, Tier
+from warmserve.registry import ModelSpec, Registry
+from warmserve.sim.cluster import ClusterSpec, SimInputError, check_workload, load_cluster
+from warmserve.sim.costs import load_costs
+from warmserve.sim.engine import Simulator
+from warmserve.sim.policies import policy_config
+
+GB = 10**9
+
+
+def make_cluster(models: list[ModelSpec], nodes: int = 1, per_node: int = 4) -> ClusterSpec:
+    return ClusterSpec(nodes, per_node, 80 * GB, 1000 * GB, Registry(models), load_costs())
+
+
+def workload(arrival, model, inp=100, out=10) -> pa.Table:
+    n = len(arrival)
+    return pa.table(
+        {
+            "arrival": np.asarray(arrival, np.float64),
+            "model": list(model),
+            "input_tokens": np.full(n, inp, np.int32),
+            "output_tokens": np.full(n, out, np.int32),
+        }
+    )
+
+
+class Starter:
+    """A test double for the policy: starts an instance on free devices when asked, prewarms
+    ``warm`` models at the first tick, and stops instances that sit idle for ``idle`` seconds."""
+
+    name = "starter"
+
+    def __init__(self, warm: tuple[str, ...] = (), idle: float = 1e9) -> None:
+        self.warm = warm
+        self.idle = idle
+        self.prewarmed = False
+
+    def observe(self, model, window, avg, peak) -> None:
+        pass
+
+    def _free(self, snap: ClusterSnapshot, tp: int, skip: set[str]) -> tuple[str, ...] | None:
+        busy = {d for i in snap.instances for d in i.devices} | skip
+        free = [d.id for d in snap.devices if d.id not in busy and not d.resident]
+        return tuple(free[:tp]) if len(free) >= tp else None
+
+    def plan(self, snap: ClusterSnapshot):
+        actions = []
+        if not self.prewarmed:
+            self.prewarmed = True
+            taken: set[str] = set()
+            for m in self.warm:
+                devs = self._free(snap, snap.models[m].tp, taken)
+                taken |= set(devs)
+                actions.append(Prewarm(m, devs, Tier.ENGINE))
+        for i in snap.instances:
+            if i.load == 0 and snap.time - i.started > self.idle:
+                actions.append(Stop(i.id))
+        return actions
+
+    def on_demand(self, snap: ClusterSnapshot, model: str):
+        for d in snap.devices:
+            if model in d.resident:
+                group = [e.id for e in snap.devices if model in e.resident]
+                return [Start(model, tuple(group[: snap.models[model].tp]))]
+        devs = self._free(snap, snap.models[model].tp, set())
+        return [Start(model, devs)] if devs else []
+
+
+A = ModelSpec("a", "llama-7b", 14 * GB, 1)
+B = ModelSpec("b", "llama-7b", 14 * GB, 1)
+C = ModelSpec("c", "llama-13b", 26 * GB, 2)
+
+
+def simulate(models, table, policy, **kw):
+    cluster = make_cluster(models, **kw)
+    return Simulator(cluster, policy, table, policy_config(cluster)).run()
+
+
+def poisson(rate: float, duration: float, names: list[str], seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    t = np.cumsum(rng.exponential(1 / rate, int(rate * duration)))
+    return workload(t, rng.choice(names, len(t)), out=20)
+
+
+def test_every_request_has_one_row_and_a_status():
+    table = poisson(20, 120, ["a", "b", "c"])
+    res = simulate([A, B, C], table, Starter(idle=10)).requests
+    assert res.num_rows == table.num_rows
+    assert res.column("arrival").to_pylist() == table.column("arrival").to_pylist()
+    assert set(res.column("status").to_pylist()) <= {"ok", "dropped"}
+    ok = np.array(res.column("status").to_pylist()) == "ok"
+    ttft = res.column("ttft").to_numpy(zero_copy_only=False)
+    assert ok.sum() > 0.9 * len(ok)
+    assert (ttft[ok] > 0).all() and np.isnan(ttft[~ok]).all()
+
+
+def test_same_inputs_give_the_same_output():
+    table = poisson(30, 60, ["a", "b", "c"], seed=3)
+    one = simulate([A, B, C], table, Starter(warm=("a",), idle=5))
+    two = simulate([A, B, C], table, Starter(warm=("a",), idle=5))
+    assert one.requests.equals(two.requests)
+    assert one.devices.equals(two.devices)
+
+
+def test_prewarmed_model_starts_much_faster_than_a_cold_one():
+    # a is prewarmed (weights and engine up) at t=0; b is on disk. One request each at t=100.
+    table = workload([100.0, 100.0], ["a", "b"])
+    res = simulate([A, B], table, Starter(warm=("a",))).requests
+    ttft = dict(zip(res.column("model").to_pylist(), res.column("ttft").to_pylist(), strict=True))
+    tiers = dict(zip(res.column("model").to_pylist(), res.column("tier").to_pylist(), strict=True))
+    costs = load_costs()
+    assert tiers == {"a": "engine", "b": "disk"}
+    assert ttft["a"] == pytest.approx(costs.activate_s + 0.035)
+    assert ttft["a"] < 0.1
+    assert ttft["b"] > costs.engine_start_s
+
+
+def test_second_request_on_a_running_instance_pays_only_prefill():
+    table = workload([0.0, 50.0], ["a", "a"])
+    res = simulate([A], table, Starter()).requests
+    ttft = res.column("ttft").to_pylist()
+    assert ttft[1] == pytest.approx(0.035)
+    assert ttft[0] > 20
+
+
+def test_capacity_limits_concurrency_and_queues_the_rest():
+    # 40 simultaneous requests of 100 tokens at 15 ms/token: 32 run at once, 8 wait for a slot.
+    table = workload(np.full(40, 30.0), ["a"] * 40, out=100)
+    cluster = make_cluster([A], per_node=1)
+    sim = Simulator(cluster, Starter(warm=("a",)), table, policy_config(cluster))
+    res = sim.run().requests
+    start = res.column("start").to_numpy()
+    assert (start == start.min()).sum() == 32
+    assert start.max() == pytest.approx(start.min() + 0.035 + 99 * 0.015)
+
+
+def test_memory_is_never_overcommitted():
+    table = poisson(40, 200, ["a", "b", "c"], seed=1)
+    dev = simulate([A, B, C], table, Starter(warm=("a", "b"), idle=3), per_node=4).devices
+    used = dev.column("weights_bytes").to_numpy() + dev.column("kv_bytes").to_numpy()
+    assert len(used) > 10
+    assert (used <= dev.column("memory").to_numpy()).all()
+    assert (dev.column("kv_bytes").to_numpy() >= 0).all()
+    modes = set(dev.column("mode").to_pylist())
+    assert {"idle", "dedicated"} <= modes
+
+
+def test_requests_with_nowhere_to_go_are_dropped_not_lost():
+    class Never(Starter):
+        def on_demand(self, snap, model):
+            return []
+
+    table = workload([1.0, 2.0, 3.0], ["a", "a", "a"])
+    res = simulate([A], table, Never()).requests
+    assert res.column("status").to_pylist() == ["dropped"] * 3
+    assert all(e for e in res.column("error").to_pylist())
+
+
+def test_cluster_that_cannot_hold_the_largest_model_is_refused():
+    big = ModelSpec("big", "llama-70b", 140 * GB, 1)
+    with pytest.raises(SimInputError, match="per device"):
+        make_cluster([big]).check()
+    with pytest.raises(SimInputError, match="tp=8"):
+        make_cluster([ModelSpec("wide", "x", 140 * GB, 8)]).check()
+
+
+def test_workload_with_unknown_model_or_negative_time_is_refused():
+    with pytest.raises(SimInputError, match="not in the registry"):
+        check_workload(workload([0.0, 1.0], ["a", "zzz"]), ["a"])
+    with pytest.raises(SimInputError, match="negative"):
+        check_workload(workload([-1.0, 1.0], ["a", "a"]), ["a"])
+    with pytest.raises(SimInputError, match="sorted"):
+        check_workload(workload([2.0, 1.0], ["a", "a"]), ["a"])
+
+
+def _files(tmp_path, models: list[dict], arrival=(0.0, 1.0), names=("a", "a")):
+    import yaml
+
+    cluster = tmp_path / "c.yaml"
+    cluster.write_text(
+        yaml.safe_dump(
+            {
+                "nodes": 1,
+                "devices_per_node": 2,
+                "device_memory": "80 GB",
+                "host_memory": "1 TB",
+                "models": models,
+            }
+        )
+    )
+    wl = tmp_path / "w.parquet"
+    pq.write_table(workload(list(arrival), list(names)), wl)
+    return str(cluster), str(wl)
+
+
+@pytest.mark.parametrize(
+    ("models", "arrival", "names", "message"),
+    [
+        ([{"name": "a", "family": "f", "bytes": "100 GB"}], (0.0,), ("a",), "per device"),
+        ([{"name": "a", "family": "f", "bytes": "14 GB"}], (0.0,), ("b",), "not in the registry"),
+        ([{"name": "a", "family": "f", "bytes": "14 GB"}], (-5.0,), ("a",), "negative"),
+    ],
+)
+def test_cli_bad_input_exits_2_before_running(tmp_path, models, arrival, names, message):
+    from warmserve.sim.cli import command
+
+    cluster, wl = _files(tmp_path, models, arrival, names)
+    out = tmp_path / "r.parquet"
+    args = ["--workload", wl, "--cluster", cluster, "--policy", "x", "--out", str(out)]
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert not out.exists()
+
+
+def test_cluster_file_reads_sizes_and_inline_models(tmp_path):
+    cluster, _ = _files(tmp_path, [{"name": "a", "family": "f", "bytes": "14 GB", "tp": 2}])
+    spec = load_cluster(cluster)
+    assert spec.device_memory == 80 * GB
+    assert spec.models["a"].nbytes == 14 * GB and spec.models["a"].tp == 2
+    assert spec.device_count == 2
+
+
+def test_policy_config_charges_what_the_simulator_charges():
+    cluster = make_cluster([A, C])
+    cfg = policy_config(cluster, PolicyConfig(window=60.0, period=600.0))
+    assert cfg.window == 60.0
+    assert cfg.kv_per_request(A) == 524288 * 2048
+    assert cfg.instance_capacity == cluster.costs.instance_capacity

@@ -1,0 +1,479 @@
+"""The simulated cluster's state: devices, host caches, instances, and how actions change them.
+
+This is the simulator's side of the policy contract (``warmserve.policy.state``): it turns a
+policy's actions into memory and time, checks each against its own accounting (so two actions
+never spend the same bytes, as the active memory manager does), and builds the snapshots the
+policy sees. Requests and the event loop live in :mod:`warmserve.sim.engine`.
+
+Semantics the policy can rely on:
+
+- Prewarmed weights count as resident from the moment the Prewarm is accepted (their memory is
+  reserved then); an instance started on them waits until the copy lands.
+- Memory is charged as ``warmserve.policy.config`` describes: an instance holds its weight shard
+  and ``kv_reservation / tp`` of KV cache on each device of its group; prewarmed weights use the
+  rest of the device plus whatever KV space the device lends (LendKV). Instances started on one
+  device (GPU sharing) each keep their own reservation and split the compute.
+- Start evicts the other models' prewarmed weights from its devices (down to host memory) and
+  takes back lent KV space.
+- Stop drains: the instance admits nothing new and frees its devices when its last request ends.
+  Its weights then drop to the node's host memory and its engine exits, unless the cost model's
+  ``serving.keep_weights_on_stop`` is set, in which case they stay as prewarmed weights.
+- An action that does not fit (no memory, wrong TP width, devices across nodes, unknown names) is
+  rejected whole and counted in :attr:`SimCluster.rejected`; it never half-applies.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Mapping
+
+from warmserve.policy.state import (
+    Action,
+    ClusterSnapshot,
+    DeviceMode,
+    DeviceSnapshot,
+    Evict,
+    InstanceSnapshot,
+    LendKV,
+    Prewarm,
+    ReclaimKV,
+    Start,
+    Stop,
+    Tier,
+)
+from warmserve.registry import ModelSpec
+from warmserve.sim.cluster import ClusterSpec
+
+logger = logging.getLogger("warmserve.sim.actions")
+
+
+class Instance:
+    """A simulated serving instance: its slots, KV budget (tokens) and serving costs."""
+
+    __slots__ = (
+        "count",
+        "decode_s",
+        "devices",
+        "draining",
+        "id",
+        "kv_budget",
+        "kv_dev",
+        "kv_per_token",
+        "kv_used",
+        "midx",
+        "model",
+        "prefill_s",
+        "ready",
+        "ready_at",
+        "shared",
+        "tier",
+    )
+
+    def __init__(self, iid: str, spec: ModelSpec, midx: int, devices: list[Device]) -> None:
+        self.id = iid
+        self.model = spec.name
+        self.midx = midx
+        self.devices = devices
+        self.count = 0  # requests admitted and not finished
+        self.kv_used = 0  # tokens of KV held by admitted requests
+        self.kv_budget = 0  # tokens of KV this instance may hold
+        self.kv_dev = 0  # bytes of KV reserved on each of its devices
+        self.kv_per_token = 0.0
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.ready = False
+        self.ready_at = 0.0
+        self.draining = False
+        self.shared = False  # some device of it also hosts another instance
+        self.tier = Tier.DISK
+
+
+class Device:
+    """One simulated device: prewarmed weights, engines up, instances, lent KV space."""
+
+    __slots__ = ("engines", "id", "idx", "instances", "lent", "memory", "node", "resident", "snap")
+
+    def __init__(self, idx: int, did: str, node: str, memory: int) -> None:
+        self.idx = idx
+        self.id = did
+        self.node = node
+        self.memory = memory
+        self.resident: dict[str, float] = {}  # model -> time its weights are in place
+        self.engines: dict[str, float] = {}  # family -> time its engine is up
+        self.instances: list[Instance] = []
+        self.lent = 0
+        self.snap: DeviceSnapshot | None = None  # cached snapshot; None after a change
+
+
+class SimCluster:
+    """Devices, host caches and instances of one simulation, changed only by :meth:`apply`."""
+
+    def __init__(
+        self, spec: ClusterSpec, model_index: Mapping[str, int], kv_reservation: Mapping[str, int]
+    ) -> None:
+        self.spec = spec
+        self.costs = spec.costs
+        self.models = spec.models
+        self.model_index = model_index
+        self.devices = [
+            Device(i, did, node, spec.device_memory)
+            for i, (did, node) in enumerate(spec.device_ids())
+        ]
+        self.by_id = {d.id: d for d in self.devices}
+        self.per_device = {m.name: -(-m.nbytes // m.tp) for m in self.models.values()}
+        self.profiles = {m.name: self.costs.profile(m) for m in self.models.values()}
+        self.kv_dev = {m.name: -(-kv_reservation[m.name] // m.tp) for m in self.models.values()}
+        # node -> model -> time its weights are in host memory; LRU order, oldest first
+        self.host: dict[str, OrderedDict[str, float]] = {
+            node: OrderedDict() for node in {d.node for d in self.devices}
+        }
+        self.host_used: dict[str, int] = dict.fromkeys(self.host, 0)
+        self.instances: dict[str, Instance] = {}
+        self.serving: list[list[Instance]] = [[] for _ in model_index]  # ready, not draining
+        self.starting: list[int] = [0] * len(model_index)  # instances not ready yet, per model
+        self.rejected: Counter[str] = Counter()
+        self.accepted: Counter[str] = Counter()
+        self.timeline: list[tuple] = []
+        self._next_instance = 0
+        self._host_snap: dict[str, frozenset[str]] | None = None
+        self._touched: set[int] = set()
+        for d in self.devices:
+            self._touched.add(d.idx)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshot(
+        self, t: float, load: Mapping[str, float], queued: Mapping[str, int]
+    ) -> ClusterSnapshot:
+        devices = []
+        for d in self.devices:
+            if d.snap is None:
+                d.snap = DeviceSnapshot(
+                    id=d.id,
+                    node=d.node,
+                    memory=d.memory,
+                    resident=tuple(d.resident),
+                    engines=tuple(d.engines),
+                    lent=d.lent,
+                )
+            devices.append(d.snap)
+        instances = tuple(
+            InstanceSnapshot(
+                id=i.id,
+                model=i.model,
+                devices=tuple(d.id for d in i.devices),
+                load=float(i.count),
+                started=i.ready_at,
+            )
+            for i in self.instances.values()
+        )
+        if self._host_snap is None:
+            self._host_snap = {n: frozenset(c) for n, c in self.host.items()}
+        return ClusterSnapshot(
+            time=t,
+            models=self.models,
+            devices=tuple(devices),
+            instances=instances,
+            host_cache=self._host_snap,
+            load=load,
+            queued=queued,
+        )
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def _resident_bytes(self, d: Device) -> int:
+        return sum(self.per_device[m] for m in d.resident)
+
+    def _instance_bytes(self, d: Device) -> int:
+        """Weights and KV reservations of the instances on ``d``."""
+        return sum(self.per_device[i.model] + i.kv_dev for i in d.instances)
+
+    def _room(self, d: Device) -> int:
+        """Bytes prewarmed weights may use on ``d``: what instances leave, plus lent KV."""
+        return d.memory - self._instance_bytes(d) + d.lent
+
+    def _kv_used_bytes(self, d: Device) -> float:
+        return sum(i.kv_used * i.kv_per_token / len(i.devices) for i in d.instances)
+
+    def _changed(self, d: Device) -> None:
+        d.snap = None
+        self._touched.add(d.idx)
+
+    def _rebudget(self, devices: list[Device]) -> None:
+        """Each instance's KV budget in tokens: its reservation less its share of lent space."""
+        seen: set[str] = set()
+        for d in devices:
+            for inst in d.instances:
+                if inst.id in seen:
+                    continue
+                seen.add(inst.id)
+                per_token = inst.kv_per_token / len(inst.devices)
+                budget = min(
+                    (inst.kv_dev - e.lent / len(e.instances)) / per_token for e in inst.devices
+                )
+                inst.kv_budget = max(int(budget), 0)
+                inst.shared = any(len(e.instances) > 1 for e in inst.devices)
+
+    def _to_host(self, node: str, model: str, t: float) -> None:
+        """Put ``model`` in ``node``'s host memory (LRU; the oldest entries make room)."""
+        cache = self.host[node]
+        self._host_snap = None
+        if model in cache:
+            cache.move_to_end(model)
+            return
+        need = self.models[model].nbytes
+        while self.host_used[node] + need > self.spec.host_memory and cache:
+            old, _ = cache.popitem(last=False)
+            self.host_used[node] -= self.models[old].nbytes
+        cache[model] = t
+        self.host_used[node] += need
+
+    def _load_time(self, model: str, d: Device, t: float, skip: set[int]) -> float:
+        """When ``model``'s weights can be in ``d``'s memory if a copy starts at ``t``: from a
+        peer device of the node, else the node's host memory, else its disk."""
+        nbytes = self.per_device[model]
+        for e in self.devices_of(d.node):
+            ready = e.resident.get(model)
+            if ready is not None and e.idx not in skip and e is not d:
+                return max(t, ready) + self.costs.peer_load_s(nbytes)
+        host = self.host[d.node].get(model)
+        if host is not None:
+            return max(t, host) + self.costs.host_load_s(nbytes)
+        disk_done = t + self.costs.disk_load_s(self.models[model].nbytes)
+        self._to_host(d.node, model, disk_done)
+        return disk_done + self.costs.host_load_s(nbytes)
+
+    def devices_of(self, node: str) -> list[Device]:
+        per = self.spec.devices_per_node
+        n = int(node[1:])
+        return self.devices[n * per : (n + 1) * per]
+
+    def tier(self, model: str, d: Device) -> Tier:
+        """The contract's tier of ``model`` on ``d`` (same rules as ``ClusterSnapshot.tier``)."""
+        if any(i.model == model for i in d.instances):
+            return Tier.ACTIVE
+        if model in d.resident:
+            return Tier.ENGINE if self.models[model].family in d.engines else Tier.DEVICE
+        return Tier.HOST if model in self.host[d.node] else Tier.DISK
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def apply(self, action: Action, t: float) -> Instance | None:
+        """Enact one action at ``t``; return the instance a Start created (the caller schedules
+        its readiness), else None. Rejected actions change nothing."""
+        kind = type(action).__name__
+        reason = self._apply(action, t)
+        if isinstance(reason, Instance) or reason is None:
+            self.accepted[kind] += 1
+            return reason if isinstance(reason, Instance) else None
+        self.rejected[f"{kind}: {reason}"] += 1
+        logger.debug("t=%.3f rejected %r: %s", t, action, reason)
+        return None
+
+    def _apply(self, a: Action, t: float) -> Instance | str | None:
+        if isinstance(a, Stop):
+            return self._stop(a, t)
+        if isinstance(a, LendKV | ReclaimKV):
+            d = self.by_id.get(a.device)
+            if d is None:
+                return "unknown device"
+            if isinstance(a, LendKV):
+                return self._lend(d, a.nbytes)
+            return self._reclaim(d, a.nbytes, t)
+        if a.model not in self.models:
+            return "unknown model"
+        devices = [self.by_id.get(x) for x in a.devices]
+        if not devices or any(d is None for d in devices):
+            return "unknown device"
+        if len({d.idx for d in devices}) != len(devices):
+            return "device listed twice"
+        if isinstance(a, Evict):
+            for d in devices:
+                self._evict(d, a.model, t)
+            return None
+        if len({d.node for d in devices}) != 1:
+            return "devices span nodes"
+        if isinstance(a, Prewarm):
+            return self._prewarm(a.model, devices, a.tier, t)
+        if isinstance(a, Start):
+            return self._start(a.model, devices, t)
+        return "unknown action"
+
+    def _evict(self, d: Device, model: str, t: float) -> None:
+        if d.resident.pop(model, None) is None:
+            return
+        self._to_host(d.node, model, t)
+        family = self.models[model].family
+        still = any(self.models[m].family == family for m in d.resident) or any(
+            self.models[i.model].family == family for i in d.instances
+        )
+        if not still:
+            d.engines.pop(family, None)
+        self._changed(d)
+
+    def _prewarm(self, model: str, devices: list[Device], tier: Tier, t: float) -> str | None:
+        if tier <= Tier.HOST:
+            if model not in self.host[devices[0].node]:
+                self._to_host(devices[0].node, model, t + self.costs.disk_load_s(
+                    self.models[model].nbytes))  # fmt: skip
+            return None
+        if tier >= Tier.ACTIVE:
+            return "prewarm cannot make a model active (use Start)"
+        if len(devices) != self.models[model].tp:
+            return f"needs {self.models[model].tp} devices (its tp)"
+        need = self.per_device[model]
+        for d in devices:
+            if model in d.resident or any(i.model == model for i in d.instances):
+                continue
+            if self._resident_bytes(d) + need > self._room(d):
+                return "no room"
+        family = self.models[model].family
+        group = {d.idx for d in devices}
+        for d in devices:
+            if any(i.model == model for i in d.instances):
+                continue
+            if model not in d.resident:
+                d.resident[model] = self._load_time(model, d, t, group)
+            if tier == Tier.ENGINE and family not in d.engines:
+                d.engines[family] = max(t, d.resident[model]) + self.costs.engine_start_s
+            self._changed(d)
+        return None
+
+    def _start(self, model: str, devices: list[Device], t: float) -> Instance | str:
+        spec = self.models[model]
+        if len(devices) != spec.tp:
+            return f"needs {spec.tp} devices (its tp)"
+        need = self.per_device[model] + self.kv_dev[model]
+        for d in devices:
+            if self._instance_bytes(d) + need > d.memory:
+                return "no room"
+        tier = min(self.tier(model, d) for d in devices)
+        group = {d.idx for d in devices}
+        ready = t
+        for d in devices:
+            w = d.resident.get(model)
+            family_up = d.engines.get(spec.family)
+            if w is not None and family_up is not None:
+                at = max(t, w, family_up) + self.costs.activate_s
+            elif w is not None:
+                at = max(t, w) + self.costs.engine_start_s
+            else:
+                at = self._load_time(model, d, t, group) + self.costs.engine_start_s
+            ready = max(ready, at)
+        for d in devices:
+            for other in [m for m in d.resident if m != model]:
+                self._evict(d, other, t)
+            d.resident.pop(model, None)
+            d.engines[spec.family] = min(d.engines.get(spec.family, ready), ready)
+            d.lent = 0
+        midx = self.model_index[model]
+        inst = Instance(f"i{self._next_instance}", spec, midx, devices)
+        self._next_instance += 1
+        prof = self.profiles[model]
+        inst.kv_per_token = prof.kv_bytes_per_token
+        inst.kv_dev = self.kv_dev[model]
+        inst.prefill_s = prof.prefill_s
+        inst.decode_s = prof.decode_s
+        inst.ready_at = ready
+        inst.tier = Tier.ENGINE if tier == Tier.ACTIVE else tier
+        self.instances[inst.id] = inst
+        self.starting[midx] += 1
+        for d in devices:
+            d.instances.append(inst)
+            self._changed(d)
+        self._rebudget(devices)
+        return inst
+
+    def mark_ready(self, inst: Instance) -> None:
+        """The instance's activation finished: it admits requests from now on."""
+        if inst.id not in self.instances:
+            return  # stopped before it was ready; finish_stop did the accounting
+        self.starting[inst.midx] -= 1
+        inst.ready = True
+        if not inst.draining:
+            self.serving[inst.midx].append(inst)
+
+    def _stop(self, a: Stop, t: float) -> str | None:
+        inst = self.instances.get(a.instance)
+        if inst is None:
+            return "unknown instance"
+        if inst.draining:
+            return None
+        inst.draining = True
+        if inst.ready:
+            self.serving[inst.midx].remove(inst)
+        if inst.count == 0:
+            self.finish_stop(inst, t)
+        return None
+
+    def finish_stop(self, inst: Instance, t: float) -> None:
+        """Free a drained instance's devices (see the module docstring for where weights go)."""
+        del self.instances[inst.id]
+        if not inst.ready:
+            self.starting[inst.midx] -= 1
+        keep = self.costs.keep_weights_on_stop
+        for d in inst.devices:
+            d.instances.remove(inst)
+            if keep and not d.instances:
+                d.resident[inst.model] = t
+            else:
+                self._to_host(d.node, inst.model, t)
+                family = self.models[inst.model].family
+                if not any(self.models[i.model].family == family for i in d.instances) and not any(
+                    self.models[m].family == family for m in d.resident
+                ):
+                    d.engines.pop(family, None)
+            if not d.instances:
+                d.lent = 0
+            self._changed(d)
+        self._rebudget(inst.devices)
+
+    def _lend(self, d: Device, nbytes: int) -> str | None:
+        if not d.instances:
+            return "device serves no instance"
+        free = sum(i.kv_dev for i in d.instances) - d.lent - self._kv_used_bytes(d)
+        if nbytes <= 0 or nbytes > free:
+            return "more than the free KV space"
+        d.lent += nbytes
+        self._changed(d)
+        self._rebudget([d])
+        return None
+
+    def _reclaim(self, d: Device, nbytes: int, t: float) -> str | None:
+        if nbytes <= 0 or nbytes > d.lent:
+            return "more than is lent"
+        d.lent -= nbytes
+        while self._resident_bytes(d) > self._room(d):
+            newest = max(d.resident, key=lambda m: d.resident[m])
+            self._evict(d, newest, t)
+        self._changed(d)
+        self._rebudget([d])
+        return None
+
+    # -- timeline --------------------------------------------------------------------------
+
+    def mode(self, d: Device) -> DeviceMode:
+        if d.instances:
+            return DeviceMode.DEDICATED
+        return DeviceMode.UNIVERSAL if d.resident else DeviceMode.IDLE
+
+    def record(self, t: float) -> None:
+        """Append a timeline row for each device changed since the last call."""
+        for idx in sorted(self._touched):
+            d = self.devices[idx]
+            weights = sum(self.per_device[i.model] for i in d.instances)
+            kv = sum(i.kv_dev for i in d.instances) - d.lent
+            self.timeline.append(
+                (
+                    t,
+                    idx,
+                    self.mode(d).value,
+                    weights + self._resident_bytes(d),
+                    kv,
+                    d.lent,
+                    ",".join(i.model for i in d.instances),
+                    ",".join(d.resident),
+                )
+            )
+        self._touched.clear()
