@@ -160,6 +160,7 @@ def to_table(outcomes: list[Outcome], metadata: dict[str, str]) -> pa.Table:
         "ttft": np.array([o.ttft for o in outcomes], dtype=np.float64),
         "tpot": np.array([o.tpot for o in outcomes], dtype=np.float64),
         "latency": np.array([o.latency for o in outcomes], dtype=np.float64),
+        "input_tokens": np.array([o.input_tokens for o in outcomes], dtype=np.int32),
         "output_tokens": np.array([o.output_tokens for o in outcomes], dtype=np.int32),
         "http_status": np.array([o.http_status for o in outcomes], dtype=np.int32),
         "status": [o.status for o in outcomes],
@@ -189,6 +190,7 @@ def write_results(table: pa.Table, path: str) -> None:
 @click.option("--max-output-tokens", default=64, show_default=True)
 @click.option("--max-input-tokens", default=128, show_default=True)
 @click.option("--timeout", default=120.0, show_default=True, help="Per-request timeout (s).")
+@click.option("--label", default="", help="Stored as the 'policy' label the report shows.")
 def command(
     workload: str,
     url: str,
@@ -200,6 +202,7 @@ def command(
     max_output_tokens: int,
     max_input_tokens: int,
     timeout: float,
+    label: str,
 ) -> None:
     """Replay WORKLOAD (Parquet) against a running front door and write one row per request."""
     if speedup <= 0:
@@ -224,6 +227,8 @@ def command(
         )
     )
     meta = {"workload": os.path.abspath(workload), "url": url, "speedup": str(speedup)}
+    if label:
+        meta["policy"] = label
     write_results(to_table(outcomes, meta), out_path)
     ok = sum(o.status == "ok" for o in outcomes)
     n = len(outcomes)
