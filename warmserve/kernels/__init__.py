@@ -1,0 +1,26 @@
+"""Zero-copy memory switching: model weights and KV cache share one pool of physical chunks.
+
+``MemorySwitcher`` maps pool chunks behind tagged regions (CUDA VMM on a GPU, a memfd on the
+host); ``store_tensors`` / ``TensorLayout`` pack a model's tensors into one region; and
+``bind_module`` points a module's parameters at those views, so activation copies nothing.
+"""
+
+from warmserve.kernels.switcher import MemorySwitcher, OutOfChunks, Region
+from warmserve.kernels.tensor_layout import (
+    TensorLayout,
+    TensorSlot,
+    bind_module,
+    module_specs,
+    store_tensors,
+)
+
+__all__ = [
+    "MemorySwitcher",
+    "OutOfChunks",
+    "Region",
+    "TensorLayout",
+    "TensorSlot",
+    "bind_module",
+    "module_specs",
+    "store_tensors",
+]
