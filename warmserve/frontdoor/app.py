@@ -1,0 +1,426 @@
+"""The OpenAI-compatible front door: a Starlette app that routes through the Dask scheduler.
+
+Per request: validate (:mod:`~warmserve.frontdoor.schemas`), ask the scheduler's
+``warmserve_route`` for an instance (waiting in :mod:`~warmserve.frontdoor.admission`'s queue when
+all are full), stream tokens from the engine on the routed worker over a Dask comm
+(``warmserve.worker_plugin.client.stream_generate``), and tell the scheduler ``warmserve_done``.
+Nothing is answered before a route exists, so queueing and overload get real HTTP statuses
+(429, 503) even for streaming requests; once the first token is sent, a failure becomes an
+error event in the stream, as in vLLM's server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from distributed import Client
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route as HTTPRoute
+
+from warmserve import config, protocol
+from warmserve.frontdoor.admission import Admission
+from warmserve.frontdoor.catalog import Catalog
+from warmserve.frontdoor.errors import APIError
+from warmserve.frontdoor.metrics import Metrics
+from warmserve.frontdoor.schemas import Kind, Parsed, parse_json, parse_request
+from warmserve.frontdoor.shapes import DONE, Shaper, sse
+from warmserve.protocol import TokenChunk
+from warmserve.registry import Registry
+
+logger = logging.getLogger("warmserve.frontdoor")
+request_logger = logging.getLogger("warmserve.frontdoor.requests")
+
+MAX_BODY = 1 << 20  # bytes; a prompt that fits any context here is far smaller
+T = TypeVar("T")
+
+
+class WorkerLost(Exception):
+    """The worker or engine serving a request went away after tokens were already sent."""
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before an answer started."""
+
+
+@dataclass
+class FrontDoor:
+    """State shared by the handlers of one app."""
+
+    scheduler: str | Client
+    catalog: Catalog
+    max_queue: int
+    retry_after: int
+    request_timeout: float
+    metrics: Metrics = field(default_factory=Metrics)
+    client: Client | None = None
+    admission: Admission | None = None
+    _owns_client: bool = False
+    _background: set[asyncio.Task] = field(default_factory=set)
+
+    async def connect(self) -> None:
+        """Use the given asynchronous client, or connect one in this event loop."""
+        if isinstance(self.scheduler, Client) and self.scheduler.asynchronous:
+            self.client = self.scheduler
+        else:
+            address = (
+                self.scheduler.scheduler.address
+                if isinstance(self.scheduler, Client)
+                else self.scheduler
+            )
+            self.client = await Client(address, asynchronous=True, name="warmserve-frontdoor")
+            self._owns_client = True
+        self.admission = Admission(self._route, self.max_queue, self.retry_after, self.metrics)
+        logger.info("front door connected to %s", self.client.scheduler.address)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            await task
+        if self._owns_client and self.client is not None:
+            await self.client.close()
+
+    async def _route(self, model: str, request_id: str, exclude: tuple[str, ...]) -> dict:
+        assert self.client is not None
+        return await getattr(self.client.scheduler, protocol.SCHEDULER_ROUTE)(
+            model=model, request_id=request_id, exclude=list(exclude)
+        )
+
+    def done(self, model: str, request_id: str) -> None:
+        """Tell the scheduler (without waiting) and wake this model's queue."""
+        assert self.client is not None and self.admission is not None
+
+        async def report() -> None:
+            try:
+                await getattr(self.client.scheduler, protocol.SCHEDULER_DONE)(request_id=request_id)
+            except OSError as e:
+                logger.info("could not report %s done: %s", request_id, e)
+            await self.admission.release(model)
+
+        task = asyncio.ensure_future(report())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def chunks(self, parsed: Parsed) -> AsyncIterator[TokenChunk]:
+        """Tokens of ``parsed`` from a routed instance, retrying elsewhere if an instance
+        fails before its first token."""
+        from warmserve.worker_plugin.client import stream_generate
+
+        assert self.admission is not None
+        exclude: tuple[str, ...] = ()
+        while True:
+            route = await self.admission.admit(parsed.model, parsed.generate.request_id, exclude)
+            self.metrics.running.labels(parsed.model).inc()
+            sent = False
+            try:
+                stream = stream_generate(route.worker, parsed.generate)
+                async with contextlib.aclosing(stream):
+                    async for chunk in stream:
+                        sent = True
+                        yield chunk
+                return
+            except (OSError, EngineErrors.lost) as e:
+                if sent:
+                    raise WorkerLost(f"{route.instance} failed mid-request: {e}") from e
+                logger.info("%s failed before a token (%s); retrying", route.instance, e)
+                exclude += (route.instance,)
+            finally:
+                self.metrics.running.labels(parsed.model).dec()
+
+
+class EngineErrors:
+    """The worker plugin's errors, imported when the first request needs them."""
+
+    lost: tuple[type[Exception], ...] = ()
+
+    @classmethod
+    def load(cls) -> None:
+        from warmserve.worker_plugin.errors import EngineDied, NoInstance
+
+        cls.lost = (EngineDied, NoInstance)
+
+
+def create_app(
+    scheduler: str | Client,
+    registry: Registry,
+    *,
+    max_queue: int | None = None,
+    retry_after: int | None = None,
+    request_timeout: float | None = None,
+) -> Starlette:
+    """The front door for the models in ``registry``, routing through ``scheduler`` (an address,
+    or a Client whose address is used; an asynchronous Client in the server's loop is used as is).
+    Unset limits come from ``warmserve.frontdoor.*``."""
+    EngineErrors.load()
+    door = FrontDoor(
+        scheduler,
+        Catalog(registry),
+        max_queue=int(max_queue if max_queue is not None else config.get("frontdoor.max-queue")),
+        retry_after=int(retry_after or config.get("frontdoor.retry-after")),
+        request_timeout=float(request_timeout or config.get("frontdoor.request-timeout")),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await door.connect()
+        yield
+        await door.close()
+
+    async def completions(request: Request) -> Response:
+        return await _serve(door, request, "completion")
+
+    async def chat(request: Request) -> Response:
+        return await _serve(door, request, "chat")
+
+    async def models(request: Request) -> Response:
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "warmserve",
+                "root": name,
+                "parent": None,
+                "max_model_len": door.catalog[name].context,
+            }
+            for name in door.catalog.names()
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        assert door.client is not None
+        if door.client.status != "running":
+            return APIError(503, "not connected to the scheduler").response()
+        return Response(status_code=200)
+
+    async def metrics(request: Request) -> Response:
+        return Response(door.metrics.render(), media_type=door.metrics.content_type)
+
+    app = Starlette(
+        routes=[
+            HTTPRoute("/v1/completions", completions, methods=["POST"]),
+            HTTPRoute("/v1/chat/completions", chat, methods=["POST"]),
+            HTTPRoute("/v1/models", models, methods=["GET"]),
+            HTTPRoute("/health", health, methods=["GET"]),
+            HTTPRoute("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.door = door
+    return app
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, or 413 as soon as it grows past ``MAX_BODY``."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        raise APIError(413, f"request body is larger than {MAX_BODY} bytes")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY:
+            raise APIError(413, f"request body is larger than {MAX_BODY} bytes")
+    return bytes(body)
+
+
+async def _serve(door: FrontDoor, request: Request, kind: Kind) -> Response:
+    endpoint = "completions" if kind == "completion" else "chat"
+    try:
+        parsed = parse_request(kind, parse_json(await _read_body(request)), door.catalog)
+    except APIError as e:
+        door.metrics.requests.labels("", endpoint, str(e.status)).inc()
+        return e.response()
+    model = parsed.model
+    received = time.perf_counter()
+    request_logger.debug("%s for %s", parsed.generate.request_id, model)
+    tracker = _Tracker(door, parsed, endpoint, received)
+    stream = door.chunks(parsed)
+    try:
+        first = await _until_disconnect(
+            request, asyncio.wait_for(anext(stream, None), door.request_timeout)
+        )
+    except BaseException as e:
+        await stream.aclose()
+        tracker.finish(_status_of(e))
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)  # nobody reads it; the engine request is cancelled
+        return _error_of(e).response()
+    tracker.token(first)
+    if parsed.stream:
+        return StreamingResponse(
+            _events(door, parsed, tracker, first, stream),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    return await _whole(door, request, parsed, tracker, first, stream)
+
+
+def _status_of(e: BaseException) -> str:
+    if isinstance(e, APIError):
+        return str(e.status)
+    if isinstance(e, ClientGone | asyncio.CancelledError):
+        return "499"
+    return str(_error_of(e).status)
+
+
+def _error_of(e: BaseException) -> APIError:
+    """What a failure on the request path tells the client."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, TimeoutError):
+        return APIError(
+            504, "the request did not finish within warmserve.frontdoor.request-timeout"
+        )
+    if isinstance(e, WorkerLost):
+        return APIError(503, f"the instance serving this request was lost: {e}")
+    if isinstance(e, ValueError | TypeError):  # the engine refused the input (e.g. too long)
+        return APIError(400, str(e))
+    if isinstance(e, OSError):
+        return APIError(503, f"no instance could serve the request: {e}")
+    logger.warning("request failed: %r", e)
+    return APIError(500, f"{type(e).__name__}: {e}")
+
+
+@dataclass
+class _Tracker:
+    """TTFT, TPOT and the outcome of one request, recorded exactly once."""
+
+    door: FrontDoor
+    parsed: Parsed
+    endpoint: str
+    received: float
+    first: float | None = None
+    last: float = 0.0
+    tokens: int = 0
+    prompt_tokens: int = 0
+    finished: bool = False
+
+    def token(self, chunk: TokenChunk | None) -> None:
+        if chunk is None:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.prompt_tokens = chunk.prompt_tokens
+            self.door.metrics.ttft.labels(self.parsed.model).observe(now - self.received)
+        self.last = now
+        self.tokens += len(chunk.token_ids)
+
+    def finish(self, status: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        model = self.parsed.model
+        self.door.metrics.requests.labels(model, self.endpoint, status).inc()
+        if self.first is not None and self.tokens > 1:
+            self.door.metrics.tpot.labels(model).observe(
+                (self.last - self.first) / (self.tokens - 1)
+            )
+        self.door.done(model, self.parsed.generate.request_id)
+        request_logger.debug(
+            "%s %s: %d tokens", self.parsed.generate.request_id, status, self.tokens
+        )
+
+
+async def _events(
+    door: FrontDoor,
+    parsed: Parsed,
+    tracker: _Tracker,
+    first: TokenChunk | None,
+    stream: AsyncIterator[TokenChunk],
+) -> AsyncIterator[bytes]:
+    """Server-sent events of one streaming answer; the engine request is cancelled (the stream
+    closed) if the client goes away."""
+    shaper = Shaper(parsed)
+    status = "200"
+    try:
+        role = shaper.role_chunk()
+        if role is not None:
+            yield sse(role)
+        chunk = first
+        deadline = tracker.received + door.request_timeout
+        while chunk is not None:
+            yield sse(shaper.chunk(chunk.text, chunk.finish_reason))
+            remaining = deadline - time.perf_counter()
+            chunk = await asyncio.wait_for(anext(stream, None), max(remaining, 0.001))
+            tracker.token(chunk)
+        if parsed.include_usage:
+            yield sse(shaper.usage_chunk(tracker.prompt_tokens, tracker.tokens))
+    except (asyncio.CancelledError, GeneratorExit):
+        status = "499"
+        raise
+    except Exception as e:
+        error = _error_of(e)
+        status = str(error.status)
+        yield sse(error.body())
+    finally:
+        await stream.aclose()
+        tracker.finish(status)
+    yield DONE
+
+
+async def _whole(
+    door: FrontDoor,
+    request: Request,
+    parsed: Parsed,
+    tracker: _Tracker,
+    first: TokenChunk | None,
+    stream: AsyncIterator[TokenChunk],
+) -> Response:
+    """The answer of a request without ``stream``: every token, then one JSON body."""
+    texts: list[str] = []
+    finish = "length"
+
+    async def collect() -> None:
+        nonlocal finish
+        chunk = first
+        while chunk is not None:
+            texts.append(chunk.text)
+            finish = chunk.finish_reason or finish
+            chunk = await anext(stream, None)
+            tracker.token(chunk)
+
+    remaining = tracker.received + door.request_timeout - time.perf_counter()
+    try:
+        await _until_disconnect(request, asyncio.wait_for(collect(), max(remaining, 0.001)))
+    except BaseException as e:
+        tracker.finish(_status_of(e))
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)
+        return _error_of(e).response()
+    finally:
+        await stream.aclose()
+    tracker.finish("200")
+    body = Shaper(parsed).full("".join(texts), finish, tracker.prompt_tokens, tracker.tokens)
+    return JSONResponse(body)
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first (raises ClientGone)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientGone

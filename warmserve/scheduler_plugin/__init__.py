@@ -1,0 +1,75 @@
+"""WarmServe's scheduler plugin: ``dask scheduler --preload warmserve.scheduler_plugin``.
+
+The preload merges ``--warmserve-config`` (a YAML of ``warmserve.*`` keys) into dask.config,
+reads the model registry, builds the policy named by ``--warmserve-policy`` and installs
+:class:`~warmserve.scheduler_plugin.extension.WarmServeExtension` on the scheduler. Operators
+drive it from a client with :class:`~warmserve.scheduler_plugin.proxy.WarmServeProxy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+import dask.config
+import yaml
+
+from warmserve import config
+from warmserve.registry import Registry
+
+logger = logging.getLogger("warmserve.scheduler")
+
+
+def load_config_file(path: str) -> None:
+    """Merge a YAML file of ``warmserve.*`` keys (with or without the top key) into dask.config."""
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict):
+        raise click.BadParameter(f"{path}: expected a mapping", param_hint="--warmserve-config")
+    if "warmserve" not in doc:
+        doc = {"warmserve": doc}
+    dask.config.update(dask.config.config, dask.config.expand_environment_variables(doc))
+
+
+def registry_path(path: str | None) -> str:
+    """The registry file: the flag, else ``<warmserve.models-dir>/registry.yaml``."""
+    return path or os.path.join(config.get("models-dir"), "registry.yaml")
+
+
+def build_extension(registry: Registry, policy_name: str):
+    """The extension with the policy ``policy_name``, configured from dask.config now."""
+    from warmserve.policy.config import PolicyConfig
+    from warmserve.policy.factory import make_policy
+    from warmserve.scheduler_plugin.extension import WarmServeExtension
+
+    policy_config = PolicyConfig.from_mapping(dask.config.get("warmserve"))
+    return WarmServeExtension(
+        registry,
+        make_policy(policy_name, registry, policy_config),
+        tick=float(config.get("planner.tick")),
+        capacity=int(config.get("planner.instance-capacity")),
+        window=float(config.get("forecast.window")),
+        average=float(config.get("autoscaler.average")),
+    )
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option("--warmserve-config", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--warmserve-policy", default="warmserve", show_default=True)
+@click.option(
+    "--warmserve-registry",
+    default=None,
+    help="Model registry YAML [default: <warmserve.models-dir>/registry.yaml].",
+)
+async def dask_setup(
+    scheduler,
+    warmserve_config: str | None,
+    warmserve_policy: str,
+    warmserve_registry: str | None,
+) -> None:
+    """Install WarmServe on this scheduler."""
+    if warmserve_config:
+        load_config_file(warmserve_config)
+    registry = Registry.from_yaml(registry_path(warmserve_registry))
+    await scheduler.register_scheduler_plugin(build_extension(registry, warmserve_policy))

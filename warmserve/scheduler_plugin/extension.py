@@ -1,0 +1,355 @@
+"""The WarmServe scheduler extension: measures load, runs the policy, routes requests.
+
+Shaped like ``distributed.active_memory_manager``: a ``PeriodicCallback`` runs one planning pass
+every ``warmserve.planner.tick`` seconds (:meth:`run_once`), the policy returns typed actions,
+:class:`~warmserve.scheduler_plugin.state.ClusterState` accepts them into its accounting, and
+:meth:`enact` sends them to the workers' ``WORKER_*`` handlers without waiting (a failure is
+logged and the worker's state is fetched again). Actions for one worker are sent in the order the
+policy gave them (an eviction before the activation that needs its memory).
+
+Routing (``warmserve_route``) is the latency-critical path: it answers from the accounting alone
+when an instance has room, and only when none has does it ask ``policy.on_demand`` and await the
+activation it chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from distributed import Scheduler, SchedulerPlugin
+from distributed.metrics import time
+from tornado.ioloop import PeriodicCallback
+
+from warmserve import protocol
+from warmserve.policy.load import LoadMeter
+from warmserve.policy.state import (
+    Action,
+    DeviceSnapshot,
+    Evict,
+    LendKV,
+    Policy,
+    Prewarm,
+    ReclaimKV,
+    Start,
+    Stop,
+)
+from warmserve.registry import Registry
+from warmserve.scheduler_plugin.state import ClusterState, Instance, Starting
+
+logger = logging.getLogger("warmserve.scheduler")
+action_logger = logging.getLogger("warmserve.scheduler.actions")
+
+NAME = "warmserve"
+
+
+class WarmServeExtension(SchedulerPlugin):
+    """Scheduler plugin holding WarmServe's state; installed by the preload or by hand."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        registry: Registry,
+        policy: Policy,
+        *,
+        tick: float,
+        capacity: int,
+        window: float,
+        average: float,
+    ) -> None:
+        self.registry = registry
+        self.policy = policy
+        self.tick = tick
+        self.state = ClusterState(registry, capacity)
+        self.meter = LoadMeter(window)  # forecaster's windows
+        self.short = LoadMeter(average)  # the autoscaler's short average
+        self.load: dict[str, float] = {}
+        self.scheduler: Scheduler | None = None
+        self._pc: PeriodicCallback | None = None
+        self._lanes: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: set[asyncio.Task] = set()
+        self._run_lock = asyncio.Lock()
+
+    # -- SchedulerPlugin hooks -----------------------------------------------------------------
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers[protocol.SCHEDULER_ROUTE] = self.route
+        scheduler.handlers[protocol.SCHEDULER_DONE] = self.done
+        scheduler.handlers[protocol.SCHEDULER_STATUS] = self.status
+        scheduler.handlers["warmserve_run_once"] = self.run_once
+        scheduler.extensions[NAME] = self
+        for address in scheduler.workers:
+            self._spawn(self.refresh(address))
+        self._pc = PeriodicCallback(self.run_once, self.tick * 1000.0)
+        self._pc.start()
+        logger.info(
+            "WarmServe planner %s on %d models, tick %.1fs",
+            self.policy.name,
+            len(self.registry),
+            self.tick,
+        )
+
+    async def close(self) -> None:
+        if self._pc is not None:
+            self._pc.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        for s in self.state.starting:
+            if not s.ready.done():
+                s.ready.set_result(None)
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self._spawn(self.refresh(worker))
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        lost = self.state.remove_worker(worker)
+        self._lanes.pop(worker, None)
+        if lost:
+            logger.info("worker %s left with instances %s", worker, lost)
+
+    # -- worker state --------------------------------------------------------------------------
+
+    async def refresh(self, address: str) -> None:
+        """Replace the accounting of ``address`` by what the worker reports."""
+        assert self.scheduler is not None
+        try:
+            report = await self.scheduler.rpc(address).warmserve_status()
+        except Exception as e:  # a worker without the plugin, or one going away
+            logger.debug("no WarmServe status from %s: %r", address, e)
+            return
+        if address not in self.scheduler.workers:
+            return
+        devices, instances, host = parse_report(report)
+        self.state.update_worker(address, devices, instances, host, time())
+
+    # -- planning ------------------------------------------------------------------------------
+
+    async def run_once(self) -> list[str]:
+        """One planning pass: refresh workers, feed closed windows, plan, enact."""
+        assert self.scheduler is not None
+        async with self._run_lock:
+            await asyncio.gather(*(self.refresh(a) for a in list(self.scheduler.workers)))
+            now = time()
+            for w in self.meter.close_until(now):
+                self.policy.observe(w.model, w.index, w.avg, w.peak)
+            for w in self.short.close_until(now):
+                self.load[w.model] = w.avg
+            actions = self.policy.plan(self.state.snapshot(now, self._load()))
+            if actions:
+                logger.info("planner: %d actions", len(actions))
+            self.enact(actions)
+            return [repr(a) for a in actions]
+
+    def _load(self) -> dict[str, float]:
+        """Short-average concurrency, never below what is in flight right now."""
+        out = dict(self.load)
+        for m in self.registry:
+            out[m] = max(out.get(m, 0.0), float(self.short.level(m)))
+        return out
+
+    def enact(self, actions: Iterable[Action]) -> list[Starting]:
+        """Accept ``actions`` into the accounting and send them; return the starts begun."""
+        begun = []
+        for action in actions:
+            action_logger.debug("enact %r", action)
+            match action:
+                case Prewarm(model, devices, tier):
+                    for worker, devs in self._by_worker(devices).items():
+                        self._send(
+                            worker,
+                            protocol.WORKER_PREWARM,
+                            model=model,
+                            tier=int(tier),
+                            devices=devs,
+                        )
+                case Evict(model, devices):
+                    for worker, devs in self._by_worker(devices).items():
+                        self._send(worker, protocol.WORKER_EVICT, model=model, devices=devs)
+                case Start(model, devices):
+                    starting = self._begin_start(model, tuple(devices))
+                    if starting is not None:
+                        begun.append(starting)
+                case Stop(instance):
+                    self._stop(instance)
+                case LendKV() | ReclaimKV():
+                    # The worker plugin sizes an engine's KV cache when it starts it and offers
+                    # no handler to resize it, so a lending decision has nothing to act on.
+                    action_logger.debug("not enacted (no worker handler): %r", action)
+        return begun
+
+    def _by_worker(self, devices: Iterable[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for d in devices:
+            worker = self.state.worker_of(d)
+            if worker is None:
+                logger.info("device %s has no worker; action dropped", d)
+                continue
+            out.setdefault(worker, []).append(d)
+        return out
+
+    def _send(self, worker: str, op: str, **kwargs: Any) -> None:
+        """Fire and forget, in order per worker; a failure is logged and the worker re-read."""
+
+        async def call() -> None:
+            assert self.scheduler is not None
+            async with self._lanes[worker]:
+                try:
+                    await getattr(self.scheduler.rpc(worker), op)(**kwargs)
+                except Exception as e:
+                    logger.info("%s on %s failed: %s", op, worker, e)
+                    await self.refresh(worker)
+
+        self._spawn(call())
+
+    def _begin_start(self, model: str, devices: tuple[str, ...]) -> Starting | None:
+        worker = self.state.worker_of(devices[0]) if devices else None
+        if worker is None:
+            logger.info("cannot start %s on %s: no worker holds it", model, devices)
+            return None
+        starting = Starting(model, devices, worker)
+        self.state.starting.append(starting)
+        logger.info("starting %s on %s", model, ",".join(devices))
+        self._spawn(self._activate(starting))
+        return starting
+
+    async def _activate(self, s: Starting) -> None:
+        assert self.scheduler is not None
+        t0 = time()
+        instance: Instance | None = None
+        try:
+            async with self._lanes[s.worker]:
+                iid = await self.scheduler.rpc(s.worker).warmserve_activate(
+                    model=s.model, device=s.devices[0]
+                )
+            if s.worker in self.state.workers:
+                instance = Instance(iid, s.model, s.devices, s.worker, started=time())
+                self.state.instances[iid] = instance
+                logger.info("%s serves %s (%.2fs)", iid, s.model, time() - t0)
+        except Exception as e:
+            logger.info("activating %s on %s failed: %s", s.model, s.devices, e)
+            await self.refresh(s.worker)
+        finally:
+            self.state.starting.remove(s)
+            if not s.ready.done():
+                s.ready.set_result(instance)
+
+    def _stop(self, iid: str) -> None:
+        inst = self.state.instances.get(iid)
+        if inst is None:
+            return
+        inst.draining = True
+        if inst.load == 0:
+            self._deactivate(inst)
+
+    def _deactivate(self, inst: Instance) -> None:
+        self.state.instances.pop(inst.id, None)
+        logger.info("stopping %s (%s)", inst.id, inst.model)
+        self._send(inst.worker, protocol.WORKER_DEACTIVATE, instance=inst.id)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- handlers for the front door -----------------------------------------------------------
+
+    async def route(
+        self, model: str, request_id: str, exclude: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Where ``request_id`` of ``model`` should run.
+
+        ``{"status": "ok", "worker", "instance"}``; ``{"status": "queued"}`` when no instance has
+        room and the policy starts none (the caller waits and asks again; the request counts as
+        load meanwhile); ``{"status": "unknown"}`` for a model not in the registry. A retry after
+        a failed instance passes the same ``request_id`` and the failed instance in ``exclude``.
+        """
+        if model not in self.registry:
+            return {"status": "unknown"}
+        exclude = tuple(exclude)
+        for iid in exclude:  # the caller saw it fail: learn what its worker has now
+            inst = self.state.instances.get(iid)
+            if inst is not None:
+                self._spawn(self.refresh(inst.worker))
+        if self.state.arrive(request_id, model):
+            now = time()
+            self.meter.arrive(model, now)
+            self.short.arrive(model, now)
+        for _ in range(2):  # a second pass if the start we waited for failed
+            inst = self.state.pick(model, exclude)
+            if inst is None:
+                inst = await self._wait_for_start(model)
+            if request_id not in self.state.requests:
+                return {"status": "gone"}  # done() came while we waited
+            if inst is not None and inst.id in self.state.instances:
+                self.state.assign(request_id, inst)
+                return {"status": "ok", "worker": inst.worker, "instance": inst.id}
+        return {"status": "queued"}
+
+    async def _wait_for_start(self, model: str) -> Instance | None:
+        """Reserve a slot on a start under way (asking the policy for one if none) and await it."""
+        starting = self.state.starting_with_room(model)
+        if starting is None:
+            now = time()
+            actions = self.policy.on_demand(self.state.snapshot(now, self._load()), model)
+            if actions:
+                logger.info("on demand for %s: %s", model, actions)
+            self.enact(actions)
+            starting = self.state.starting_with_room(model)
+        if starting is None:
+            return None
+        starting.reserved += 1
+        try:
+            return await asyncio.shield(starting.ready)
+        finally:
+            starting.reserved -= 1
+
+    def done(self, request_id: str) -> None:
+        """A request finished, failed or was rejected: free its slot and count it gone."""
+        req, inst = self.state.finish(request_id)
+        if req is None:
+            return
+        now = time()
+        self.meter.depart(req.model, now)
+        self.short.depart(req.model, now)
+        if inst is not None and inst.draining and inst.load == 0:
+            self._deactivate(inst)
+
+    def status(self) -> dict[str, Any]:
+        """Devices, instances, waiting requests and load, for operators and the dashboard."""
+        out = self.state.summary()
+        out["policy"] = self.policy.name
+        out["models"] = {
+            name: {"family": spec.family, "bytes": spec.nbytes, "tp": spec.tp}
+            for name, spec in self.registry.items()
+        }
+        out["load"] = self._load()
+        out["in_flight"] = {m: self.meter.level(m) for m in self.meter.models()}
+        return out
+
+
+def parse_report(
+    report: Mapping[str, Any],
+) -> tuple[list[DeviceSnapshot], list[tuple[str, str, tuple[str, ...]]], list[str]]:
+    """Devices, instances ``(id, model, devices)`` and host-cached models from a worker's
+    ``warmserve_status`` answer."""
+    devices = [
+        DeviceSnapshot(
+            id=d["id"],
+            node=d["node"],
+            memory=int(d["memory"]),
+            resident=tuple(d.get("resident", ())),
+            engines=tuple(d.get("engines", ())),
+            lent=int(d.get("lent", 0)),
+        )
+        for d in report.get("devices", ())
+    ]
+    instances = [
+        (i["id"], i["model"], tuple(i.get("devices") or (i["device"],)))
+        for i in report.get("instances", ())
+    ]
+    return devices, instances, list(report.get("host_cache", ()))

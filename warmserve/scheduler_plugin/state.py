@@ -1,0 +1,242 @@
+"""The scheduler plugin's one accounting object: devices, instances, starts under way, and which
+request holds which slot.
+
+Like ``ActiveMemoryManagerExtension.workers_memory``, it is updated as soon as an action is
+accepted (an instance being started counts as dedicating its devices; a routed request counts
+against its instance at once) so two decisions never spend the same capacity, and it is corrected
+whenever a worker reports its real state. No I/O happens here: the extension does the talking and
+calls these methods, which keeps the routing rules testable on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from warmserve.policy.state import ClusterSnapshot, DeviceSnapshot, InstanceSnapshot
+from warmserve.registry import ModelSpec
+
+logger = logging.getLogger("warmserve.scheduler.state")
+
+
+@dataclass(slots=True)
+class Instance:
+    """A serving instance; ``load`` counts the requests routed to it and not done yet."""
+
+    id: str
+    model: str
+    devices: tuple[str, ...]
+    worker: str
+    started: float
+    load: int = 0
+    draining: bool = False  # a Stop was accepted: no new requests, deactivate when idle
+
+
+@dataclass(eq=False)
+class Starting:
+    """An instance being activated. Requests may reserve its slots and await ``ready``."""
+
+    model: str
+    devices: tuple[str, ...]
+    worker: str
+    ready: asyncio.Future[Instance | None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    reserved: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"starting:{self.model}@{','.join(self.devices)}"
+
+
+@dataclass(slots=True)
+class WorkerView:
+    """What one worker last reported: its devices and the models in its node's host memory."""
+
+    address: str
+    devices: dict[str, DeviceSnapshot]
+    host_cache: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class Request:
+    """A request the front door asked a route for: waiting (no instance) or holding a slot."""
+
+    model: str
+    instance: str | None = None
+
+
+class ClusterState:
+    """Accounting of the whole cluster as the planner and the router see it."""
+
+    def __init__(self, models: Mapping[str, ModelSpec], capacity: int) -> None:
+        self.models = models
+        self.capacity = capacity
+        self.workers: dict[str, WorkerView] = {}
+        self.instances: dict[str, Instance] = {}
+        self.starting: list[Starting] = []
+        self.requests: dict[str, Request] = {}
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def worker_of(self, device: str) -> str | None:
+        for w in self.workers.values():
+            if device in w.devices:
+                return w.address
+        return None
+
+    def update_worker(
+        self,
+        address: str,
+        devices: Iterable[DeviceSnapshot],
+        instances: Iterable[tuple[str, str, tuple[str, ...]]],
+        host_cache: Iterable[str],
+        now: float,
+    ) -> None:
+        """Replace what is known of ``address`` by its report; keep the loads of its instances."""
+        self.workers[address] = WorkerView(
+            address, {d.id: d for d in devices}, frozenset(host_cache)
+        )
+        reported = set()
+        for iid, model, devs in instances:
+            reported.add(iid)
+            if iid not in self.instances:
+                self.instances[iid] = Instance(iid, model, devs, address, started=now)
+                logger.debug("instance %s of %s found on %s", iid, model, address)
+        for iid in [i.id for i in self.instances.values() if i.worker == address]:
+            if iid not in reported:
+                self._drop_instance(iid)
+
+    def remove_worker(self, address: str) -> list[str]:
+        """Forget ``address``; return the instances lost with it."""
+        self.workers.pop(address, None)
+        lost = [i.id for i in self.instances.values() if i.worker == address]
+        for iid in lost:
+            self._drop_instance(iid)
+        return lost
+
+    def _drop_instance(self, iid: str) -> None:
+        """Forget an instance; its requests become waiting (the front door retries or fails)."""
+        self.instances.pop(iid, None)
+        for r in self.requests.values():
+            if r.instance == iid:
+                r.instance = None
+
+    # -- routing -------------------------------------------------------------------------------
+
+    def arrive(self, request_id: str, model: str) -> bool:
+        """Note a request; True if it is new (an arrival), False if it is a retry."""
+        if request_id in self.requests:
+            self.release(request_id)
+            return False
+        self.requests[request_id] = Request(model)
+        return True
+
+    def pick(self, model: str, exclude: Iterable[str] = ()) -> Instance | None:
+        """The least-loaded instance of ``model`` with room, not draining, not excluded."""
+        skip = set(exclude)
+        best = None
+        for i in self.instances.values():
+            if i.model != model or i.draining or i.id in skip or i.load >= self.capacity:
+                continue
+            if best is None or i.load < best.load:
+                best = i
+        return best
+
+    def starting_with_room(self, model: str) -> Starting | None:
+        for s in self.starting:
+            if s.model == model and s.reserved < self.capacity:
+                return s
+        return None
+
+    def assign(self, request_id: str, instance: Instance) -> None:
+        self.requests[request_id].instance = instance.id
+        instance.load += 1
+
+    def release(self, request_id: str) -> Instance | None:
+        """Free the slot ``request_id`` holds, if any; return the instance it was on."""
+        r = self.requests.get(request_id)
+        if r is None or r.instance is None:
+            return None
+        inst = self.instances.get(r.instance)
+        r.instance = None
+        if inst is not None:
+            inst.load -= 1
+        return inst
+
+    def finish(self, request_id: str) -> tuple[Request | None, Instance | None]:
+        """A request is done: free its slot and forget it."""
+        inst = self.release(request_id)
+        return self.requests.pop(request_id, None), inst
+
+    def waiting(self) -> dict[str, int]:
+        """Requests per model that hold no slot (queued at a front door or being routed)."""
+        out: dict[str, int] = {}
+        for r in self.requests.values():
+            if r.instance is None:
+                out[r.model] = out.get(r.model, 0) + 1
+        return out
+
+    # -- the policy's view ---------------------------------------------------------------------
+
+    def snapshot(self, now: float, load: Mapping[str, float]) -> ClusterSnapshot:
+        """What the policy sees; instances being started count as instances already."""
+        devices = tuple(d for w in self.workers.values() for d in w.devices.values())
+        nodes: dict[str, set[str]] = {}
+        for w in self.workers.values():
+            for d in w.devices.values():
+                nodes.setdefault(d.node, set()).update(w.host_cache)
+        instances = [
+            InstanceSnapshot(i.id, i.model, i.devices, float(i.load), i.started)
+            for i in self.instances.values()
+            if not i.draining
+        ]
+        instances += [
+            InstanceSnapshot(s.id, s.model, s.devices, float(s.reserved), now)
+            for s in self.starting
+        ]
+        return ClusterSnapshot(
+            time=now,
+            models=self.models,
+            devices=devices,
+            instances=tuple(instances),
+            host_cache={n: frozenset(m) for n, m in nodes.items()},
+            load=dict(load),
+            queued=self.waiting(),
+        )
+
+    def summary(self) -> dict:
+        """A msgpack-friendly picture for ``warmserve_status`` and the dashboard."""
+        snap = self.snapshot(0.0, {})
+        return {
+            "devices": [
+                {
+                    "id": d.id,
+                    "node": d.node,
+                    "worker": self.worker_of(d.id),
+                    "memory": d.memory,
+                    "mode": snap.mode(d.id).value,
+                    "resident": list(d.resident),
+                    "engines": list(d.engines),
+                }
+                for d in snap.devices
+            ],
+            "instances": [
+                {
+                    "id": i.id,
+                    "model": i.model,
+                    "devices": list(i.devices),
+                    "worker": i.worker,
+                    "load": i.load,
+                    "draining": i.draining,
+                }
+                for i in self.instances.values()
+            ],
+            "starting": [
+                {"model": s.model, "devices": list(s.devices), "reserved": s.reserved}
+                for s in self.starting
+            ],
+            "queued": self.waiting(),
+        }
