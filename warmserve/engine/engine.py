@@ -1,0 +1,302 @@
+"""One vLLM engine for one (device, family), living in the caller's process.
+
+Design: vLLM's synchronous ``LLMEngine`` with its engine core in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), driven by one background thread that alternates between
+commands (add, abort, switch) and ``step()``. Why not ``AsyncLLM``: it always runs the engine
+core in a child process, so switching from weights held in this process's host memory pool would
+serialize every tensor over a socket, and each engine would be one more process for the worker
+plugin to supervise. In this process, ``collective_rpc`` hands the worker the caller's tensors by
+reference. Continuous batching is vLLM's own: every request added between steps joins the
+running batch. All engine calls happen on the one thread because ``LLMEngine`` is not
+thread-safe; callers on any event loop get their tokens through an ``asyncio.Queue`` fed with
+``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import gc
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from warmserve.engine.extension import EXTENSION_CLS
+from warmserve.protocol import GenerateRequest, TokenChunk
+from warmserve.registry import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineError(RuntimeError):
+    """The engine has died or been shut down; it serves nothing more."""
+
+
+class EngineBusy(RuntimeError):
+    """A switch was asked for while requests were in flight; drain the engine first."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How an engine is started. Small defaults: toy models on a shared 2-core machine."""
+
+    max_model_len: int = 512
+    max_num_seqs: int = 32  # the paper's per-instance concurrency
+    kv_cache_bytes: int = 256 * 2**20
+    dtype: str = "auto"
+
+
+@dataclass(slots=True)
+class _Stream:
+    """Where one request's output goes: a queue on the caller's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[TokenChunk | BaseException]
+    prompt_reported: bool = False
+
+
+_STOP = object()
+
+
+class Engine:
+    """A running vLLM engine of one family, serving one of its models at a time.
+
+    Construction starts the engine and blocks (about 10 to 20 s on 2 CPU cores); run it in a
+    thread from async code. ``switch`` changes the model in place in tens of milliseconds.
+    """
+
+    def __init__(self, model: ModelSpec, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.family = model.family
+        self._model = model
+        self._llm = _start_llm(model.path, self.config)
+        self._commands: queue.SimpleQueue[Callable[[], None] | object] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._error: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"warmserve-engine-{model.family}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def model(self) -> ModelSpec:
+        """The model the engine serves now."""
+        return self._model
+
+    @property
+    def in_flight(self) -> int:
+        """Requests added and not yet finished or aborted."""
+        return len(self._streams)
+
+    def alive(self) -> bool:
+        """Whether the engine can serve: not shut down and its thread has not died."""
+        return not self._closed and self._error is None and self._thread.is_alive()
+
+    def switch(self, model: ModelSpec, weights: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Serve ``model`` from now on; return the seconds the switch took (blocking).
+
+        ``weights`` are the model's tensors in checkpoint format, already in host memory (the
+        weight store's host tier); ``None`` reads them from ``model.path``. The prefix cache is
+        reset, since its blocks hold keys and values computed with the old weights.
+        """
+        if model.family != self.family:
+            raise ValueError(f"{model.name} is of family {model.family}, not {self.family}")
+
+        def do_switch() -> float:
+            if self._streams:
+                raise EngineBusy(f"{len(self._streams)} requests in flight on {self._model.name}")
+            start = time.perf_counter()
+            self._llm.collective_rpc("warmserve_switch_weights", args=(weights, model.path))
+            self._llm.reset_prefix_cache()
+            self._model = model
+            return time.perf_counter() - start
+
+        return self._call(do_switch)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the loaded parameters as the engine holds them (after any repacking)."""
+        return self._call(lambda: self._llm.collective_rpc("warmserve_weight_bytes")[0])
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """Stream a request's output; closing or cancelling the iterator aborts the request."""
+        if req.model != self._model.name:
+            raise ValueError(f"engine serves {self._model.name}, not {req.model}")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._submit(lambda: self._add(req, stream))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished and self.alive():
+                self._submit(lambda: self._abort(req.request_id))
+
+    async def complete(self, req: GenerateRequest) -> TokenChunk:
+        """Run a request to the end; one chunk with all its text and tokens."""
+        text: list[str] = []
+        token_ids: list[int] = []
+        finish_reason = None
+        prompt_tokens = 0
+        async for chunk in self.generate(req):
+            text.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            finish_reason = chunk.finish_reason
+            prompt_tokens = prompt_tokens or chunk.prompt_tokens
+        return TokenChunk("".join(text), token_ids, finish_reason, prompt_tokens)
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its weights and KV cache; requests in flight get an error."""
+        if self._closed:
+            return
+        self._closed = True
+        self._commands.put(_STOP)
+        self._thread.join()
+        llm, self._llm = self._llm, None
+        llm.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+    # --- on the engine thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                idle = not self._llm.has_unfinished_requests()
+                try:
+                    cmd = self._commands.get(block=idle)
+                except queue.Empty:
+                    cmd = None
+                while cmd is not None:
+                    if cmd is _STOP:
+                        self._fail_streams(EngineError("engine shut down"))
+                        return
+                    cmd()
+                    try:
+                        cmd = self._commands.get_nowait()
+                    except queue.Empty:
+                        cmd = None
+                if self._llm.has_unfinished_requests():
+                    for out in self._llm.step():
+                        self._deliver(out)
+        except BaseException as e:
+            logger.exception("engine for %s died", self._model.name)
+            self._error = e
+            self._fail_streams(EngineError(f"engine died: {e!r}"))
+
+    def _add(self, req: GenerateRequest, stream: _Stream) -> None:
+        try:
+            if req.request_id in self._streams:
+                raise ValueError(f"request id {req.request_id!r} is already in flight")
+            self._llm.add_request(req.request_id, _prompt(req), _sampling_params(req))
+        except Exception as e:  # a bad request fails alone; the engine goes on
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
+            return
+        self._streams[req.request_id] = stream
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._llm.abort_request([request_id])
+
+    def _deliver(self, out: Any) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:  # aborted while the step ran
+            return
+        completion = out.outputs[0]
+        chunk = TokenChunk(
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            finish_reason=completion.finish_reason if out.finished else None,
+            prompt_tokens=0 if stream.prompt_reported else len(out.prompt_token_ids or ()),
+        )
+        stream.prompt_reported = True
+        if out.finished:
+            del self._streams[out.request_id]
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, chunk)
+        except RuntimeError:  # the caller's loop has closed: nobody is listening
+            self._abort(out.request_id)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+    # --- from any thread ------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[], None]) -> None:
+        if not self.alive():
+            raise EngineError(f"engine for {self.family} is not running") from self._error
+        self._commands.put(fn)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread and wait for its result."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
+
+        self._submit(run)
+        return future.result()
+
+
+def _start_llm(path: str, config: EngineConfig) -> Any:
+    # vLLM reads this when the engine is built: keep the engine core (and, at TP 1, the
+    # worker) in this process so weights pass by reference.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    args = EngineArgs(
+        model=path,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs,
+        kv_cache_memory_bytes=config.kv_cache_bytes,
+        enforce_eager=True,
+        worker_extension_cls=EXTENSION_CLS,
+        disable_log_stats=True,
+    )
+    return LLMEngine.from_engine_args(args)
+
+
+def _prompt(req: GenerateRequest) -> Any:
+    if req.prompt_token_ids is not None:
+        return {"prompt_token_ids": req.prompt_token_ids}
+    if req.prompt is None:
+        raise ValueError("a request needs a prompt or prompt_token_ids")
+    return req.prompt
+
+
+def _sampling_params(req: GenerateRequest) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        seed=req.seed,
+        stop=req.stop or None,
+        ignore_eos=req.ignore_eos,
+        output_kind=RequestOutputKind.DELTA,
+    )
