@@ -1,0 +1,205 @@
+"""``warmserve up``: the whole system on one machine, for a first run, demos and tests.
+
+It starts what the distributed deployment starts by hand, the same way: a scheduler with
+``--preload warmserve.scheduler_plugin``, one worker per device with ``--preload
+warmserve.worker_plugin --warmserve-devices cpu:I`` (a ``SpecCluster``, because each worker gets a
+different device flag), and the front door on uvicorn, all on 127.0.0.1. vLLM starts child
+processes, so workers are not daemonic (``distributed.worker.daemon: False``). SIGINT and SIGTERM
+stop the server first, then the cluster, so engines and their memory go away with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+
+import click
+import dask.config
+import httpx
+import uvicorn
+from distributed import Nanny, Scheduler, SpecCluster
+
+from warmserve import config
+from warmserve.registry import Registry
+
+logger = logging.getLogger("warmserve.launcher")
+
+HOST = "127.0.0.1"
+POLICIES = ("warmserve", "autoscale", "share")
+
+
+def cluster_spec(registry_file: str, policy: str, devices: int) -> tuple[dict, dict]:
+    """Scheduler and worker specs for a SpecCluster: one worker (one process) per CPU slot."""
+    scheduler = {
+        "cls": Scheduler,
+        "options": {
+            "host": HOST,
+            "port": 0,
+            "dashboard_address": f"{HOST}:0",
+            "preload": ["warmserve.scheduler_plugin"],
+            "preload_argv": [["--warmserve-policy", policy, "--warmserve-registry", registry_file]],
+        },
+    }
+    workers = {
+        f"device-{i}": {
+            "cls": Nanny,
+            "options": {
+                "host": HOST,
+                "nthreads": 1,
+                # Engines live in child processes the nanny does not measure; no memory kill.
+                "memory_limit": 0,
+                "preload": ["warmserve.worker_plugin"],
+                "preload_argv": [["--warmserve-devices", f"cpu:{i}"]],
+            },
+        }
+        for i in range(devices)
+    }
+    return scheduler, workers
+
+
+async def start_cluster(registry_file: str, policy: str, devices: int) -> SpecCluster:
+    """An asynchronous SpecCluster running WarmServe's scheduler and worker plugins."""
+    dask.config.set({"distributed.worker.daemon": False})
+    scheduler, workers = cluster_spec(os.path.abspath(registry_file), policy, devices)
+    return await SpecCluster(
+        workers=workers, scheduler=scheduler, asynchronous=True, name="warmserve"
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ours stops the server, then the cluster."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def up(
+    policy: str, devices: int, port: int, models_dir: str, demo: bool, registry: Registry
+) -> None:
+    """Start everything, serve until a signal (or the demo's end), then stop everything."""
+    from warmserve.frontdoor.app import create_app
+
+    registry_file = os.path.join(models_dir, "registry.yaml")
+    t0 = time.perf_counter()
+    async with await start_cluster(registry_file, policy, devices) as cluster:
+        app = create_app(cluster.scheduler_address, registry)
+        server = _Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if serving.done():
+            serving.result()
+            raise click.ClickException(f"the front door could not start on port {port}")
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://{HOST}:{bound}"
+        click.echo(
+            f"WarmServe is up in {time.perf_counter() - t0:.1f}s: {url}/v1 "
+            f"({len(registry)} models, {devices} devices, policy {policy}); "
+            f"dashboard {cluster.dashboard_link}"
+        )
+        try:
+            if demo:
+                await run_demo(url, registry)
+            else:
+                click.echo("Ctrl-C stops it.")
+                await serving
+        finally:
+            server.should_exit = True
+            await serving
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    click.echo("WarmServe stopped.")
+
+
+def demo_requests(registry: Registry) -> list[tuple[str, str, dict]]:
+    """(endpoint, label, body): each family, completions and chat, streaming and not."""
+    out = []
+    for i, (family, specs) in enumerate(registry.families().items()):
+        model = specs[0].name
+        out.append(
+            (
+                "completions",
+                f"{model} completion{'' if i % 2 else ', streamed'}",
+                {
+                    "model": model,
+                    "prompt": "The scheduler assigns each task to",
+                    "max_tokens": 12,
+                    "temperature": 0.0,
+                    "stream": i % 2 == 0,
+                },
+            )
+        )
+        out.append(
+            (
+                "chat/completions",
+                f"{model} chat{', streamed' if i % 2 else ''}",
+                {
+                    "model": model,
+                    "messages": [{"role": "user", "content": f"Say hello from {family}."}],
+                    "max_tokens": 12,
+                    "temperature": 0.0,
+                    "stream": i % 2 == 1,
+                },
+            )
+        )
+    return out
+
+
+async def run_demo(url: str, registry: Registry) -> None:
+    """Send the demo requests one by one and print each answer and its TTFT."""
+    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+        for endpoint, label, body in demo_requests(registry):
+            t0 = time.perf_counter()
+            ttft = None
+            text = ""
+            if body["stream"]:
+                async with http.stream("POST", f"/v1/{endpoint}", json=body) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        choice = json.loads(line[6:])["choices"][0]
+                        piece = choice.get("text") or choice.get("delta", {}).get("content") or ""
+                        if piece and ttft is None:
+                            ttft = time.perf_counter() - t0
+                        text += piece
+            else:
+                resp = await http.post(f"/v1/{endpoint}", json=body)
+                resp.raise_for_status()
+                choice = resp.json()["choices"][0]
+                text = choice.get("text") or choice["message"]["content"]
+                ttft = time.perf_counter() - t0  # the whole answer is the first token here
+            click.echo(f"[{label}] TTFT {ttft * 1000:.0f} ms: {text!r}")
+
+
+@click.command("up")
+@click.option("--policy", type=click.Choice(POLICIES), default="warmserve", show_default=True)
+@click.option("--devices", default=2, show_default=True, help="Devices (one worker each).")
+@click.option("--port", default=8000, show_default=True, help="Front door port (0: any free).")
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Model families; generated if missing [default: warmserve.models-dir].",
+)
+@click.option("--demo", is_flag=True, help="Send a few example requests, print them, exit.")
+def command(policy: str, devices: int, port: int, models_dir: str | None, demo: bool) -> None:
+    """Start a local cluster with WarmServe and its OpenAI-compatible front door."""
+    from warmserve.models.make import ensure_default_models
+
+    if devices < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--devices")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    models_dir = os.path.abspath(models_dir or config.get("models-dir"))
+    click.echo(f"Models in {models_dir} (generated if missing)...")
+    registry = ensure_default_models(models_dir)
+    asyncio.run(up(policy, devices, port, models_dir, demo, registry))
