@@ -95,7 +95,10 @@ def poisson(rate: float, duration: float, names: list[str], seed: int = 0) -> pa
 
 def test_every_request_has_one_row_and_a_status():
     table = poisson(20, 120, ["a", "b", "c"])
-    res = simulate([A, B, C], table, Starter(idle=10)).requests
+    run = simulate([A, B, C], table, Starter(idle=10))
+    res = run.requests
+    assert run.stats["rejected_actions"] == {}  # the simulator's state agrees with the ledger
+    assert run.stats["accepted_actions"]["Stop"] > 0
     assert res.num_rows == table.num_rows
     assert res.column("arrival").to_pylist() == table.column("arrival").to_pylist()
     assert set(res.column("status").to_pylist()) <= {"ok", "dropped"}
@@ -165,6 +168,18 @@ def test_requests_with_nowhere_to_go_are_dropped_not_lost():
     res = simulate([A], table, Never()).requests
     assert res.column("status").to_pylist() == ["dropped"] * 3
     assert all(e for e in res.column("error").to_pylist())
+
+
+def test_infeasible_actions_are_rejected_and_change_nothing():
+    class Wrong(Starter):
+        def on_demand(self, snap, model):
+            first = snap.devices[0].id
+            return [Start("c", (first,)), Prewarm("c", ("n0/d0", "n0/d1"), Tier.ACTIVE)]
+
+    run = simulate([A, C], workload([1.0], ["a"]), Wrong())
+    assert run.stats["rejected_actions"] == {"Start": 1, "Prewarm": 1}
+    assert run.requests.column("status").to_pylist() == ["dropped"]
+    assert set(run.devices.column("mode").to_pylist()) == {"idle"}
 
 
 def test_cluster_that_cannot_hold_the_largest_model_is_refused():

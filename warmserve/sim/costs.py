@@ -49,7 +49,6 @@ class CostModel:
     request_timeout_s: float
     tick_s: float
     kv_tokens_per_request: int
-    keep_weights_on_stop: bool
     demand_interval_s: float
 
     def profile(self, model: ModelSpec) -> Profile:
@@ -118,6 +117,5 @@ def load_costs(overrides: Mapping[str, Any] | None = None, path: str = DEFAULT_C
         request_timeout_s=_positive(doc, "serving", "request_timeout_s"),
         tick_s=_positive(doc, "serving", "tick_s"),
         kv_tokens_per_request=int(_positive(doc, "serving", "kv_tokens_per_request")),
-        keep_weights_on_stop=bool(doc["serving"].get("keep_weights_on_stop", False)),
         demand_interval_s=_positive(doc, "serving", "demand_interval_s"),
     )

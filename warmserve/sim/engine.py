@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.load import LoadMeter
-from warmserve.policy.state import Policy, Tier
+from warmserve.policy.state import ClusterSnapshot, Policy, Tier
 from warmserve.report.schema import DEVICE_SCHEMA, RESULT_SCHEMA
 from warmserve.sim.cluster import ClusterSpec, check_workload
 from warmserve.sim.state import Instance, SimCluster
@@ -66,8 +66,7 @@ class Simulator:
         self.progress = progress
         self.names = list(cluster.models)
         self.model_index = {m: i for i, m in enumerate(self.names)}
-        reservation = {m.name: config.kv_reservation(m) for m in cluster.models.values()}
-        self.cluster = SimCluster(cluster, self.model_index, reservation)
+        self.cluster = SimCluster(cluster, self.model_index, config)
         col = workload.column("model")
         codes = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         dict_col = codes.dictionary_encode()
@@ -128,11 +127,9 @@ class Simulator:
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, kind, obj, r))
 
-    def _enact(self, actions: list, t: float) -> None:
-        for a in actions:
-            inst = self.cluster.apply(a, t)
-            if inst is not None:
-                self._push(inst.ready_at, _READY, inst)
+    def _enact(self, snap: ClusterSnapshot, actions: list, t: float) -> None:
+        for inst in self.cluster.apply(snap, actions, t):
+            self._push(inst.ready_at, _READY, inst)
         self.cluster.record(t)
 
     def _tick(self, t: float) -> None:
@@ -141,7 +138,7 @@ class Simulator:
         self._purge(t)
         snap = self.cluster.snapshot(t, self._short_load(t), self._queued())
         self.policy_calls += 1
-        self._enact(self.policy.plan(snap), t)
+        self._enact(snap, self.policy.plan(snap), t)
         for m in range(len(self.names)):
             self.area[m] = 0.0
             self.since[m] = t
@@ -151,7 +148,7 @@ class Simulator:
         self.next_demand[m] = t + self.costs.demand_interval_s
         snap = self.cluster.snapshot(t, self._short_load(t), self._queued())
         self.policy_calls += 1
-        self._enact(self.policy.on_demand(snap, self.names[m]), t)
+        self._enact(snap, self.policy.on_demand(snap, self.names[m]), t)
 
     # -- requests --------------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ import logging
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 
+from warmserve.policy.accounting import Accounting, InfeasibleAction
+from warmserve.policy.config import PolicyConfig
 from warmserve.policy.state import (
     Action,
     ClusterSnapshot,
@@ -38,7 +40,6 @@ from warmserve.policy.state import (
     LendKV,
     Prewarm,
     ReclaimKV,
-    Start,
     Stop,
     Tier,
 )
@@ -70,11 +71,11 @@ class Instance:
         "tier",
     )
 
-    def __init__(self, iid: str, spec: ModelSpec, midx: int, devices: list[Device]) -> None:
+    def __init__(self, iid: str, spec: ModelSpec, midx: int) -> None:
         self.id = iid
         self.model = spec.name
         self.midx = midx
-        self.devices = devices
+        self.devices: list[Device] = []
         self.count = 0  # requests admitted and not finished
         self.kv_used = 0  # tokens of KV held by admitted requests
         self.kv_budget = 0  # tokens of KV this instance may hold
@@ -110,9 +111,10 @@ class SimCluster:
     """Devices, host caches and instances of one simulation, changed only by :meth:`apply`."""
 
     def __init__(
-        self, spec: ClusterSpec, model_index: Mapping[str, int], kv_reservation: Mapping[str, int]
+        self, spec: ClusterSpec, model_index: Mapping[str, int], config: PolicyConfig
     ) -> None:
         self.spec = spec
+        self.config = config
         self.costs = spec.costs
         self.models = spec.models
         self.model_index = model_index
@@ -123,7 +125,7 @@ class SimCluster:
         self.by_id = {d.id: d for d in self.devices}
         self.per_device = {m.name: -(-m.nbytes // m.tp) for m in self.models.values()}
         self.profiles = {m.name: self.costs.profile(m) for m in self.models.values()}
-        self.kv_dev = {m.name: -(-kv_reservation[m.name] // m.tp) for m in self.models.values()}
+        self.kv_dev = {m.name: -(-config.kv_reservation(m) // m.tp) for m in self.models.values()}
         # node -> model -> time its weights are in host memory; LRU order, oldest first
         self.host: dict[str, OrderedDict[str, float]] = {
             node: OrderedDict() for node in {d.node for d in self.devices}
@@ -135,7 +137,6 @@ class SimCluster:
         self.rejected: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
         self.timeline: list[tuple] = []
-        self._next_instance = 0
         self._host_snap: dict[str, frozenset[str]] | None = None
         self._touched: set[int] = set()
         for d in self.devices:
@@ -185,17 +186,6 @@ class SimCluster:
     def _resident_bytes(self, d: Device) -> int:
         return sum(self.per_device[m] for m in d.resident)
 
-    def _instance_bytes(self, d: Device) -> int:
-        """Weights and KV reservations of the instances on ``d``."""
-        return sum(self.per_device[i.model] + i.kv_dev for i in d.instances)
-
-    def _room(self, d: Device) -> int:
-        """Bytes prewarmed weights may use on ``d``: what instances leave, plus lent KV."""
-        return d.memory - self._instance_bytes(d) + d.lent
-
-    def _kv_used_bytes(self, d: Device) -> float:
-        return sum(i.kv_used * i.kv_per_token / len(i.devices) for i in d.instances)
-
     def _changed(self, d: Device) -> None:
         d.snap = None
         self._touched.add(d.idx)
@@ -215,7 +205,7 @@ class SimCluster:
                 inst.kv_budget = max(int(budget), 0)
                 inst.shared = any(len(e.instances) > 1 for e in inst.devices)
 
-    def _to_host(self, node: str, model: str, t: float) -> None:
+    def _to_host(self, node: str, model: str, ready: float) -> None:
         """Put ``model`` in ``node``'s host memory (LRU; the oldest entries make room)."""
         cache = self.host[node]
         self._host_snap = None
@@ -226,19 +216,20 @@ class SimCluster:
         while self.host_used[node] + need > self.spec.host_memory and cache:
             old, _ = cache.popitem(last=False)
             self.host_used[node] -= self.models[old].nbytes
-        cache[model] = t
+        cache[model] = ready
         self.host_used[node] += need
 
-    def _load_time(self, model: str, d: Device, t: float, skip: set[int]) -> float:
+    def _load_time(self, model: str, d: Device, t: float, group: set[int]) -> float:
         """When ``model``'s weights can be in ``d``'s memory if a copy starts at ``t``: from a
-        peer device of the node, else the node's host memory, else its disk."""
+        device of the node outside ``group``, else the node's host memory, else its disk."""
         nbytes = self.per_device[model]
         for e in self.devices_of(d.node):
             ready = e.resident.get(model)
-            if ready is not None and e.idx not in skip and e is not d:
+            if ready is not None and e.idx not in group:
                 return max(t, ready) + self.costs.peer_load_s(nbytes)
         host = self.host[d.node].get(model)
         if host is not None:
+            self._to_host(d.node, model, host)  # a use refreshes its LRU position
             return max(t, host) + self.costs.host_load_s(nbytes)
         disk_done = t + self.costs.disk_load_s(self.models[model].nbytes)
         self._to_host(d.node, model, disk_done)
@@ -249,137 +240,119 @@ class SimCluster:
         n = int(node[1:])
         return self.devices[n * per : (n + 1) * per]
 
-    def tier(self, model: str, d: Device) -> Tier:
-        """The contract's tier of ``model`` on ``d`` (same rules as ``ClusterSnapshot.tier``)."""
-        if any(i.model == model for i in d.instances):
-            return Tier.ACTIVE
-        if model in d.resident:
-            return Tier.ENGINE if self.models[model].family in d.engines else Tier.DEVICE
-        return Tier.HOST if model in self.host[d.node] else Tier.DISK
+    def tier(self, model: str, devices: list[Device]) -> Tier:
+        """The contract's tier of ``model`` on a group: the coldest of its devices."""
+        family = self.models[model].family
+
+        def one(d: Device) -> Tier:
+            if model in d.resident:
+                return Tier.ENGINE if family in d.engines else Tier.DEVICE
+            return Tier.HOST if model in self.host[d.node] else Tier.DISK
+
+        return min(one(d) for d in devices)
 
     # -- actions ---------------------------------------------------------------------------
 
-    def apply(self, action: Action, t: float) -> Instance | None:
-        """Enact one action at ``t``; return the instance a Start created (the caller schedules
-        its readiness), else None. Rejected actions change nothing."""
-        kind = type(action).__name__
-        reason = self._apply(action, t)
-        if isinstance(reason, Instance) or reason is None:
+    def apply(self, snapshot: ClusterSnapshot, actions: list[Action], t: float) -> list[Instance]:
+        """Enact a policy's ``actions`` (planned on ``snapshot``) at ``t``, in order.
+
+        Each action is first checked by the policy package's own ledger
+        (:class:`~warmserve.policy.accounting.Accounting`), so the simulator rejects exactly
+        what the live enactor would; a rejected action changes nothing and is counted. Returns
+        the instances created (the caller schedules their readiness).
+        """
+        if not actions:
+            return []
+        ledger = Accounting(snapshot, self.config)
+        started = []
+        for a in actions:
+            kind = type(a).__name__
+            try:
+                ledger.enact(a)
+            except InfeasibleAction as e:
+                self.rejected[kind] += 1
+                logger.debug("t=%.3f rejected %r: %s", t, a, e)
+                continue
             self.accepted[kind] += 1
-            return reason if isinstance(reason, Instance) else None
-        self.rejected[f"{kind}: {reason}"] += 1
-        logger.debug("t=%.3f rejected %r: %s", t, action, reason)
+            inst = self._enact(a, t)
+            if inst is not None:
+                started.append(inst)
+        return started
+
+    def _enact(self, a: Action, t: float) -> Instance | None:
+        if isinstance(a, Stop):
+            self._stop(self.instances[a.instance], t)
+        elif isinstance(a, LendKV | ReclaimKV):
+            d = self.by_id[a.device]
+            d.lent += a.nbytes if isinstance(a, LendKV) else -a.nbytes
+            self._changed(d)
+            self._rebudget([d])
+        else:
+            devices = [self.by_id[x] for x in a.devices]
+            if isinstance(a, Prewarm):
+                self._prewarm(a.model, devices, a.tier, t)
+            elif isinstance(a, Evict):
+                for d in devices:
+                    self._evict(d, a.model, t)
+            else:
+                return self._start(a.model, devices, t)
         return None
 
-    def _apply(self, a: Action, t: float) -> Instance | str | None:
-        if isinstance(a, Stop):
-            return self._stop(a, t)
-        if isinstance(a, LendKV | ReclaimKV):
-            d = self.by_id.get(a.device)
-            if d is None:
-                return "unknown device"
-            if isinstance(a, LendKV):
-                return self._lend(d, a.nbytes)
-            return self._reclaim(d, a.nbytes, t)
-        if a.model not in self.models:
-            return "unknown model"
-        devices = [self.by_id.get(x) for x in a.devices]
-        if not devices or any(d is None for d in devices):
-            return "unknown device"
-        if len({d.idx for d in devices}) != len(devices):
-            return "device listed twice"
-        if isinstance(a, Evict):
-            for d in devices:
-                self._evict(d, a.model, t)
-            return None
-        if len({d.node for d in devices}) != 1:
-            return "devices span nodes"
-        if isinstance(a, Prewarm):
-            return self._prewarm(a.model, devices, a.tier, t)
-        if isinstance(a, Start):
-            return self._start(a.model, devices, t)
-        return "unknown action"
+    def _drop_engine(self, d: Device, family: str) -> None:
+        if not any(self.models[m].family == family for m in d.resident) and not any(
+            self.models[i.model].family == family for i in d.instances
+        ):
+            d.engines.pop(family, None)
 
     def _evict(self, d: Device, model: str, t: float) -> None:
-        if d.resident.pop(model, None) is None:
-            return
-        self._to_host(d.node, model, t)
-        family = self.models[model].family
-        still = any(self.models[m].family == family for m in d.resident) or any(
-            self.models[i.model].family == family for i in d.instances
-        )
-        if not still:
-            d.engines.pop(family, None)
+        ready = d.resident.pop(model)
+        self._to_host(d.node, model, max(t, ready))
+        self._drop_engine(d, self.models[model].family)
         self._changed(d)
 
-    def _prewarm(self, model: str, devices: list[Device], tier: Tier, t: float) -> str | None:
+    def _prewarm(self, model: str, devices: list[Device], tier: Tier, t: float) -> None:
+        node = devices[0].node
         if tier <= Tier.HOST:
-            if model not in self.host[devices[0].node]:
-                self._to_host(devices[0].node, model, t + self.costs.disk_load_s(
-                    self.models[model].nbytes))  # fmt: skip
-            return None
-        if tier >= Tier.ACTIVE:
-            return "prewarm cannot make a model active (use Start)"
-        if len(devices) != self.models[model].tp:
-            return f"needs {self.models[model].tp} devices (its tp)"
-        need = self.per_device[model]
-        for d in devices:
-            if model in d.resident or any(i.model == model for i in d.instances):
-                continue
-            if self._resident_bytes(d) + need > self._room(d):
-                return "no room"
+            if model not in self.host[node]:
+                self._to_host(node, model, t + self.costs.disk_load_s(self.models[model].nbytes))
+            return
         family = self.models[model].family
         group = {d.idx for d in devices}
         for d in devices:
-            if any(i.model == model for i in d.instances):
-                continue
-            if model not in d.resident:
-                d.resident[model] = self._load_time(model, d, t, group)
+            d.resident[model] = self._load_time(model, d, t, group)
             if tier == Tier.ENGINE and family not in d.engines:
-                d.engines[family] = max(t, d.resident[model]) + self.costs.engine_start_s
+                d.engines[family] = d.resident[model] + self.costs.engine_start_s
             self._changed(d)
-        return None
 
-    def _start(self, model: str, devices: list[Device], t: float) -> Instance | str:
+    def _start(self, model: str, devices: list[Device], t: float) -> Instance:
         spec = self.models[model]
-        if len(devices) != spec.tp:
-            return f"needs {spec.tp} devices (its tp)"
-        need = self.per_device[model] + self.kv_dev[model]
-        for d in devices:
-            if self._instance_bytes(d) + need > d.memory:
-                return "no room"
-        tier = min(self.tier(model, d) for d in devices)
+        tier = self.tier(model, devices)
         group = {d.idx for d in devices}
         ready = t
         for d in devices:
-            w = d.resident.get(model)
-            family_up = d.engines.get(spec.family)
-            if w is not None and family_up is not None:
-                at = max(t, w, family_up) + self.costs.activate_s
+            w = d.resident.pop(model, None)
+            up = d.engines.get(spec.family)
+            if w is not None and up is not None:
+                at = max(t, w, up) + self.costs.activate_s
             elif w is not None:
                 at = max(t, w) + self.costs.engine_start_s
             else:
                 at = self._load_time(model, d, t, group) + self.costs.engine_start_s
             ready = max(ready, at)
-        for d in devices:
-            for other in [m for m in d.resident if m != model]:
-                self._evict(d, other, t)
-            d.resident.pop(model, None)
-            d.engines[spec.family] = min(d.engines.get(spec.family, ready), ready)
-            d.lent = 0
-        midx = self.model_index[model]
-        inst = Instance(f"i{self._next_instance}", spec, midx, devices)
-        self._next_instance += 1
+        inst = Instance(f"{model}@{'+'.join(d.id for d in devices)}", spec, self.model_index[model])
         prof = self.profiles[model]
+        inst.devices = devices
         inst.kv_per_token = prof.kv_bytes_per_token
         inst.kv_dev = self.kv_dev[model]
         inst.prefill_s = prof.prefill_s
         inst.decode_s = prof.decode_s
         inst.ready_at = ready
-        inst.tier = Tier.ENGINE if tier == Tier.ACTIVE else tier
+        inst.tier = tier
         self.instances[inst.id] = inst
-        self.starting[midx] += 1
+        self.starting[inst.midx] += 1
+        self._to_host(devices[0].node, model, ready)
         for d in devices:
+            d.engines[spec.family] = min(d.engines.get(spec.family, ready), ready)
             d.instances.append(inst)
             self._changed(d)
         self._rebudget(devices)
@@ -387,69 +360,35 @@ class SimCluster:
 
     def mark_ready(self, inst: Instance) -> None:
         """The instance's activation finished: it admits requests from now on."""
-        if inst.id not in self.instances:
+        if self.instances.get(inst.id) is not inst:
             return  # stopped before it was ready; finish_stop did the accounting
         self.starting[inst.midx] -= 1
         inst.ready = True
         if not inst.draining:
             self.serving[inst.midx].append(inst)
 
-    def _stop(self, a: Stop, t: float) -> str | None:
-        inst = self.instances.get(a.instance)
-        if inst is None:
-            return "unknown instance"
+    def _stop(self, inst: Instance, t: float) -> None:
         if inst.draining:
-            return None
+            return
         inst.draining = True
         if inst.ready:
             self.serving[inst.midx].remove(inst)
         if inst.count == 0:
             self.finish_stop(inst, t)
-        return None
 
     def finish_stop(self, inst: Instance, t: float) -> None:
-        """Free a drained instance's devices (see the module docstring for where weights go)."""
+        """Free a drained instance's KV; its weights stay resident and its engine up (the
+        contract's Stop; a policy that wants them gone evicts)."""
         del self.instances[inst.id]
         if not inst.ready:
             self.starting[inst.midx] -= 1
-        keep = self.costs.keep_weights_on_stop
         for d in inst.devices:
             d.instances.remove(inst)
-            if keep and not d.instances:
-                d.resident[inst.model] = t
-            else:
-                self._to_host(d.node, inst.model, t)
-                family = self.models[inst.model].family
-                if not any(self.models[i.model].family == family for i in d.instances) and not any(
-                    self.models[m].family == family for m in d.resident
-                ):
-                    d.engines.pop(family, None)
+            d.resident[inst.model] = max(t, inst.ready_at)
             if not d.instances:
                 d.lent = 0
             self._changed(d)
         self._rebudget(inst.devices)
-
-    def _lend(self, d: Device, nbytes: int) -> str | None:
-        if not d.instances:
-            return "device serves no instance"
-        free = sum(i.kv_dev for i in d.instances) - d.lent - self._kv_used_bytes(d)
-        if nbytes <= 0 or nbytes > free:
-            return "more than the free KV space"
-        d.lent += nbytes
-        self._changed(d)
-        self._rebudget([d])
-        return None
-
-    def _reclaim(self, d: Device, nbytes: int, t: float) -> str | None:
-        if nbytes <= 0 or nbytes > d.lent:
-            return "more than is lent"
-        d.lent -= nbytes
-        while self._resident_bytes(d) > self._room(d):
-            newest = max(d.resident, key=lambda m: d.resident[m])
-            self._evict(d, newest, t)
-        self._changed(d)
-        self._rebudget([d])
-        return None
 
     # -- timeline --------------------------------------------------------------------------
 
