@@ -1,0 +1,401 @@
+"""The one ledger of device memory, updated as actions are accepted, and ``apply``.
+
+Like ``workers_memory`` in ``distributed.active_memory_manager``, :class:`Accounting` is built
+from a snapshot and every action a policy decides on goes through it before it is emitted, so two
+actions never spend the same bytes. The enactors (simulator, scheduler plugin) can run the same
+ledger with :func:`apply` to check and follow a list of actions.
+
+Semantics of the actions (what :meth:`Accounting.enact` checks and does, in list order):
+
+- Memory per device = resident weight shards (``ceil(nbytes / tp)`` each) + for each instance on
+  it its weight shard and KV shard (see :mod:`warmserve.policy.config`) - ``lent`` KV bytes. It
+  never exceeds the device's memory.
+- A *replica* is a model on a TP group: devices of one node, ``tp`` of them. Two replicas that
+  share a device have nested or disjoint device sets, and a model has at most one replica on any
+  device.
+- ``Prewarm(model, devices, DEVICE|ENGINE)`` makes a new resident replica (and passes the weights
+  through the node's host memory, so the node's host cache gains the model); ``ENGINE`` also
+  brings up an engine of the model's family there. ``Prewarm(..., HOST)`` only stages the weights
+  in the host memory of the devices' node.
+- ``Evict(model, devices)`` drops the resident replica on exactly ``devices``, crediting its
+  shard back on every device of the group. The host cache keeps the model.
+- ``Start(model, devices)`` turns the resident replica on exactly ``devices`` into an instance, or
+  loads the weights there if the model is on none of them; either way it reserves KV. It never
+  evicts anything: policies emit the Evicts first. The instance id is ``model@dev+dev...``.
+- ``Stop(instance)`` frees the KV; the weights stay resident (the device goes universal). A policy
+  that wants them gone emits an Evict after the Stop. Lent KV of a device that is no longer
+  dedicated returns to zero.
+- ``LendKV(device, n)`` lets prewarmed weights use ``n`` bytes of a dedicated device's KV
+  reservation; ``ReclaimKV(device, n)`` takes them back and needs the memory to be free (Evicts
+  first).
+
+Infeasible actions raise :class:`InfeasibleAction`; nothing is changed then.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from warmserve.policy.config import PolicyConfig
+from warmserve.policy.state import (
+    Action,
+    ClusterSnapshot,
+    DeviceMode,
+    DeviceSnapshot,
+    Evict,
+    InstanceSnapshot,
+    LendKV,
+    Prewarm,
+    ReclaimKV,
+    Start,
+    Stop,
+    Tier,
+)
+from warmserve.registry import ModelSpec
+
+
+class InfeasibleAction(ValueError):
+    """An action breaks the memory, placement or state rules of the ledger."""
+
+
+@dataclass(slots=True, eq=False)
+class Replica:
+    """A model's weights on one TP group; an instance when ``instance`` is set."""
+
+    model: str
+    devices: tuple[str, ...]
+    instance: str | None = None
+    score: float = 0.0  # planner's value of keeping it (higher displaces lower)
+    load: float = 0.0
+    started: float = 0.0
+
+
+def aligned_groups(devices: list[str], tp: int) -> list[tuple[str, ...]]:
+    """Candidate TP groups on one node: the first ``tp`` devices of each aligned power-of-two
+    block. Groups of different sizes drawn this way are nested or disjoint when ``tp`` is a power
+    of two, which keeps the nesting rule cheap to satisfy."""
+    if tp > len(devices):
+        return []
+    block = 1 << (tp - 1).bit_length()
+    if block > len(devices):
+        return [tuple(devices[:tp])]
+    return [tuple(devices[s : s + tp]) for s in range(0, len(devices) - block + 1, block)]
+
+
+class Accounting:
+    """Mutable view of a snapshot: memory use, replicas, host caches, per device and node."""
+
+    def __init__(self, snapshot: ClusterSnapshot, config: PolicyConfig | None = None) -> None:
+        self.config = config or PolicyConfig()
+        self.time = snapshot.time
+        self.models: Mapping[str, ModelSpec] = snapshot.models
+        self.load = dict(snapshot.load)
+        self.queued = dict(snapshot.queued)
+        self.order = [d.id for d in snapshot.devices]
+        self.position = {d: i for i, d in enumerate(self.order)}
+        self.node = {d.id: d.node for d in snapshot.devices}
+        self.memory = {d.id: d.memory for d in snapshot.devices}
+        self.engines = {d.id: list(d.engines) for d in snapshot.devices}
+        self.lent = {d.id: d.lent for d in snapshot.devices}
+        self.used = dict.fromkeys(self.order, 0)
+        self.kv = dict.fromkeys(self.order, 0)
+        self.on: dict[str, list[Replica]] = {d: [] for d in self.order}
+        self.nodes: dict[str, list[str]] = {}
+        for d in snapshot.devices:
+            self.nodes.setdefault(d.node, []).append(d.id)
+        self.host = {n: set(snapshot.host_cache.get(n, ())) for n in self.nodes}
+        for n, cached in snapshot.host_cache.items():
+            self.host.setdefault(n, set(cached))
+        self.instances: dict[str, Replica] = {}
+        self.replicas: dict[str, list[Replica]] = {}  # model -> its replicas
+        self._groups: dict[int, list[tuple[str, ...]]] = {}
+        self.cursor: dict[int, int] = {}  # tp -> groups before this index hold something
+        for inst in snapshot.instances:
+            r = Replica(inst.model, inst.devices, inst.id, load=inst.load, started=inst.started)
+            self._add(r)
+        for model, devs in self._resident_groups(snapshot):
+            self._add(Replica(model, devs))
+
+    # ----------------------------------------------------------------------------- queries
+
+    def shard(self, model: str) -> int:
+        spec = self.models[model]
+        return math.ceil(spec.nbytes / spec.tp)
+
+    def kv_shard(self, model: str) -> int:
+        spec = self.models[model]
+        return math.ceil(self.config.kv_reservation(spec) / spec.tp)
+
+    def free(self, device: str) -> int:
+        return self.memory[device] - self.used[device] + self.lent[device]
+
+    def dedicated(self, device: str) -> bool:
+        return any(r.instance for r in self.on[device])
+
+    def mode(self, device: str) -> DeviceMode:
+        if self.dedicated(device):
+            return DeviceMode.DEDICATED
+        return DeviceMode.UNIVERSAL if self.on[device] else DeviceMode.IDLE
+
+    def groups(self, tp: int) -> list[tuple[str, ...]]:
+        """Every candidate TP group of size ``tp``, node by node in snapshot order."""
+        out = self._groups.get(tp)
+        if out is None:
+            out = self._groups[tp] = [
+                g for devs in self.nodes.values() for g in aligned_groups(devs, tp)
+            ]
+        return out
+
+    def replica_on(self, model: str, device: str) -> Replica | None:
+        for r in self.on[device]:
+            if r.model == model:
+                return r
+        return None
+
+    def resident_replica(self, model: str, devices: tuple[str, ...]) -> Replica | None:
+        """The resident (not serving) replica of ``model`` on exactly ``devices``."""
+        for r in self.replicas.get(model, ()):
+            if r.instance is None and set(r.devices) == set(devices):
+                return r
+        return None
+
+    def tier(self, model: str, devices: tuple[str, ...]) -> Tier:
+        """Warmth of ``model`` on a whole group: the coldest of its devices."""
+        r = self.replica_on(model, devices[0])
+        if r is not None and set(r.devices) == set(devices):
+            if r.instance:
+                return Tier.ACTIVE
+            family = self.models[model].family
+            if all(family in self.engines[d] for d in devices):
+                return Tier.ENGINE
+            return Tier.DEVICE
+        return Tier.HOST if model in self.host[self.node[devices[0]]] else Tier.DISK
+
+    def conflicts(self, devices: tuple[str, ...], ignore: Replica | None = None) -> list[Replica]:
+        """Replicas on ``devices`` whose device sets are neither nested in nor around them."""
+        group = set(devices)
+        out: list[Replica] = []
+        for d in devices:
+            for r in self.on[d]:
+                if r is ignore or r in out:
+                    continue
+                other = set(r.devices)
+                if not (other <= group or group <= other):
+                    out.append(r)
+        return out
+
+    def overlapping(self, devices: tuple[str, ...]) -> list[Replica]:
+        """Distinct replicas with a shard on any of ``devices``, in device order."""
+        out: list[Replica] = []
+        for d in devices:
+            for r in self.on[d]:
+                if r not in out:
+                    out.append(r)
+        return out
+
+    # ------------------------------------------------------------------------------ checks
+
+    def _check_group(self, model: str, devices: tuple[str, ...]) -> None:
+        if model not in self.models:
+            raise InfeasibleAction(f"unknown model {model!r}")
+        tp = self.models[model].tp
+        if len(devices) != tp or len(set(devices)) != tp:
+            raise InfeasibleAction(f"{model!r} needs {tp} distinct devices, got {devices}")
+        for d in devices:
+            if d not in self.node:
+                raise InfeasibleAction(f"unknown device {d!r}")
+        if len({self.node[d] for d in devices}) != 1:
+            raise InfeasibleAction(f"TP group {devices} of {model!r} spans nodes")
+
+    # ----------------------------------------------------------------------------- updates
+
+    def _add(self, r: Replica) -> None:
+        shard = self.shard(r.model)
+        kv = self.kv_shard(r.model) if r.instance else 0
+        for d in r.devices:
+            self.on[d].append(r)
+            self.used[d] += shard + kv
+            self.kv[d] += kv
+        self.replicas.setdefault(r.model, []).append(r)
+        if r.instance:
+            self.instances[r.instance] = r
+
+    def _remove(self, r: Replica) -> None:
+        shard = self.shard(r.model)
+        kv = self.kv_shard(r.model) if r.instance else 0
+        for d in r.devices:
+            self.on[d].remove(r)
+            if not self.on[d]:
+                self.cursor.clear()
+            self.used[d] -= shard + kv
+            self.kv[d] -= kv
+            self.lent[d] = min(self.lent[d], self.kv[d])
+            self._drop_engine(d, self.models[r.model].family)
+        self.replicas[r.model].remove(r)
+        if r.instance:
+            del self.instances[r.instance]
+
+    def _drop_engine(self, device: str, family: str) -> None:
+        if family in self.engines[device] and not any(
+            self.models[r.model].family == family for r in self.on[device]
+        ):
+            self.engines[device].remove(family)
+
+    def enact(self, action: Action) -> None:
+        """Check ``action`` against the ledger and record it; raise if it does not fit."""
+        match action:
+            case Prewarm(model, devices, tier):
+                self.prewarm(model, tuple(devices), tier)
+            case Evict(model, devices):
+                self.evict(model, tuple(devices))
+            case Start(model, devices):
+                self.start(model, tuple(devices))
+            case Stop(instance):
+                self.stop(instance)
+            case LendKV(device, nbytes):
+                self.lend(device, nbytes)
+            case ReclaimKV(device, nbytes):
+                self.reclaim(device, nbytes)
+            case _:
+                raise InfeasibleAction(f"not an action: {action!r}")
+
+    def prewarm(self, model: str, devices: tuple[str, ...], tier: Tier, score: float = 0.0) -> None:
+        self._check_group(model, devices)
+        node = self.node[devices[0]]
+        if tier <= Tier.HOST:
+            self.host[node].add(model)
+            return
+        if tier == Tier.ACTIVE:
+            raise InfeasibleAction("Prewarm cannot make an instance; use Start")
+        for d in devices:
+            if self.replica_on(model, d) is not None:
+                raise InfeasibleAction(f"{model!r} is already on {d}")
+        if self.conflicts(devices):
+            raise InfeasibleAction(f"{devices} overlaps a replica without nesting")
+        shard = self.shard(model)
+        short = [d for d in devices if self.free(d) < shard]
+        if short:
+            raise InfeasibleAction(f"prewarm {model!r}: no room on {short}")
+        self._add(Replica(model, devices, score=score))
+        self.host[node].add(model)
+        if tier == Tier.ENGINE:
+            family = self.models[model].family
+            for d in devices:
+                if family not in self.engines[d]:
+                    self.engines[d].append(family)
+
+    def evict(self, model: str, devices: tuple[str, ...]) -> None:
+        r = self.resident_replica(model, devices)
+        if r is None:
+            raise InfeasibleAction(f"{model!r} has no resident replica on exactly {devices}")
+        self._remove(r)
+
+    def start(self, model: str, devices: tuple[str, ...]) -> str:
+        self._check_group(model, devices)
+        r = self.resident_replica(model, devices)
+        if r is None and any(self.replica_on(model, d) for d in devices):
+            raise InfeasibleAction(f"{model!r} already has a replica on part of {devices}")
+        if self.conflicts(devices, ignore=r):
+            raise InfeasibleAction(f"{devices} overlaps a replica without nesting")
+        need = self.kv_shard(model) + (0 if r else self.shard(model))
+        short = [d for d in devices if self.free(d) < need]
+        if short:
+            raise InfeasibleAction(f"start {model!r}: no room on {short}")
+        if r is not None:
+            self._remove(r)
+        instance = f"{model}@{'+'.join(devices)}"
+        self._add(Replica(model, devices, instance, started=self.time))
+        self.host[self.node[devices[0]]].add(model)
+        family = self.models[model].family
+        for d in devices:
+            if family not in self.engines[d]:
+                self.engines[d].append(family)
+        return instance
+
+    def stop(self, instance: str) -> None:
+        r = self.instances.get(instance)
+        if r is None:
+            raise InfeasibleAction(f"no instance {instance!r}")
+        family = self.models[r.model].family
+        self._remove(r)
+        self._add(Replica(r.model, r.devices, score=r.score))
+        for d in r.devices:
+            if family not in self.engines[d]:
+                self.engines[d].append(family)
+            if not self.dedicated(d):
+                self.lent[d] = 0
+
+    def lend(self, device: str, nbytes: int) -> None:
+        if nbytes <= 0 or not self.dedicated(device):
+            raise InfeasibleAction(f"cannot lend {nbytes} on non-dedicated {device}")
+        if self.lent[device] + nbytes > self.kv[device]:
+            raise InfeasibleAction(f"{device} reserves only {self.kv[device]} bytes of KV")
+        self.lent[device] += nbytes
+
+    def reclaim(self, device: str, nbytes: int) -> None:
+        if nbytes <= 0 or nbytes > self.lent[device]:
+            raise InfeasibleAction(f"{device} lent {self.lent[device]}, cannot reclaim {nbytes}")
+        if self.free(device) < nbytes:
+            raise InfeasibleAction(f"reclaim on {device}: evict the weights in lent space first")
+        self.lent[device] -= nbytes
+
+    # --------------------------------------------------------------------------- snapshots
+
+    def _resident_groups(self, snapshot: ClusterSnapshot) -> Iterable[tuple[str, tuple]]:
+        """Resident replicas of a snapshot: the aligned groups each model fully occupies, then
+        whatever is left chunked in device order (a snapshot lists residency per device only)."""
+        resident = {d.id: d.resident for d in snapshot.devices}
+        for devs in self.nodes.values():
+            holding: dict[str, list[str]] = {}
+            for d in devs:
+                for model in resident[d]:
+                    holding.setdefault(model, []).append(d)
+            for model, left in holding.items():
+                tp = self.models[model].tp
+                for g in aligned_groups(devs, tp):
+                    if all(d in left for d in g):
+                        yield model, g
+                        left = [d for d in left if d not in g]
+                for i in range(0, len(left) - tp + 1, tp):
+                    yield model, tuple(left[i : i + tp])
+
+    def snapshot(self) -> ClusterSnapshot:
+        """The cluster after the accepted actions."""
+        devices = tuple(
+            DeviceSnapshot(
+                id=d,
+                node=self.node[d],
+                memory=self.memory[d],
+                resident=tuple(r.model for r in self.on[d] if r.instance is None),
+                engines=tuple(self.engines[d]),
+                lent=self.lent[d],
+            )
+            for d in self.order
+        )
+        instances = tuple(
+            InstanceSnapshot(r.instance, r.model, r.devices, r.load, r.started)
+            for r in self.instances.values()
+            if r.instance
+        )
+        return ClusterSnapshot(
+            time=self.time,
+            models=self.models,
+            devices=devices,
+            instances=instances,
+            host_cache={n: frozenset(sorted(c)) for n, c in self.host.items() if c},
+            load=dict(self.load),
+            queued=dict(self.queued),
+        )
+
+
+def apply(
+    snapshot: ClusterSnapshot, actions: Iterable[Action], config: PolicyConfig | None = None
+) -> ClusterSnapshot:
+    """Enact ``actions`` in order on a copy of ``snapshot``; raise :class:`InfeasibleAction` at
+    the first one that breaks a rule. The simulator uses this as its cluster model."""
+    acc = Accounting(snapshot, config)
+    for a in actions:
+        acc.enact(a)
+    return acc.snapshot()

@@ -1,0 +1,140 @@
+"""The WarmServe policy: forecast, score, place, scale and lend, as one ordered list of actions.
+
+``plan()`` runs every tick (``config.tick``, 5 s by default) and does, in this order, each step
+recording its actions in one :class:`Accounting` so later steps see what earlier ones spent:
+
+1. reactive autoscaling on the snapshot's short-average load (:mod:`.autoscaler`);
+2. KV lending and reclaiming on dedicated devices (:mod:`.kv`);
+3. scoring: the forecast peak of the window now open and of the next one gives
+   ``ceil(peak / capacity)`` wanted replicas per model; replica ``j`` scores
+   ``cold_start * rank_decay**j``, times ``min(peak / avg, burst_weight_cap)`` for burst replicas
+   (those beyond ``ceil(avg / capacity)``; a model with a zero average forecast counts every
+   replica as burst at the cap). Existing instances take a model's first ranks, its resident
+   replicas the next ones; replicas beyond the wanted count score zero;
+4. proactive prewarming of the wanted replicas not yet in place, highest score first, with
+   evict-aware placement (:mod:`.placement`).
+
+``on_demand()`` starts one instance on the warmest feasible group, evicting the lowest-scored
+residents in the way, or returns [] (the request queues) when no group can take it.
+
+The ablations of the paper are switches of the same class: no prewarming (stopped instances
+drop their weights and nothing is prewarmed), no placement (first fit, never displaces), no
+proactive prewarming (weights stay only where instances stopped), no KV lending.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from warmserve.policy.accounting import Accounting
+from warmserve.policy.autoscaler import ReactiveAutoscaler
+from warmserve.policy.config import PolicyConfig
+from warmserve.policy.forecast import CSPParams, Forecaster
+from warmserve.policy.kv import adjust_lending
+from warmserve.policy.placement import place_prewarm, place_start
+from warmserve.policy.state import Action, ClusterSnapshot
+from warmserve.registry import ModelSpec
+
+
+def csp_params(config: PolicyConfig) -> CSPParams:
+    """The forecaster the planner runs: the tuned CSP (see :mod:`.forecast`)."""
+    return CSPParams(
+        period=config.windows_per_period,
+        periods=config.periods,
+        correction_windows=config.correction_windows,
+        decay=config.correction_decay,
+        reset=False,
+        blend=0.5,
+    )
+
+
+def replica_scores(config: PolicyConfig, spec: ModelSpec, avg: float, peak: float) -> list[float]:
+    """Scores of ``spec``'s wanted replicas, best first (see step 3 of the module docstring)."""
+    cap = config.instance_capacity
+    wanted = math.ceil(max(peak, avg) / cap - 1e-9)
+    base = math.ceil(avg / cap - 1e-9)
+    burst = min(peak / avg, config.burst_weight_cap) if avg > 0 else config.burst_weight_cap
+    cost = config.cold_start(spec)
+    return [
+        cost * config.rank_decay**j * (1.0 if j < base else max(burst, 1.0)) for j in range(wanted)
+    ]
+
+
+class WarmServePolicy:
+    """The full system, or one of its ablations (see the module docstring)."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelSpec],
+        config: PolicyConfig | None = None,
+        *,
+        name: str = "warmserve",
+        prewarm: bool = True,
+        placement: bool = True,
+        proactive: bool = True,
+        lend: bool = True,
+    ) -> None:
+        self.name = name
+        self.models = models
+        self.config = config or PolicyConfig()
+        self.prewarm = prewarm
+        self.placement = placement
+        self.proactive = proactive
+        self.lend = lend
+        self.forecaster = Forecaster(csp_params(self.config), tuple(models))
+        self.autoscaler = ReactiveAutoscaler(self.config.grace, drop_weights=not prewarm)
+
+    def observe(self, model: str, window: int, avg: float, peak: float) -> None:
+        self.forecaster.observe(model, window, avg, peak)
+
+    def forecast(self, time: float) -> dict[str, tuple[float, float]]:
+        """(average, peak) to plan for: the larger of the open window's and the next one's.
+
+        Without proactive prewarming the planner only knows the last closed window."""
+        window = math.floor(time / self.config.window)
+        if self.proactive:
+            now_avg, now_peak = self.forecaster.predict(window)
+            next_avg, next_peak = self.forecaster.predict(window + 1)
+            avg = np.maximum(now_avg, next_avg)
+            peak = np.maximum(now_peak, next_peak)
+        else:
+            avg, peak = self.forecaster.last()
+        return {m: (float(avg[i]), float(peak[i])) for i, m in enumerate(self.forecaster.models)}
+
+    def _score(self, acc: Accounting, fc: Mapping[str, tuple[float, float]]) -> list:
+        """Give existing replicas their scores; return the wanted replicas not yet in place."""
+        missing: list[tuple[float, str]] = []
+        for model in sorted(self.models):
+            spec = self.models[model]
+            avg, peak = fc.get(model, (0.0, 0.0))
+            peak = max(peak, acc.load.get(model, 0.0))
+            scores = replica_scores(self.config, spec, avg, peak)
+            have = sorted(
+                acc.replicas.get(model, ()),
+                key=lambda r: (r.instance is None, acc.position[r.devices[0]]),
+            )
+            for j, r in enumerate(have):
+                r.score = scores[j] if j < len(scores) else 0.0
+            missing += [(s, model) for s in scores[len(have) :]]
+        missing.sort(key=lambda x: (-x[0], x[1]))
+        return missing
+
+    def plan(self, snapshot: ClusterSnapshot) -> list[Action]:
+        acc = Accounting(snapshot, self.config)
+        fc = self.forecast(snapshot.time)
+        missing = self._score(acc, fc)
+        out: list[Action] = self.autoscaler.scale(acc)
+        if self.lend:
+            out += adjust_lending(acc, {m: p for m, (_, p) in fc.items()})
+        if self.prewarm and self.proactive:
+            for score, model in missing:
+                out += place_prewarm(acc, model, score, evict=self.placement, dedicated=self.lend)
+        return out
+
+    def on_demand(self, snapshot: ClusterSnapshot, model: str) -> list[Action]:
+        acc = Accounting(snapshot, self.config)
+        self._score(acc, self.forecast(snapshot.time))
+        return place_start(acc, model)
