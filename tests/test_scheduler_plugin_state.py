@@ -1,0 +1,101 @@
+"""The scheduler plugin's accounting: routing rules and what the policy is shown."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from warmserve.policy.state import DeviceMode, DeviceSnapshot
+from warmserve.registry import ModelSpec, Registry
+from warmserve.scheduler_plugin.extension import parse_report
+from warmserve.scheduler_plugin.state import ClusterState, Starting
+
+MODELS = Registry([ModelSpec("a", "f", 100), ModelSpec("b", "f", 100)])
+
+
+@pytest.fixture
+def state() -> ClusterState:
+    s = ClusterState(MODELS, capacity=2)
+    for w, dev in (("tcp://w0", "n/cpu:0"), ("tcp://w1", "n/cpu:1")):
+        s.update_worker(w, [DeviceSnapshot(dev, "n", 1000)], [], [], now=0.0)
+    s.update_worker(
+        "tcp://w0", s.workers["tcp://w0"].devices.values(), [("i0", "a", ("n/cpu:0",))], [], 1.0
+    )
+    s.update_worker(
+        "tcp://w1", s.workers["tcp://w1"].devices.values(), [("i1", "a", ("n/cpu:1",))], [], 1.0
+    )
+    return s
+
+
+def route(s: ClusterState, rid: str, model: str = "a", exclude=()) -> str | None:
+    s.arrive(rid, model)
+    inst = s.pick(model, exclude)
+    if inst is not None:
+        s.assign(rid, inst)
+    return inst.id if inst else None
+
+
+def test_least_loaded_with_room_then_full(state):
+    assert [route(state, f"r{k}") for k in range(4)] == ["i0", "i1", "i0", "i1"]
+    assert route(state, "r4") is None
+    assert state.waiting() == {"a": 1}
+    state.finish("r1")
+    assert route(state, "r5") == "i1"
+
+
+def test_retry_releases_the_old_slot_and_skips_the_failed_instance(state):
+    assert route(state, "r0") == "i0"
+    assert state.arrive("r0", "a") is False  # same request again: not a new arrival
+    assert state.instances["i0"].load == 0
+    assert state.pick("a", exclude=["i0"]).id == "i1"
+
+
+def test_draining_instance_takes_no_requests(state):
+    state.instances["i0"].draining = True
+    assert route(state, "r0") == "i1"
+    assert "i0" not in {i.id for i in state.snapshot(0.0, {}).instances}
+
+
+def test_lost_worker_turns_its_requests_back_into_waiting(state):
+    route(state, "r0")
+    assert state.remove_worker("tcp://w0") == ["i0"]
+    assert state.waiting() == {"a": 1}
+    assert [d.id for d in state.snapshot(0.0, {}).devices] == ["n/cpu:1"]
+
+
+def test_report_replaces_instances_but_keeps_loads(state):
+    route(state, "r0")
+    devs = state.workers["tcp://w0"].devices.values()
+    state.update_worker("tcp://w0", devs, [("i0", "a", ("n/cpu:0",))], ["b"], 2.0)
+    assert state.instances["i0"].load == 1
+    assert state.snapshot(0.0, {}).host_cache == {"n": frozenset({"b"})}
+    state.update_worker("tcp://w0", devs, [], [], 3.0)
+    assert "i0" not in state.instances and state.waiting() == {"a": 1}
+
+
+def test_a_start_under_way_counts_as_dedicating_its_device():
+    async def main():
+        s = ClusterState(MODELS, capacity=2)
+        s.update_worker(
+            "tcp://w", [DeviceSnapshot("n/cpu:0", "n", 1000, resident=("b",))], [], [], 0
+        )
+        assert s.snapshot(0.0, {}).mode("n/cpu:0") is DeviceMode.UNIVERSAL
+        s.starting.append(Starting("a", ("n/cpu:0",), "tcp://w"))
+        snap = s.snapshot(0.0, {})
+        assert snap.mode("n/cpu:0") is DeviceMode.DEDICATED
+        assert s.starting_with_room("a") is s.starting[0] and s.starting_with_room("b") is None
+
+    asyncio.run(main())
+
+
+def test_parse_report():
+    devices, instances, host = parse_report(
+        {
+            "devices": [{"id": "n/cpu:0", "node": "n", "memory": 5, "resident": ["a"]}],
+            "instances": [{"id": "i", "model": "a", "device": "n/cpu:0"}],
+            "host_cache": ["b"],
+        }
+    )
+    assert devices[0].resident == ("a",) and instances == [("i", "a", ("n/cpu:0",))]
+    assert host == ["b"]
