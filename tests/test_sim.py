@@ -251,5 +251,5 @@ def test_policy_config_charges_what_the_simulator_charges():
     cluster = make_cluster([A, C])
     cfg = policy_config(cluster, PolicyConfig(window=60.0, period=600.0))
     assert cfg.window == 60.0
-    assert cfg.kv_per_request(A) == 524288 * 2048
+    assert cfg.kv_per_request(A) == 524288 * 1366
     assert cfg.instance_capacity == cluster.costs.instance_capacity

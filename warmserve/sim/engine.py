@@ -165,6 +165,8 @@ class Simulator:
         self.first[r] = first
         self.finish[r] = fin
         self.tier[r] = int(inst.tier)
+        if fin > inst.last_finish:
+            inst.last_finish = fin
         self.seq += 1
         heapq.heappush(self.heap, (fin, self.seq, _DEPART, inst, r))
 
@@ -222,11 +224,7 @@ class Simulator:
         inst.count -= 1
         inst.kv_used -= int(self.inp[r] + self.out[r])
         self._depart_load(inst.midx, t)
-        if inst.draining:
-            if inst.count == 0:
-                self.cluster.finish_stop(inst, t)
-                self.cluster.record(t)
-        elif self.queues[inst.midx]:
+        if not inst.draining and self.queues[inst.midx]:
             self._pull(inst, t)
 
     # -- the loop --------------------------------------------------------------------------

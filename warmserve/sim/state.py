@@ -62,6 +62,7 @@ class Instance:
         "kv_dev",
         "kv_per_token",
         "kv_used",
+        "last_finish",
         "midx",
         "model",
         "prefill_s",
@@ -78,6 +79,7 @@ class Instance:
         self.devices: list[Device] = []
         self.count = 0  # requests admitted and not finished
         self.kv_used = 0  # tokens of KV held by admitted requests
+        self.last_finish = 0.0  # when the last admitted request ends (drain time after Stop)
         self.kv_budget = 0  # tokens of KV this instance may hold
         self.kv_dev = 0  # bytes of KV reserved on each of its devices
         self.kv_per_token = 0.0
@@ -93,7 +95,18 @@ class Instance:
 class Device:
     """One simulated device: prewarmed weights, engines up, instances, lent KV space."""
 
-    __slots__ = ("engines", "id", "idx", "instances", "lent", "memory", "node", "resident", "snap")
+    __slots__ = (
+        "busy_until",
+        "engines",
+        "id",
+        "idx",
+        "instances",
+        "lent",
+        "memory",
+        "node",
+        "resident",
+        "snap",
+    )
 
     def __init__(self, idx: int, did: str, node: str, memory: int) -> None:
         self.idx = idx
@@ -104,6 +117,7 @@ class Device:
         self.engines: dict[str, float] = {}  # family -> time its engine is up
         self.instances: list[Instance] = []
         self.lent = 0
+        self.busy_until = 0.0  # a stopped instance's requests run until then
         self.snap: DeviceSnapshot | None = None  # cached snapshot; None after a change
 
 
@@ -319,7 +333,7 @@ class SimCluster:
         family = self.models[model].family
         group = {d.idx for d in devices}
         for d in devices:
-            d.resident[model] = self._load_time(model, d, t, group)
+            d.resident[model] = self._load_time(model, d, max(t, d.busy_until), group)
             if tier == Tier.ENGINE and family not in d.engines:
                 d.engines[family] = d.resident[model] + self.costs.engine_start_s
             self._changed(d)
@@ -329,6 +343,8 @@ class SimCluster:
         tier = self.tier(model, devices)
         group = {d.idx for d in devices}
         ready = t
+        for d in devices:
+            t = max(t, d.busy_until)
         for d in devices:
             w = d.resident.pop(model, None)
             up = d.engines.get(spec.family)
@@ -361,30 +377,26 @@ class SimCluster:
     def mark_ready(self, inst: Instance) -> None:
         """The instance's activation finished: it admits requests from now on."""
         if self.instances.get(inst.id) is not inst:
-            return  # stopped before it was ready; finish_stop did the accounting
+            return  # stopped before it was ready; _stop did the accounting
         self.starting[inst.midx] -= 1
         inst.ready = True
         if not inst.draining:
             self.serving[inst.midx].append(inst)
 
     def _stop(self, inst: Instance, t: float) -> None:
-        if inst.draining:
-            return
+        """The ledger's Stop at once: KV freed, weights resident, engine up. The requests in
+        flight still finish; the devices are busy until they do, so loads and activations that
+        follow on them wait (``busy_until``)."""
         inst.draining = True
         if inst.ready:
             self.serving[inst.midx].remove(inst)
-        if inst.count == 0:
-            self.finish_stop(inst, t)
-
-    def finish_stop(self, inst: Instance, t: float) -> None:
-        """Free a drained instance's KV; its weights stay resident and its engine up (the
-        contract's Stop; a policy that wants them gone evicts)."""
-        del self.instances[inst.id]
-        if not inst.ready:
+        else:
             self.starting[inst.midx] -= 1
+        del self.instances[inst.id]
         for d in inst.devices:
             d.instances.remove(inst)
             d.resident[inst.model] = max(t, inst.ready_at)
+            d.busy_until = max(d.busy_until, inst.last_finish)
             if not d.instances:
                 d.lent = 0
             self._changed(d)
