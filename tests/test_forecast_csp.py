@@ -1,0 +1,100 @@
+"""The Corrective Seasonal Predictor on hand-made series, and online == batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from warmserve.policy.forecast import (
+    CSPParams,
+    Forecaster,
+    csp,
+    last_value,
+    seasonal_naive,
+    seasonal_part,
+)
+
+NAN = np.nan
+
+
+def test_pure_season_is_predicted_exactly_after_one_period() -> None:
+    day = np.array([1.0, 5.0, 9.0, 3.0])
+    h = np.tile(day, 4)[None, :]
+    pred = csp(h, CSPParams(period=4, periods=3))
+    assert np.allclose(pred[0, 4:], h[0, 4:])
+
+
+def test_seasonal_part_averages_the_available_periods_only() -> None:
+    h = np.array([[1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 0.0]])
+    s = seasonal_part(h, period=3, periods=3)
+    assert np.isnan(s[0, :3]).all()
+    assert s[0, 3] == 1.0  # one period of history
+    assert s[0, 6] == pytest.approx((1.0 + 5.0) / 2)  # two periods, fewer than D=3
+
+
+def test_correction_weights_double_toward_the_newest_error() -> None:
+    # Period 3; day 0 = 0,0,0; day 1 = 1,4,?: seasonal of day 1 is 0, so errors are 1 and 4.
+    h = np.array([[0.0, 0.0, 0.0, 1.0, 4.0, 0.0]])
+    pred = csp(h, CSPParams(period=3, periods=3, correction_windows=10, decay=0.5))
+    assert pred[0, 5] == pytest.approx((0.5 * 1.0 + 1.0 * 4.0) / 1.5)
+    assert pred[0, 3] == 0.0  # first window of a period: no correction (the paper's reset)
+
+
+def test_correction_uses_at_most_n_errors() -> None:
+    h = np.array([[100.0, 0.0, 0.0, 0.0, 0.0]])
+    pred = csp(h, CSPParams(period=100, periods=1, correction_windows=2))
+    assert pred[0, 1] == 100.0
+    assert pred[0, 3] == 0.0  # the 100 is three windows back, beyond N=2
+
+
+def test_prediction_is_clamped_at_zero() -> None:
+    h = np.array([[10.0, 10.0, 0.0, 0.0]])  # day 1 falls to zero: error -10
+    pred = csp(h, CSPParams(period=2, periods=1, correction_windows=1, decay=0.5))
+    assert pred[0, 3] == 0.0  # seasonal 10 + correction -10, and never below zero
+
+
+def test_missing_windows_drop_out() -> None:
+    h = np.array([[2.0, NAN, 4.0, 6.0, NAN, NAN]])
+    pred = csp(h, CSPParams(period=3, periods=3, correction_windows=2, decay=0.5))
+    # window 4: seasonal of the missing window 1 is nothing -> 0; correction: error of
+    # window 3 is 6 - 2 = 4 (window 2 was in the previous period).
+    assert pred[0, 4] == pytest.approx(4.0)
+    # window 5: seasonal 4; errors: window 4 missing, window 3 is 4 -> weight renormalised.
+    assert pred[0, 5] == pytest.approx(4.0 + 4.0)
+    assert not np.isnan(pred).any()
+
+
+def test_new_model_predicts_zero_then_follows_its_level() -> None:
+    f = Forecaster(CSPParams(period=4, periods=3))
+    f.observe("old", 0, 1.0, 2.0)
+    f.observe("new", 1, 3.0, 5.0)  # first seen mid-period
+    pred = f.predict_model(2)
+    assert pred["new"] == pytest.approx((3.0, 5.0))
+    f2 = Forecaster(CSPParams(period=4, periods=3), models=("never",))
+    assert f2.predict_model(7) == {"never": (0.0, 0.0)}
+
+
+def test_baselines() -> None:
+    h = np.array([[1.0, NAN, 3.0, 4.0]])
+    assert list(last_value(h)[0]) == [0.0, 1.0, 1.0, 3.0]
+    assert list(seasonal_naive(h, 2)[0]) == [0.0, 1.0, 1.0, 3.0]  # window 3: t-2 missing
+
+
+@pytest.mark.parametrize("reset", [True, False])
+@pytest.mark.parametrize("blend", [0.0, 0.5])
+def test_online_forecaster_matches_batch(reset: bool, blend: float) -> None:
+    rng = np.random.default_rng(7)
+    period, t, m = 6, 40, 5
+    avg = rng.gamma(2.0, 3.0, (m, t)) * (1 + np.sin(np.arange(t) * 2 * np.pi / period))
+    avg[rng.random((m, t)) < 0.1] = NAN
+    peak = avg * 2
+    params = CSPParams(period=period, periods=3, correction_windows=4, reset=reset, blend=blend)
+    want_avg, want_peak = csp(avg, params), csp(peak, params)
+    f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
+    for w in range(t):
+        got_avg, got_peak = f.predict(w)
+        assert np.allclose(got_avg, want_avg[:, w]), w
+        assert np.allclose(got_peak, want_peak[:, w]), w
+        for i in range(m):
+            if not np.isnan(avg[i, w]):
+                f.observe(f"m{i}", w, avg[i, w], peak[i, w])
