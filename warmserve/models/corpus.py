@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Iterator
 
 # Modules whose docstrings are plain English prose with some code, like a chat corpus.
@@ -61,6 +62,13 @@ def docstrings() -> Iterator[str]:
         for name in sorted(vars(module)):
             if name.startswith("_"):
                 continue
-            doc = inspect.getdoc(getattr(module, name))
+            with warnings.catch_warnings():  # deprecated members warn on access
+                warnings.simplefilter("ignore", DeprecationWarning)
+                member = getattr(module, name)
+            # Only classes and functions: submodules and data values (e.g. tempfile.tempdir)
+            # change with what the process did before, which would change the corpus.
+            if not (inspect.isclass(member) or inspect.isroutine(member)):
+                continue
+            doc = inspect.getdoc(member)
             if doc:
                 yield doc
