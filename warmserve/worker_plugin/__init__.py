@@ -1,0 +1,79 @@
+"""WarmServe's Dask worker preload and plugin.
+
+Start a worker with::
+
+    dask worker tcp://HOST:8786 --preload warmserve.worker_plugin \
+        [--warmserve-devices cpu:0,cpu:1 | cuda:0,cuda:1] [--warmserve-device-memory 2GiB] \
+        [--warmserve-node NAME] [--warmserve-registry PATH]
+
+or register :class:`WarmServeWorker` from a client. Engines run inside the worker process
+(``warmserve.engine``), so no daemon setting is needed for them. Heavy imports (torch, vLLM) wait
+until the plugin is set up, so the front door can import :mod:`warmserve.worker_plugin.client`
+and :func:`generate` cheaply.
+"""
+
+from __future__ import annotations
+
+import click
+
+from warmserve.protocol import GenerateRequest, TokenChunk
+
+__all__ = ["dask_setup", "generate"]
+
+
+@click.command()
+@click.option(
+    "--warmserve-devices",
+    default=None,
+    help="Devices of this worker, e.g. cpu:0,cpu:1 or cuda:0,cuda:1 (default: visible GPUs, "
+    "else warmserve.worker.cpu-slots CPU slots).",
+)
+@click.option(
+    "--warmserve-device-memory",
+    default=None,
+    help="Memory budget of each device, e.g. 2GiB (default: NVML, else "
+    "warmserve.worker.device-memory).",
+)
+@click.option(
+    "--warmserve-node",
+    default=None,
+    help="Node name in device ids (default: warmserve.worker.node, else the hostname).",
+)
+@click.option(
+    "--warmserve-registry",
+    default=None,
+    help="Model registry YAML (default: <warmserve.models-dir>/registry.yaml).",
+)
+async def dask_setup(
+    worker,
+    warmserve_devices: str | None,
+    warmserve_device_memory: str | None,
+    warmserve_node: str | None,
+    warmserve_registry: str | None,
+) -> None:
+    """The ``--preload`` entry point: attach the plugin to this worker."""
+    from warmserve.worker_plugin.plugin import WarmServeWorker
+
+    plugin = WarmServeWorker(
+        devices=warmserve_devices,
+        node=warmserve_node,
+        device_memory=warmserve_device_memory,
+        registry=warmserve_registry,
+    )
+    await worker.plugin_add(plugin, name=plugin.name)
+
+
+def generate(request: GenerateRequest) -> TokenChunk:
+    """A Dask task: run ``request`` on this worker's instance of its model to the end.
+
+    Submit it to the worker the scheduler routed to:
+    ``client.submit(generate, request, workers=[addr], pure=False)``. Raises NoInstance when the
+    worker has no active instance of the model and EngineDied if its engine dies meanwhile.
+    """
+    from distributed import get_worker
+    from distributed.utils import sync
+
+    from warmserve.worker_plugin.plugin import NAME
+
+    worker = get_worker()
+    return sync(worker.loop, worker.plugins[NAME].complete, request)

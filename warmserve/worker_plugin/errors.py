@@ -1,0 +1,78 @@
+"""Errors a caller of the worker plugin can tell apart, without importing torch or vLLM.
+
+The front door maps them to HTTP statuses (``UnknownModel`` -> 404, ``NoInstance`` -> 503,
+``EngineDied`` -> 503 with a retry); the scheduler plugin reads ``DoesNotFit`` as a failed
+prewarm that changed nothing. Each carries only strings, and none derives from MemoryError or
+KeyError (tblib, which Dask uses to send errors back, cannot rebuild such subclasses), so each
+pickles across Dask comms.
+"""
+
+from __future__ import annotations
+
+
+class WarmServeWorkerError(Exception):
+    """Base of the errors raised by the worker plugin's handlers and request path."""
+
+    kind = "error"
+
+
+class UnknownModel(WarmServeWorkerError):
+    """The model is not in the worker's registry."""
+
+    kind = "unknown-model"
+
+
+class BadRequest(WarmServeWorkerError, ValueError):
+    """A malformed handler call or request (unknown tier, device not on this worker, ...)."""
+
+    kind = "bad-request"
+
+
+class NoInstance(WarmServeWorkerError):
+    """No active instance of the model (or no such instance id) on this worker."""
+
+    kind = "no-instance"
+
+
+class DoesNotFit(WarmServeWorkerError):
+    """A tier's memory budget cannot hold the model; nothing resident was dropped."""
+
+    kind = "does-not-fit"
+
+
+class DeviceBusy(WarmServeWorkerError):
+    """Every candidate device already serves an instance."""
+
+    kind = "device-busy"
+
+
+class EngineDied(WarmServeWorkerError):
+    """The engine serving a request died; the request did not complete."""
+
+    kind = "engine-died"
+
+
+class Cancelled(WarmServeWorkerError):
+    """A prewarm was cancelled (by an eviction of the same model) before it completed."""
+
+    kind = "cancelled"
+
+
+ERRORS: dict[str, type[WarmServeWorkerError]] = {
+    cls.kind: cls
+    for cls in (
+        WarmServeWorkerError,
+        UnknownModel,
+        BadRequest,
+        NoInstance,
+        DoesNotFit,
+        DeviceBusy,
+        EngineDied,
+        Cancelled,
+    )
+}
+
+
+def error_from_wire(kind: str, message: str) -> WarmServeWorkerError:
+    """Rebuild an error sent as ``{"kind", "message"}`` over a streaming comm."""
+    return ERRORS.get(kind, WarmServeWorkerError)(message)

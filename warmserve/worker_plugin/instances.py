@@ -1,0 +1,294 @@
+"""Engines and instances on a worker's devices: activation, in-place switching, liveness.
+
+One engine per (device, family) (``warmserve.engine.Engine``, in this process); an instance is
+an engine serving one model for the scheduler, at most one per device (the device is then
+*dedicated*). Activation starts from the warmest tier there is: an idle engine of the family
+switches in place to weights from the device pool (or host memory, or disk); otherwise an engine
+starts, after evicting prewarmed weights of other models, and then idle engines of other
+families, from that device only as far as its memory demands.
+
+A dead engine (its thread ended, found by the periodic check or by a failed request) is shut
+down, its instances dropped and its memory returned, and reported through ``on_death``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from warmserve.engine.engine import Engine, EngineConfig, EngineError
+from warmserve.policy.state import Tier
+from warmserve.protocol import GenerateRequest, TokenChunk
+from warmserve.registry import ModelSpec
+from warmserve.worker_plugin.errors import DeviceBusy, DoesNotFit, EngineDied, NoInstance
+from warmserve.worker_plugin.weight_store import WeightStore
+
+logger = logging.getLogger("warmserve.worker.instances")
+
+
+@dataclass(eq=False)
+class EngineSlot:
+    """An engine of ``family`` up on ``device``; ``instance`` is set while it serves one."""
+
+    device: str
+    family: str
+    engine: Engine
+    instance: str | None = None
+    started: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def model(self) -> str:
+        return self.engine.model.name
+
+
+@dataclass(eq=False)
+class Instance:
+    id: str
+    model: str
+    device: str
+    slot: EngineSlot
+    started: float = field(default_factory=time.time)
+    in_flight: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "model": self.model,
+            "device": self.device,
+            "family": self.slot.family,
+            "started": self.started,
+            "in_flight": self.in_flight,
+        }
+
+
+class Instances:
+    """The engines and instances of one worker. Runs on the worker's event loop."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        run_blocking: Callable,
+        kv_bytes: int,
+        liveness_interval: float,
+        on_death: Callable[[EngineSlot, list[str], str], None],
+    ) -> None:
+        self.store = store
+        self._run_blocking = run_blocking
+        self._engine_config = EngineConfig(kv_cache_bytes=kv_bytes)
+        self._interval = liveness_interval
+        self._on_death = on_death
+        # Instance ids are ``device/model/<token><n>``: the token differs per process, so ids
+        # from before a worker restart never name a new instance.
+        self._token = secrets.token_hex(3)
+        self._ids = itertools.count(1)
+        self.engines: dict[tuple[str, str], EngineSlot] = {}
+        self.instances: dict[str, Instance] = {}
+        self._device_locks = {d: asyncio.Lock() for d in store.memory}
+        # vLLM builds one engine at a time in a process (it sets process-wide state while
+        # it does); switches on other engines go on meanwhile.
+        self._start_lock = asyncio.Lock()
+
+    def device_lock(self, device: str) -> asyncio.Lock:
+        return self._device_locks[device]
+
+    def tier(self, spec: ModelSpec, device: str) -> Tier:
+        if any(i.model == spec.name and i.device == device for i in self.instances.values()):
+            return Tier.ACTIVE
+        if spec.name in self.store.resident_on(device):
+            return Tier.ENGINE if (device, spec.family) in self.engines else Tier.DEVICE
+        if spec.name in self.store.host_models():
+            return Tier.HOST
+        return Tier.DISK
+
+    def engine_bytes(self, spec: ModelSpec) -> int:
+        """What an engine of ``spec``'s family takes on its device: its weights and KV cache."""
+        return spec.nbytes + self._engine_config.kv_cache_bytes
+
+    # --- activation -------------------------------------------------------------------------
+
+    def pick_device(self, spec: ModelSpec, devices: list[str]) -> str:
+        """The free device where ``spec`` is warmest (an idle engine of its family counts most)."""
+        busy = {i.device for i in self.instances.values()}
+        free = [d for d in devices if d not in busy]
+        if not free:
+            raise DeviceBusy(f"every device of {devices} serves an instance")
+
+        def warmth(d: str) -> tuple:
+            slot = self.engines.get((d, spec.family))
+            return (
+                slot is not None and slot.model == spec.name,
+                slot is not None,
+                spec.name in self.store.resident_on(d),
+                self.store.memory[d].free_bytes,
+            )
+
+        return max(free, key=warmth)
+
+    async def activate(self, spec: ModelSpec, device: str) -> Instance:
+        """Start an instance of ``spec`` on ``device`` (which the caller picked and locked)."""
+        if any(i.device == device for i in self.instances.values()):
+            raise DeviceBusy(f"{device} already serves an instance")
+        slot = self.engines.get((device, spec.family))
+        if slot is not None and not slot.engine.alive():
+            await self._bury(slot, "engine found dead at activation")
+            slot = None
+        if slot is None:
+            slot = await self.start_engine(spec, device, keep=spec.name)
+        elif slot.model != spec.name:
+            weights = self.store.weights(spec.name, device)
+            seconds = await self._run_blocking(slot.engine.switch, spec, weights)
+            logger.debug("%s: switched to %s in %.3f s", device, spec.name, seconds)
+        instance = Instance(
+            f"{device}/{spec.name}/{self._token}{next(self._ids)}", spec.name, device, slot
+        )
+        slot.instance = instance.id
+        slot.last_used = time.monotonic()
+        self.instances[instance.id] = instance
+        return instance
+
+    async def start_engine(self, spec: ModelSpec, device: str, keep: str) -> EngineSlot:
+        """An engine of ``spec``'s family on ``device``, making room for it if memory demands.
+
+        Room comes from prewarmed weights of other models than ``keep`` (least recently used
+        first), then from idle engines of other families; if that is still not enough, nothing
+        is dropped and DoesNotFit is raised.
+        """
+        slot = self.engines.get((device, spec.family))
+        if slot is not None:
+            return slot
+        memory = self.store.memory[device]
+        need = self.engine_bytes(spec)
+        await self._make_room(spec, device, need, keep)
+        memory.reserve_engine(spec.family, need)
+        try:
+            async with self._start_lock:
+                engine = await self._run_blocking(Engine, spec, self._engine_config)
+        except BaseException:
+            memory.release_engine(spec.family)
+            raise
+        slot = EngineSlot(device, spec.family, engine)
+        self.engines[(device, spec.family)] = slot
+        logger.info("%s: engine of %s up with %s", device, spec.family, spec.name)
+        return slot
+
+    async def _make_room(self, spec: ModelSpec, device: str, need: int, keep: str) -> None:
+        memory = self.store.memory[device]
+        if memory.fits(need):
+            return
+        weights = sorted(
+            (r for m, r in memory.resident.items() if m != keep and r.filled),
+            key=lambda r: r.last_used,
+        )
+        idle = sorted(
+            (s for (d, f), s in self.engines.items() if d == device and s.instance is None),
+            key=lambda s: s.last_used,
+        )
+        freeable = sum(memory._chunks(r.layout.nbytes) for r in weights)
+        freeable += sum(memory.engines[s.family] for s in idle)
+        if memory.free_bytes + freeable < memory._chunks(need):
+            raise DoesNotFit(memory._no_room(f"engine of {spec.family}", need))
+        for resident in weights:
+            if memory.fits(need):
+                return
+            logger.debug("%s: evicting %s for an engine of %s", device, resident.model, spec.family)
+            memory.drop_weights(resident.model)
+        for slot in idle:
+            if memory.fits(need):
+                return
+            logger.info("%s: stopping idle engine of %s for %s", device, slot.family, spec.family)
+            await self._stop(slot)
+
+    async def deactivate(self, instance_id: str) -> Instance:
+        """Stop serving; the engine stays up, idle, with the model loaded (tier ENGINE)."""
+        instance = self.instances.pop(instance_id, None)
+        if instance is None:
+            raise NoInstance(f"no instance {instance_id!r} on this worker")
+        instance.slot.instance = None
+        instance.slot.last_used = time.monotonic()
+        return instance
+
+    async def _stop(self, slot: EngineSlot) -> None:
+        """Forget an engine, shut it down and give back its memory."""
+        if self.engines.get((slot.device, slot.family)) is slot:
+            del self.engines[(slot.device, slot.family)]
+        for iid in [i.id for i in self.instances.values() if i.slot is slot]:
+            del self.instances[iid]
+        try:
+            await self._run_blocking(slot.engine.shutdown)
+        except Exception:  # a dead engine may fail to shut down cleanly; it is gone either way
+            logger.debug("%s: %s engine shutdown failed", slot.device, slot.family, exc_info=True)
+        self.store.memory[slot.device].release_engine(slot.family)
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def route(self, model: str) -> Instance:
+        """The least loaded instance of ``model`` here; NoInstance when there is none."""
+        candidates = [i for i in self.instances.values() if i.model == model]
+        if not candidates:
+            raise NoInstance(f"no active instance of {model!r} on this worker")
+        return min(candidates, key=lambda i: i.in_flight)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """Stream ``req`` from an instance of its model; EngineDied if the engine dies meanwhile.
+
+        While waiting for a token the engine's liveness is checked every liveness interval, so
+        a request on an engine that dies without a word ends with an error, not a hang.
+        """
+        instance = self.route(req.model)
+        slot = instance.slot
+        instance.in_flight += 1
+        stream = slot.engine.generate(req)
+        step: asyncio.Future | None = None
+        try:
+            while True:
+                step = asyncio.ensure_future(anext(stream))
+                while not step.done():
+                    await asyncio.wait([step], timeout=self._interval)
+                    if not step.done() and not slot.engine.alive():
+                        await self._bury(slot, "engine died during a request")
+                        raise EngineDied(f"engine of {slot.family} on {slot.device} died")
+                try:
+                    chunk = step.result()
+                except StopAsyncIteration:
+                    return
+                except EngineError as e:
+                    await self._bury(slot, str(e))
+                    raise EngineDied(f"engine of {slot.family} on {slot.device}: {e}") from e
+                yield chunk
+        finally:
+            instance.in_flight -= 1
+            if step is not None and not step.done():
+                step.cancel()
+                await asyncio.wait([step])
+            await stream.aclose()
+
+    # --- liveness ---------------------------------------------------------------------------
+
+    async def check(self) -> list[EngineSlot]:
+        """Find dead engines and bury them; called periodically."""
+        dead = [s for s in self.engines.values() if not s.engine.alive()]
+        for slot in dead:
+            await self._bury(slot, "engine found dead by the liveness check")
+        return dead
+
+    async def _bury(self, slot: EngineSlot, reason: str) -> None:
+        if self.engines.get((slot.device, slot.family)) is not slot:
+            return  # already buried
+        lost = [i.id for i in self.instances.values() if i.slot is slot]
+        logger.warning("%s: %s engine died (%s); lost %s", slot.device, slot.family, reason, lost)
+        await self._stop(slot)
+        self._on_death(slot, lost, reason)
+
+    async def close(self) -> None:
+        slots = list(self.engines.values())
+        self.engines.clear()
+        self.instances.clear()
+        await asyncio.gather(
+            *(self._run_blocking(s.engine.shutdown) for s in slots), return_exceptions=True
+        )

@@ -1,0 +1,360 @@
+"""The WarmServe worker plugin: devices, weight store, engines and the handlers that drive them.
+
+Everything a scheduler (or an operator) asks of a worker goes through handlers on the worker's
+comm server (names in :mod:`warmserve.protocol`); they take and return plain dicts, lists and
+strings so they travel as msgpack. What the worker has is reported three ways: the
+``warmserve-device`` resource (count of devices), a ``"warmserve"`` entry in the heartbeat
+metrics (``WorkerState.metrics["warmserve"]`` on the scheduler, the same dict as
+``warmserve_status``), and events on the ``"warmserve"`` topic when something finishes or breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+from distributed import Worker, WorkerPlugin
+from distributed.comm import CommClosedError
+from tornado.ioloop import PeriodicCallback
+
+from warmserve import config, protocol
+from warmserve.policy.state import Tier
+from warmserve.protocol import GenerateRequest, TokenChunk
+from warmserve.registry import ModelSpec, Registry, RegistryError
+from warmserve.worker_plugin import settings
+from warmserve.worker_plugin.client import WORKER_GENERATE
+from warmserve.worker_plugin.devices import Device, discover
+from warmserve.worker_plugin.errors import (
+    BadRequest,
+    UnknownModel,
+    WarmServeWorkerError,
+)
+from warmserve.worker_plugin.instances import EngineSlot, Instances
+from warmserve.worker_plugin.jobs import Job, Jobs
+from warmserve.worker_plugin.weight_store import WeightStore
+
+logger = logging.getLogger("warmserve.worker")
+
+NAME = "warmserve"  # plugin name on the worker, metrics key and event topic
+RESOURCE = "warmserve-device"
+KEEP_DEATHS = 32
+
+
+def parse_tier(tier: str | int) -> Tier:
+    """``"host"``, ``"device"``, ``"engine"`` (any case) or the Tier's number."""
+    try:
+        return Tier[tier.upper()] if isinstance(tier, str) else Tier(tier)
+    except (KeyError, ValueError):
+        raise BadRequest(f"unknown tier {tier!r}") from None
+
+
+class WarmServeWorker(WorkerPlugin):
+    """Owns one worker's devices. Built by ``dask_setup`` or registered by a client.
+
+    ``devices``, ``node`` and ``device_memory`` are the preload flags (None: discover, see
+    :func:`warmserve.worker_plugin.devices.discover`); ``registry`` is a registry YAML path
+    (None: ``<warmserve.models-dir>/registry.yaml``).
+    """
+
+    idempotent = True
+    name = NAME
+
+    def __init__(
+        self,
+        devices: str | None = None,
+        node: str | None = None,
+        device_memory: str | int | None = None,
+        registry: str | None = None,
+    ) -> None:
+        self._args = (devices, node, device_memory)
+        self._registry_path = registry
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def setup(self, worker: Worker) -> None:
+        self.worker = worker
+        self.devices: list[Device] = discover(*self._args)
+        self.node = self.devices[0].node
+        self._registry_path = self._registry_path or os.path.join(
+            config.get("models-dir"), "registry.yaml"
+        )
+        self._registry_mtime = -1.0
+        self.registry = Registry()
+        self._load_registry()
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="warmserve")
+        self.store = WeightStore(self.devices, settings.get_bytes("host-memory"), self._blocking)
+        self.instances = Instances(
+            self.store,
+            self._blocking,
+            settings.get_bytes("engine-kv"),
+            settings.get_seconds("liveness-interval"),
+            self._engine_died,
+        )
+        self.jobs = Jobs(self._job_finished)
+        self.deaths: list[dict] = []
+        self._handlers = {
+            protocol.WORKER_PREWARM: self.prewarm,
+            protocol.WORKER_EVICT: self.evict,
+            protocol.WORKER_ACTIVATE: self.activate,
+            protocol.WORKER_DEACTIVATE: self.deactivate,
+            protocol.WORKER_STATUS: self.status,
+            WORKER_GENERATE: self.stream,
+        }
+        worker.handlers.update(self._handlers)
+        worker.metrics[NAME] = lambda _worker: self.status()
+        self._liveness = PeriodicCallback(
+            self.instances.check, settings.get_seconds("liveness-interval") * 1000
+        )
+        self._liveness.start()
+        await worker.set_resources(**{RESOURCE: len(self.devices)})
+        logger.info(
+            "WarmServe worker on %s: %s", self.node, ", ".join(f"{d.id}" for d in self.devices)
+        )
+
+    async def teardown(self, worker: Worker) -> None:
+        self._liveness.stop()
+        await self.jobs.close()
+        await self.instances.close()
+        self.store.close()
+        self._pool.shutdown(wait=False)
+        for name in self._handlers:
+            worker.handlers.pop(name, None)
+        worker.metrics.pop(NAME, None)
+
+    def _blocking(self, fn, *args):
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _load_registry(self) -> None:
+        """(Re)read the registry when its file changed: models may be made after start."""
+        try:
+            mtime = os.stat(self._registry_path).st_mtime
+        except OSError:
+            return
+        if mtime != self._registry_mtime:
+            try:
+                self.registry = Registry.from_yaml(self._registry_path)
+                self._registry_mtime = mtime
+            except RegistryError:
+                logger.exception("cannot read registry %s", self._registry_path)
+
+    def spec(self, model: str) -> ModelSpec:
+        if model not in self.registry:
+            self._load_registry()
+        try:
+            return self.registry[model]
+        except KeyError:
+            raise UnknownModel(f"model {model!r} is not in {self._registry_path}") from None
+
+    def _devices(self, devices: list[str] | str | None) -> list[str]:
+        ids = [d.id for d in self.devices]
+        if devices is None:
+            return ids
+        devices = [devices] if isinstance(devices, str) else list(devices)
+        unknown = [d for d in devices if d not in ids]
+        if unknown:
+            raise BadRequest(f"devices {unknown} are not on this worker ({ids})")
+        return devices
+
+    # --- handlers ---------------------------------------------------------------------------
+
+    async def prewarm(
+        self,
+        model: str,
+        tier: str | int = "device",
+        devices: list[str] | None = None,
+        wait: bool = False,
+    ) -> dict:
+        """Move ``model`` up to ``tier`` (host, device or engine) in the background.
+
+        ``devices`` defaults to one device: where it already is, else where an engine of its
+        family is up, else the one with most free memory. Returns the job (state ``running``)
+        at once, or its final state if ``wait``. An eviction of the model cancels the job.
+        """
+        spec = self.spec(model)
+        target = parse_tier(tier)
+        if target not in (Tier.HOST, Tier.DEVICE, Tier.ENGINE):
+            raise BadRequest(f"prewarm goes to host, device or engine, not {target.name.lower()}")
+        chosen = [] if target == Tier.HOST else self._prewarm_devices(spec, devices)
+        job = self.jobs.start(model, target.name.lower(), chosen, self._prewarm_work(spec, target))
+        if wait:
+            await asyncio.wait([job.task])
+        return job.to_dict()
+
+    def _prewarm_devices(self, spec: ModelSpec, devices: list[str] | None) -> list[str]:
+        if devices is not None:
+            return self._devices(devices)
+        ids = self._devices(None)
+        mem = self.store.memory
+        return [
+            max(
+                ids,
+                key=lambda d: (
+                    spec.name in mem[d].resident,
+                    (d, spec.family) in self.instances.engines,
+                    mem[d].free_bytes,
+                ),
+            )
+        ]
+
+    def _prewarm_work(self, spec: ModelSpec, target: Tier):
+        async def work(job: Job) -> None:
+            if target == Tier.HOST:
+                await self.store.to_host(spec, job.cancel)
+                return
+            await asyncio.gather(*(self.store.to_device(spec, d, job.cancel) for d in job.devices))
+            if target == Tier.ENGINE:
+                for d in job.devices:
+                    async with self.instances.device_lock(d):
+                        await self.instances.start_engine(spec, d, keep=spec.name)
+
+        return work
+
+    def _job_finished(self, job: Job) -> None:
+        level = logging.INFO if job.state == "done" else logging.WARNING
+        logger.log(level, "prewarm %s to %s on %s: %s", job.model, job.tier, job.devices, job.state)
+        self.worker.log_event(NAME, {"event": "prewarm", **job.to_dict()})
+
+    async def evict(
+        self, model: str, devices: list[str] | None = None, tier: str | int = "host"
+    ) -> dict:
+        """Drop ``model``'s weights from ``devices`` (default all), down to ``tier``.
+
+        ``tier`` ``"host"`` keeps the host-memory copy; ``"disk"`` drops it too. Running
+        prewarms of the model are cancelled first. An instance of the model keeps serving (its
+        engine holds its own copy of the weights).
+        """
+        spec = self.spec(model)
+        target = parse_tier(tier)
+        if target not in (Tier.DISK, Tier.HOST):
+            raise BadRequest(f"evict goes down to host or disk, not {target.name.lower()}")
+        cancelled = await self.jobs.cancel(model)
+        evicted = []
+        for d in self._devices(devices):
+            async with self.instances.device_lock(d):
+                if self.store.drop_device(spec.name, d):
+                    evicted.append(d)
+        host = target == Tier.DISK and self.store.drop_host(spec.name)
+        logger.debug("evicted %s from %s (host dropped: %s)", model, evicted, host)
+        return {
+            "model": model,
+            "devices": evicted,
+            "host_dropped": bool(host),
+            "cancelled": [j.id for j in cancelled],
+        }
+
+    async def activate(self, model: str, device: str | None = None) -> str:
+        """Start an instance of ``model`` from the warmest tier there is; return its id.
+
+        The ``"activated"`` event says which tier it started from and how long it took.
+        Raises DeviceBusy when every candidate device serves an instance and DoesNotFit when no
+        eviction on the device makes room for an engine.
+        """
+        spec = self.spec(model)
+        if spec.tp != 1:
+            raise BadRequest(f"{model}: tensor parallelism {spec.tp} is not supported here")
+        candidates = self._devices(device)
+        start = time.perf_counter()
+        chosen = self.instances.pick_device(spec, candidates)
+        async with self.instances.device_lock(chosen):
+            tier = self.instances.tier(spec, chosen)
+            if tier < Tier.ENGINE and (chosen, spec.family) in self.instances.engines:
+                tier = Tier.ENGINE  # an idle engine of the family: the start is a switch
+            instance = await self.instances.activate(spec, chosen)
+        seconds = time.perf_counter() - start
+        logger.info("activated %s on %s from %s in %.3f s", model, chosen, tier.name, seconds)
+        self.worker.log_event(
+            NAME,
+            {
+                "event": "activated",
+                "from_tier": tier.name.lower(),
+                "seconds": seconds,
+                **instance.to_dict(),
+            },
+        )
+        return instance.id
+
+    async def deactivate(self, instance: str) -> dict:
+        """Stop serving ``instance``; its engine stays up with the model (tier engine)."""
+        inst = await self.instances.deactivate(instance)
+        self.worker.log_event(NAME, {"event": "deactivated", **inst.to_dict()})
+        return {"instance": inst.id, "model": inst.model, "device": inst.device}
+
+    def status(self) -> dict:
+        """Devices, what sits on them, host cache, instances, prewarm jobs and engine deaths."""
+        devices = []
+        for d in self.devices:
+            mem = self.store.memory[d.id]
+            slots = [s for (dev, _), s in self.instances.engines.items() if dev == d.id]
+            devices.append(
+                {
+                    "id": d.id,
+                    "node": d.node,
+                    "kind": d.kind,
+                    "memory": d.memory,
+                    "free": mem.free_bytes,
+                    "resident": self.store.resident_on(d.id),
+                    "engines": {s.family: s.model for s in slots},
+                    "instances": [s.instance for s in slots if s.instance],
+                    "lent": 0,
+                }
+            )
+        return {
+            "worker": self.worker.address,
+            "node": self.node,
+            "devices": devices,
+            "host": {"budget": self.store.host.budget, "used": self.store.host.used_bytes},
+            "host_cache": self.store.host_models(),
+            "instances": [i.to_dict() for i in self.instances.instances.values()],
+            "jobs": self.jobs.to_list(),
+            "deaths": list(self.deaths),
+        }
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def complete(self, req: GenerateRequest) -> TokenChunk:
+        """Run ``req`` to the end on an instance of its model: one chunk with all the output."""
+        text: list[str] = []
+        token_ids: list[int] = []
+        last = TokenChunk("", [])
+        prompt_tokens = 0
+        async for chunk in self.instances.generate(req):
+            text.append(chunk.text)
+            token_ids.extend(chunk.token_ids)
+            prompt_tokens = prompt_tokens or chunk.prompt_tokens
+            last = chunk
+        return TokenChunk("".join(text), token_ids, last.finish_reason, prompt_tokens)
+
+    async def stream(self, comm, request: dict) -> dict:
+        """Write one ``{"chunk": ...}`` message per TokenChunk, then reply ``{"done": True}``.
+
+        Errors the caller should tell apart come back as ``{"error": {"kind", "message"}}``
+        (kinds in :mod:`warmserve.worker_plugin.errors`). If the caller goes away mid-stream
+        the write fails and the request is aborted in the engine.
+        """
+        try:
+            req = GenerateRequest(**request)
+            async for chunk in self.instances.generate(req):
+                await comm.write({"chunk": asdict(chunk)})
+        except CommClosedError:
+            raise
+        except WarmServeWorkerError as e:
+            return {"error": {"kind": e.kind, "message": str(e)}}
+        except (TypeError, ValueError) as e:
+            return {"error": {"kind": BadRequest.kind, "message": str(e)}}
+        return {"done": True}
+
+    def _engine_died(self, slot: EngineSlot, lost: list[str], reason: str) -> None:
+        event = {
+            "event": "engine-died",
+            "device": slot.device,
+            "family": slot.family,
+            "instances": lost,
+            "reason": reason,
+            "time": time.time(),
+        }
+        self.deaths = [*self.deaths[-KEEP_DEATHS + 1 :], event]
+        self.worker.log_event(NAME, event)
