@@ -335,6 +335,9 @@ def test_cuda_regions_remap_slab_pieces_without_copying():
 @needs_cuda
 def test_cuda_switch_cycles_keep_device_memory_flat():
     with MemorySwitcher(128 * MiB, CHUNK, backend="cuda") as sw:
+        sw.reserve("w", 96 * MiB).tensor(torch.uint8, (96 * MiB,)).fill_(0)
+        sw.release("w")
+        torch.cuda.synchronize()
         free_before, _ = torch.cuda.mem_get_info()
         for i in range(50):
             sw.reserve("w", 96 * MiB).tensor(torch.uint8, (96 * MiB,)).fill_(i)

@@ -35,36 +35,36 @@ class CudaMemory:
         self, chunk_size: int, chunk_count: int, device: int, slab_size: int | None = None
     ) -> None:
         self.device = device
-        _use_primary_context(device)
-        granularity = _granularity(device)
-        if chunk_size % granularity:
-            raise ValueError(f"chunk size {chunk_size} is not a multiple of {granularity}")
-        slab_size = min(slab_size or DEFAULT_SLAB_SIZE, chunk_size * chunk_count)
-        if slab_size % chunk_size:
-            raise ValueError(f"slab size {slab_size} is not a multiple of chunk size {chunk_size}")
         self.chunk_size = chunk_size
         self.chunk_count = chunk_count
-        self.chunks_per_slab = slab_size // chunk_size
         self.map_calls = 0
         self.unmap_calls = 0
-        slab_count = -(-chunk_count // self.chunks_per_slab)
-        self._slab_chunks = [
-            min(self.chunks_per_slab, chunk_count - i * self.chunks_per_slab)
-            for i in range(slab_count)
-        ]
-        self._slabs: list[Any] = [None] * slab_count
-        self._mapped_per_slab = [0] * slab_count
+        self._slabs: list[Any] = []
         self._pieces: dict[int, list[tuple[int, int]]] = {}
+        self._context = _retain_primary_context(device)
         try:
-            for i in range(slab_count):
-                self._slabs[i] = _create(self._slab_chunks[i] * chunk_size, device)
+            granularity = _granularity(device)
+            if chunk_size % granularity:
+                raise ValueError(f"chunk size {chunk_size} is not a multiple of {granularity}")
+            slab_size = min(slab_size or DEFAULT_SLAB_SIZE, chunk_size * chunk_count)
+            if slab_size % chunk_size:
+                raise ValueError(f"slab size {slab_size} is not a multiple of {chunk_size}")
+            self.chunks_per_slab = slab_size // chunk_size
+            slab_count = -(-chunk_count // self.chunks_per_slab)
+            self._slab_chunks = [
+                min(self.chunks_per_slab, chunk_count - i * self.chunks_per_slab)
+                for i in range(slab_count)
+            ]
+            self._mapped_per_slab = [0] * slab_count
+            for count in self._slab_chunks:
+                self._slabs.append(_create(count * chunk_size, device))
         except BaseException:
             self.close()
             raise
 
     def map(self, runs: Sequence[Run]) -> int:
         size = sum(length for _, length in runs) * self.chunk_size
-        _use_primary_context(self.device)
+        _make_current(self._context)
         address = _reserve(size, self.chunk_size)
         pieces: list[tuple[int, int]] = []
         try:
@@ -88,7 +88,7 @@ class CudaMemory:
         return address
 
     def unmap(self, address: int, runs: Sequence[Run]) -> None:
-        _use_primary_context(self.device)
+        _make_current(self._context)
         _synchronize()
         pieces = self._pieces.pop(address)
         for at, nbytes in pieces:
@@ -132,6 +132,9 @@ class CudaMemory:
             if handle is not None:
                 _release(handle)
                 self._slabs[slab] = None
+        if self._context is not None:
+            _release_primary_context(self.device)
+            self._context = None
 
     def _undo(
         self, address: int, size: int, pieces: list[tuple[int, int]], runs: Sequence[Run]
@@ -153,6 +156,7 @@ class _DeviceBytes:
         self.__cuda_array_interface__ = {
             "shape": (nbytes,),
             "typestr": "|u1",
+            "strides": None,
             "data": (address, False),
             "version": 3,
         }
@@ -180,14 +184,23 @@ def _check(result: tuple) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _use_primary_context(device: int) -> None:
-    """Make the device's primary context (the one torch uses) current on this thread."""
+def _retain_primary_context(device: int) -> Any:
+    """Hold the device's primary context (the one torch uses) and make it current here."""
     driver = _driver()
     _check(driver.cuInit(0))
-    dev = _check(driver.cuDeviceGet(device))
-    ctx = _check(driver.cuDevicePrimaryCtxRetain(dev))
-    _check(driver.cuCtxSetCurrent(ctx))
-    _check(driver.cuDevicePrimaryCtxRelease(dev))
+    ctx = _check(driver.cuDevicePrimaryCtxRetain(_check(driver.cuDeviceGet(device))))
+    _make_current(ctx)
+    return ctx
+
+
+def _release_primary_context(device: int) -> None:
+    driver = _driver()
+    _check(driver.cuDevicePrimaryCtxRelease(_check(driver.cuDeviceGet(device))))
+
+
+def _make_current(ctx: Any) -> None:
+    """Driver calls act on the calling thread's context; a worker may call from any thread."""
+    _check(_driver().cuCtxSetCurrent(ctx))
 
 
 def _prop(device: int):
