@@ -89,6 +89,7 @@ class Simulator:
         self.area = [0.0] * nm  # integral of level since the last tick
         self.since = [0.0] * nm
         self.next_demand = [-math.inf] * nm
+        self.demand_version = [-1] * nm  # cluster version of a call that changed nothing
         self.heap: list[tuple] = []
         self.seq = 0
         self.events = 0
@@ -145,10 +146,15 @@ class Simulator:
         self.last_tick = t
 
     def _on_demand(self, m: int, t: float) -> None:
+        """Ask the policy for an instance now. A call that changed nothing is not repeated for
+        this model until the cluster changes (an answer cannot differ before then)."""
+        if self.demand_version[m] == self.cluster.version:
+            return
         self.next_demand[m] = t + self.costs.demand_interval_s
         snap = self.cluster.snapshot(t, self._short_load(t), self._queued())
         self.policy_calls += 1
         self._enact(snap, self.policy.on_demand(snap, self.names[m]), t)
+        self.demand_version[m] = self.cluster.version
 
     # -- requests --------------------------------------------------------------------------
 
@@ -260,6 +266,7 @@ class Simulator:
                     self._depart(obj, r, t)
                 elif kind == _READY:
                     self.cluster.mark_ready(obj)
+                    self.cluster.version += 1
                     if obj.id in self.cluster.instances:
                         self._pull(obj, t)
                 else:

@@ -151,6 +151,7 @@ class SimCluster:
         self.rejected: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
         self.timeline: list[tuple] = []
+        self.version = 0  # counts accepted actions and readiness: what a policy's answer sees
         self._host_snap: dict[str, frozenset[str]] | None = None
         self._touched: set[int] = set()
         for d in self.devices:
@@ -288,6 +289,7 @@ class SimCluster:
                 logger.debug("t=%.3f rejected %r: %s", t, a, e)
                 continue
             self.accepted[kind] += 1
+            self.version += 1
             inst = self._enact(a, t)
             if inst is not None:
                 started.append(inst)
