@@ -118,9 +118,10 @@ def validate(table: pa.Table, path: str | os.PathLike) -> pa.Table:
         if (values < 0).any():
             raise TraceError(path, "is negative", row=_first(values < 0), column=name)
 
-    extra = [n for n in table.column_names if n not in SCHEMA.names]
-    names = [*SCHEMA.names, *extra]
-    out = pa.Table.from_arrays([*columns, *(table.column(n) for n in extra)], names=names)
+    out = pa.Table.from_arrays(columns, schema=SCHEMA)
+    for name in table.column_names:
+        if name not in SCHEMA.names:
+            out = out.append_column(table.schema.field(name), table.column(name))
     return out.replace_schema_metadata(table.schema.metadata)
 
 
