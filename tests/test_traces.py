@@ -415,3 +415,19 @@ def test_committed_samples_are_valid_and_carry_provenance():
         if not servegen.is_rate_series(path):
             assert read_workload(path).num_rows > 0
     assert sum(p.stat().st_size for p in SAMPLES.iterdir()) < 5 * 2**20
+
+
+def test_sample_cli_draws_a_servegen_client_and_compresses_time(tmp_path):
+    out = tmp_path / "s.parquet"
+    rates = SAMPLES / "servegen_language.parquet"
+    result = run("sample", rates, "--model", "m-large", "--client", 148, "--start", 600,
+                 "--end", 1800, "--compress", 10, "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    w = read_workload(out)
+    assert set(w["model"].to_pylist()) == {"m-large/148"}
+    arrival = w["arrival"].to_numpy()
+    assert arrival.min() >= 0 and arrival.max() < 120  # 1,200 trace s / 10
+    assert workload_metadata(w)[LICENSE].startswith("Apache-2.0")
+    missing = run("sample", rates, "--model", "m-large", "--client", 9999, "--end", 600,
+                  "--out", tmp_path / "x.parquet")  # fmt: skip
+    assert missing.exit_code == 2 and "no client 9999" in missing.output

@@ -187,11 +187,10 @@ def sample_arrivals(
     if rate[live].sum() * WINDOW > _MAX_SAMPLES:
         raise ValueError(f"{model!r} in [{start}, {end}) would draw over {_MAX_SAMPLES} requests")
     w0, rate = w0[live], rate[live]
-    dist = rows["dist"].filter(pa.array(live)).to_numpy(zero_copy_only=False)
-    shape = rows["p1"].filter(pa.array(live)).to_numpy(zero_copy_only=False).astype(np.float64)
-    weibull = dist == "Weibull"
-    poisson = pc.is_null(rows["dist"].filter(pa.array(live))).to_numpy(zero_copy_only=False)
-    shape = np.where(poisson, 1.0, shape)
+    rows = rows.filter(pa.array(live))
+    weibull = pc.equal(rows["dist"], "Weibull").fill_null(False).to_numpy(zero_copy_only=False)
+    poisson = pc.is_null(rows["dist"]).to_numpy(zero_copy_only=False)
+    shape = np.where(poisson, 1.0, rows["p1"].fill_null(1.0).to_numpy())
     # Scale that makes the mean gap 1/rate: Gamma mean = shape*scale, Weibull = scale*G(1+1/shape).
     mean_unit = shape.copy()
     if weibull.any():
