@@ -47,7 +47,7 @@ def command() -> None:
 
 
 @command.command("convert")
-@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("src", type=click.Path(exists=True, dir_okay=False))
 @click.option(
     "--format",
     "fmt",
@@ -117,7 +117,7 @@ def convert(src, fmt, out, model, drop_failures, category, aggregate, top_client
         else:
             table, extra = conv.convert_mooncake(src, model)
         write_workload(table, out, {**meta, **extra})
-    except TraceError as e:
+    except (TraceError, OSError) as e:
         raise InputError(str(e)) from None
     click.echo(f"{table.num_rows} requests -> {out}")
 
@@ -165,13 +165,13 @@ def _model_names(models: int | None, names: str | None, registry: str | None) ->
     "--source",
     "sources",
     multiple=True,
-    type=click.Path(dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False),
     help="Rate-curve source: a workload or ServeGen rate-series Parquet (repeatable) "
     "[default: traces/burstgpt.parquet].",
 )
 @click.option(
     "--tokens",
-    type=click.Path(dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="Workload to draw token counts from [default: traces/azure_conv.parquet].",
 )
@@ -205,13 +205,13 @@ def synth(
             tokens=tokens,
         )
         write_workload(table, out, {COMMAND: _command_line(ctx)})
-    except (TraceError, RegistryError, ValueError, FileNotFoundError) as e:
+    except (TraceError, RegistryError, ValueError, OSError) as e:
         raise InputError(str(e)) from None
     click.echo(f"{table.num_rows} requests of {len(names)} models -> {out}")
 
 
 @command.command("sample")
-@click.argument("rates", type=click.Path(dir_okay=False))
+@click.argument("rates", type=click.Path(exists=True, dir_okay=False))
 @click.option("--model", required=True, help="ServeGen model, e.g. m-large.")
 @click.option("--client", type=int, default=None, help="One client [default: all of them].")
 @click.option("--start", type=float, default=0.0, show_default=True, help="Trace seconds.")
@@ -225,7 +225,7 @@ def synth(
 )
 @click.option(
     "--tokens",
-    type=click.Path(dir_okay=False),
+    type=click.Path(exists=True, dir_okay=False),
     default=None,
     help="Workload to draw token counts from [default: traces/azure_conv.parquet].",
 )
@@ -258,13 +258,13 @@ def sample(rates, model, client, start, end, compress, tokens, seed, out) -> Non
         )
         meta = provenance(rates, _command_line(ctx), license_of(rates))
         write_workload(table, out, meta)
-    except (TraceError, ValueError, FileNotFoundError) as e:
+    except (TraceError, ValueError, OSError) as e:
         raise InputError(str(e)) from None
     click.echo(f"{table.num_rows} requests -> {out}")
 
 
 @command.command("stats")
-@click.argument("workload", type=click.Path(dir_okay=False))
+@click.argument("workload", type=click.Path(exists=True, dir_okay=False))
 @click.option("--window", type=float, default=300.0, show_default=True, help="Seconds.")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Write a plot here.")
 @click.option(
