@@ -40,14 +40,15 @@ from warmserve.registry import ModelSpec
 
 
 def csp_params(config: PolicyConfig) -> CSPParams:
-    """The forecaster the planner runs: the tuned CSP (see :mod:`.forecast`)."""
+    """The forecaster the planner runs: the tuned CSP that ``warmserve forecast eval`` scores as
+    ``blend`` (corrections across period boundaries, slower decay, 70% last value)."""
     return CSPParams(
         period=config.windows_per_period,
         periods=config.periods,
         correction_windows=config.correction_windows,
-        decay=config.correction_decay,
+        decay=0.8,
         reset=False,
-        blend=0.5,
+        blend=0.7,
     )
 
 
