@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class Simulator:
         workload: pa.Table,
         config: PolicyConfig,
         progress: bool = False,
+        check_actions: bool = True,
     ) -> None:
         cluster.check()
         check_workload(workload, cluster.models)
@@ -66,7 +68,7 @@ class Simulator:
         self.progress = progress
         self.names = list(cluster.models)
         self.model_index = {m: i for i, m in enumerate(self.names)}
-        self.cluster = SimCluster(cluster, self.model_index, config)
+        self.cluster = SimCluster(cluster, self.model_index, config, check_actions)
         col = workload.column("model")
         codes = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
         dict_col = codes.dictionary_encode()
@@ -94,6 +96,7 @@ class Simulator:
         self.seq = 0
         self.events = 0
         self.policy_calls = 0
+        self.policy_s = 0.0  # wall time inside the policy (stats only, never in results)
         self.last_tick = 0.0
 
     # -- load bookkeeping ------------------------------------------------------------------
@@ -139,7 +142,10 @@ class Simulator:
         self._purge(t)
         snap = self.cluster.snapshot(t, self._short_load(t), self._queued())
         self.policy_calls += 1
-        self._enact(snap, self.policy.plan(snap), t)
+        t0 = time.perf_counter()
+        actions = self.policy.plan(snap)
+        self.policy_s += time.perf_counter() - t0
+        self._enact(snap, actions, t)
         for m in range(len(self.names)):
             self.area[m] = 0.0
             self.since[m] = t
@@ -153,7 +159,10 @@ class Simulator:
         self.next_demand[m] = t + self.costs.demand_interval_s
         snap = self.cluster.snapshot(t, self._short_load(t), self._queued())
         self.policy_calls += 1
-        self._enact(snap, self.policy.on_demand(snap, self.names[m]), t)
+        t0 = time.perf_counter()
+        actions = self.policy.on_demand(snap, self.names[m])
+        self.policy_s += time.perf_counter() - t0
+        self._enact(snap, actions, t)
         self.demand_version[m] = self.cluster.version
 
     # -- requests --------------------------------------------------------------------------
@@ -243,6 +252,7 @@ class Simulator:
             total=round(end_hint),
             unit="sim s",
             disable=not self.progress,
+            mininterval=2.0,
             desc=f"simulate {getattr(self.policy, 'name', '')}",
         )
         self.cluster.record(0.0)
@@ -349,6 +359,7 @@ class Simulator:
             "dropped": int((self.error != _OK).sum()),
             "events": self.events,
             "policy_calls": self.policy_calls,
+            "policy_s": round(self.policy_s, 3),
             "end_time": end,
             "accepted_actions": dict(self.cluster.accepted),
             "rejected_actions": dict(self.cluster.rejected),
