@@ -15,10 +15,12 @@ import click
 import dask.config
 import yaml
 
-from warmserve import config
+from warmserve import config, dashboard
 from warmserve.registry import Registry
 
 logger = logging.getLogger("warmserve.scheduler")
+
+dashboard.register_page()  # before the scheduler builds its dashboard
 
 
 def load_config_file(path: str) -> None:
@@ -73,3 +75,4 @@ async def dask_setup(
         load_config_file(warmserve_config)
     registry = Registry.from_yaml(registry_path(warmserve_registry))
     await scheduler.register_scheduler_plugin(build_extension(registry, warmserve_policy))
+    await dashboard.install(scheduler)
