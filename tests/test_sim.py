@@ -253,3 +253,34 @@ def test_policy_config_charges_what_the_simulator_charges():
     assert cfg.window == 60.0
     assert cfg.kv_per_request(A) == 524288 * 1366
     assert cfg.instance_capacity == cluster.costs.instance_capacity
+
+
+def test_max_rps_bisects_to_the_threshold():
+    from warmserve.sim.sweep import max_rps
+
+    calls: list[float] = []
+
+    def serves(rps: float) -> bool:
+        calls.append(rps)
+        return rps <= 13.3
+
+    assert 13.3 - 0.25 <= max_rps(serves, 1, 64, 0.25) <= 13.3
+    assert len(calls) < 12
+    assert max_rps(lambda r: False, 1, 64, 1) == 0.0
+    assert max_rps(lambda r: True, 1, 64, 1) == 64
+
+
+def test_sweep_cli_reports_a_rate_per_policy(tmp_path):
+    import json
+
+    from warmserve.sim.cli import command
+
+    cluster, _ = _files(tmp_path, [{"name": "a", "family": "f", "bytes": "14 GB"}])
+    out = tmp_path / "s.json"
+    args = ["sweep", "--cluster", cluster, "--policy", "autoscale", "--duration", "120"]
+    args += ["--warmup", "60", "--lo", "1", "--hi", "8", "--tol", "2", "--out", str(out)]
+    res = CliRunner().invoke(command, args)
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert 0 <= doc["policies"]["autoscale"]["max_rps"] <= 8
+    assert doc["policies"]["autoscale"]["attainment_by_rps"]

@@ -94,3 +94,74 @@ def command(
         f"{s['requests']} requests: {s['ok']} ok, {s['dropped']} dropped; {s['events']} events, "
         f"{s['policy_calls']} policy calls; results in {out_path}"
     )
+
+
+@command.command("sweep")
+@click.option("--cluster", required=True, type=click.Path(dir_okay=False))
+@click.option("--policy", "policies", required=True, multiple=True, help="Repeat for several.")
+@click.option("--registry", type=click.Path(dir_okay=False))
+@click.option("--alpha", default=0.5, show_default=True, help="Zipf popularity exponent.")
+@click.option("--duration", default=3600.0, show_default=True, help="Measured seconds.")
+@click.option("--warmup", default=3600.0, show_default=True, help="Unmeasured seconds first.")
+@click.option("--slo-ttft", default=1.0, show_default=True, help="TTFT SLO in seconds.")
+@click.option("--target", default=0.95, show_default=True, help="Fraction within the SLO.")
+@click.option("--lo", default=1.0, show_default=True)
+@click.option("--hi", default=64.0, show_default=True)
+@click.option("--tol", default=0.5, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON of the results.")
+def sweep(
+    cluster: str,
+    policies: tuple[str, ...],
+    registry: str | None,
+    alpha: float,
+    duration: float,
+    warmup: float,
+    slo_ttft: float,
+    target: float,
+    lo: float,
+    hi: float,
+    tol: float,
+    seed: int,
+    out_path: str | None,
+) -> None:
+    """The largest RPS each policy serves with TARGET of requests within the TTFT SLO, on
+    workloads synthesized from real traces (``warmserve.traces.synth``)."""
+    from warmserve.sim.sweep import attainment, max_rps
+    from warmserve.traces.synth import synthesize
+
+    try:
+        spec = load_cluster(cluster, registry)
+        spec.check()
+        config = policy_config(spec)
+        for name in policies:
+            build_policy(name, spec, config)
+    except (SimInputError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    names = list(spec.models)
+    found: dict[str, dict] = {}
+    for name in policies:
+        tried: dict[str, float] = {}
+
+        def serves(rps: float, name: str = name, tried: dict[str, float] = tried) -> bool:
+            table = synthesize(names, alpha, rps, warmup + duration, seed=seed)
+            run = Simulator(spec, build_policy(name, spec, config), table, config).run()
+            tried[f"{rps:g}"] = attainment(run.requests, slo_ttft, warmup)
+            click.echo(f"{name} at {rps:g} RPS: {tried[f'{rps:g}']:.1%} within {slo_ttft:g} s")
+            return tried[f"{rps:g}"] >= target
+
+        found[name] = {"max_rps": max_rps(serves, lo, hi, tol), "attainment_by_rps": tried}
+        click.echo(f"{name}: max {found[name]['max_rps']:g} RPS")
+    if out_path:
+        doc = {
+            "cluster": os.path.abspath(cluster),
+            "alpha": alpha,
+            "slo_ttft": slo_ttft,
+            "target": target,
+            "duration": duration,
+            "warmup": warmup,
+            "seed": seed,
+            "policies": found,
+        }
+        with open(out_path, "w") as f:
+            json.dump(doc, f, indent=1)
