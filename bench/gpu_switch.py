@@ -4,8 +4,8 @@ On a GPU (``--model 8b``): two Llama-3-8B-shaped models (random bf16 weights, ab
 resident in one pool; activating one by binding a meta-device skeleton to its pool views;
 evicting the other and mapping its memory as KV space; 100 such switches with device memory
 measured around them; ordinary loads (device copy, pinned host, local disk) for comparison; and
-mapping 16 GiB one handle per chunk against slabs. On a machine without a GPU,
-``--model tiny --backend host`` runs the same steps on a toy shape to check the logic.
+mapping 15 GiB in chunks (one physical handle each) of 2 MiB against larger ones. On a machine
+without a GPU, ``--model tiny --backend host`` runs the same steps on a toy shape.
 
     python bench/gpu_switch.py --model 8b --out $OUT/gpu_switch.json
     python bench/gpu_switch.py --model tiny --backend host --out /tmp/gpu_switch.json
@@ -111,22 +111,17 @@ def forward(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def map_costs(bench: Bench, backend: str, nbytes: int, slab_sizes: list[int]) -> list[dict]:
+def map_costs(bench: Bench, backend: str, nbytes: int, chunk_sizes: list[int]) -> list[dict]:
     """Create, map and unmap ``nbytes`` as one region, for each physical handle size."""
     rows = []
-    for slab in slab_sizes:
-        try:
-            rows.append(_map_cost(bench, backend, nbytes, slab))
-        except Exception as error:  # a driver without sub-range cuMemMap fails here, not later
-            rows.append({"slab_bytes": slab, "error": repr(error)})
-        print(f"map {nbytes / GiB:.1f} GiB, slab {slab / MiB:.0f} MiB: {rows[-1]}", flush=True)
+    for chunk in chunk_sizes:
+        rows.append(_map_cost(bench, backend, _round_up(nbytes, chunk), chunk))
+        print(f"map {nbytes / GiB:.1f} GiB, chunk {chunk / MiB:.0f} MiB: {rows[-1]}", flush=True)
     return rows
 
 
-def _map_cost(bench: Bench, backend: str, nbytes: int, slab: int) -> dict:
-    create_s, sw = bench.time(
-        lambda: MemorySwitcher(nbytes, 2 * MiB, backend=backend, slab_size=slab)
-    )
+def _map_cost(bench: Bench, backend: str, nbytes: int, chunk: int) -> dict:
+    create_s, sw = bench.time(lambda: MemorySwitcher(nbytes, chunk, backend=backend))
     maps, unmaps = [], []
     for _ in range(5):
         t, region = bench.time(lambda: sw.reserve("weights", nbytes))
@@ -136,8 +131,8 @@ def _map_cost(bench: Bench, backend: str, nbytes: int, slab: int) -> dict:
     calls = sw.stats()["map_calls"] // 5
     sw.close()
     return {
-        "slab_bytes": slab,
-        "handles": -(-nbytes // slab),
+        "chunk_bytes": chunk,
+        "mapped_bytes": nbytes,
         "map_calls_per_region": calls,
         "create_s": create_s,
         "map_s_median": statistics.median(maps),
@@ -221,6 +216,10 @@ def ordinary_loads(
     return ref, out
 
 
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -235,6 +234,7 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_switch.json")
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--chunk-mib", type=int, default=64, help="chunk of the two-model pool")
     parser.add_argument("--disk-dir", default=".")
     parser.add_argument("--disk-budget-s", type=float, default=60.0)
     parser.add_argument(
@@ -282,16 +282,15 @@ def switch_models(args: argparse.Namespace, bench: Bench, result: dict) -> None:
     result["model_bytes"] = layout.nbytes
     print(f"model: {layout.nbytes / GiB:.2f} GiB in {len(layout.slots)} tensors", flush=True)
 
-    # 1. Mapping one model's worth of memory: one handle per 2 MiB chunk against slabs.
-    map_bytes = -(-layout.nbytes // (2 * MiB)) * 2 * MiB
-    slabs = [2 * MiB, 64 * MiB, 1 * GiB, map_bytes] if cuda else [map_bytes]
-    result["mapping"] = map_costs(bench, args.backend, map_bytes, slabs)
+    # 1. Mapping one model's worth of memory, one handle (and one cuMemMap) per chunk.
+    chunks = [2 * MiB, 16 * MiB, 64 * MiB, 256 * MiB, GiB] if cuda else [2 * MiB]
+    result["mapping"] = map_costs(bench, args.backend, layout.nbytes, chunks)
 
     # 2. Two models resident in one pool.
-    capacity = 2 * map_bytes + 64 * MiB
-    slab = GiB if all("error" not in r for r in result["mapping"]) else 2 * MiB
-    sw = MemorySwitcher(capacity, 2 * MiB, backend=args.backend, slab_size=slab)
-    result["pool"] = {"capacity": capacity, "backend": sw.backend, "slab_bytes": slab}
+    chunk = args.chunk_mib * MiB
+    capacity = 2 * _round_up(layout.nbytes, chunk) + chunk
+    sw = MemorySwitcher(capacity, chunk, backend=args.backend)
+    result["pool"] = {"capacity": capacity, "backend": sw.backend, "chunk_bytes": chunk}
     views = {}
     for seed, name in enumerate(["a", "b"]):
         views[name] = layout.views(sw.reserve(f"weights:{name}", layout.nbytes))
@@ -387,7 +386,7 @@ def _summary(result: dict) -> dict:
         "model_gib": result["model_bytes"] / GiB,
         "mapping": [
             (
-                r["slab_bytes"] // MiB,
+                r["chunk_bytes"] // MiB,
                 r["map_calls_per_region"],
                 r["map_s_median"],
                 r["unmap_s_median"],

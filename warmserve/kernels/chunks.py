@@ -71,19 +71,3 @@ class ChunkPool:
                 raise ValueError(f"run {(first, length)} holds chunks that are already free")
         for first, length in runs:
             self._free[first : first + length] = True
-
-
-def split_at_slabs(runs: list[Run], chunks_per_slab: int) -> list[tuple[int, int, int]]:
-    """Cut runs where physical handles (slabs) end: (slab, first chunk inside it, chunk count).
-
-    Each piece is one map call on a backend whose physical memory comes in slabs.
-    """
-    pieces = []
-    for first, length in runs:
-        chunk, end = first, first + length
-        while chunk < end:
-            slab, inside = divmod(chunk, chunks_per_slab)
-            count = min(end - chunk, chunks_per_slab - inside)
-            pieces.append((slab, inside, count))
-            chunk += count
-    return pieces

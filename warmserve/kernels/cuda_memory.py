@@ -1,11 +1,10 @@
 """CUDA backend: physical memory from cuMemCreate, mapped with cuMemMap (CUDA VMM).
 
-Why slabs: a cuMemMap call costs tens of microseconds from Python whatever its size, and 16 GiB
-is 8,192 chunks of the 2 MiB granularity, so one call per chunk costs as much as copying the
-weights over PCIe. cuMemMap can map a sub-range of a handle (``offset``), so the pool creates a
-few large handles (slabs) once, at start, and maps a run of adjacent chunks inside one slab with
-one call: a 16 GiB run in 1 GiB slabs is 16 calls. One cuMemSetAccess covers a whole region.
-``slab_size == chunk_size`` gives the plain one-handle-per-chunk layout, for comparison.
+Each chunk is one physical handle, created when the pool is (off the critical path). On the
+H100 driver measured here (580), cuMemMap maps only a whole handle (a sub-range gives
+CUDA_ERROR_NOT_SUPPORTED), so the chunk size sets the number of map calls: 15 GiB in 2 MiB
+chunks is 7,659 calls (0.30 s), in 64 MiB chunks 240 calls (11 ms). Pick large chunks for a GPU
+pool (bench/results/gpu_switch.json). One cuMemSetAccess covers a whole region.
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ from typing import Any
 
 import torch
 
-from warmserve.kernels.chunks import Run, split_at_slabs
-
-DEFAULT_SLAB_SIZE = 1 << 30
+from warmserve.kernels.chunks import Run
 
 
 def available() -> bool:
@@ -27,94 +24,69 @@ def available() -> bool:
 
 
 class CudaMemory:
-    """Physical chunks carved from a few slabs on one device; regions are reserved VA ranges."""
+    """One physical handle per chunk on one device; regions are reserved VA ranges."""
 
     name = "cuda"
 
-    def __init__(
-        self, chunk_size: int, chunk_count: int, device: int, slab_size: int | None = None
-    ) -> None:
+    def __init__(self, chunk_size: int, chunk_count: int, device: int) -> None:
         self.device = device
         self.chunk_size = chunk_size
         self.chunk_count = chunk_count
         self.map_calls = 0
         self.unmap_calls = 0
-        self._slabs: list[Any] = []
-        self._pieces: dict[int, list[tuple[int, int]]] = {}
+        self._handles: list[Any] = []
         self._context = _retain_primary_context(device)
         try:
             granularity = _granularity(device)
             if chunk_size % granularity:
                 raise ValueError(f"chunk size {chunk_size} is not a multiple of {granularity}")
-            slab_size = min(slab_size or DEFAULT_SLAB_SIZE, chunk_size * chunk_count)
-            if slab_size % chunk_size:
-                raise ValueError(f"slab size {slab_size} is not a multiple of {chunk_size}")
-            self.chunks_per_slab = slab_size // chunk_size
-            slab_count = -(-chunk_count // self.chunks_per_slab)
-            self._slab_chunks = [
-                min(self.chunks_per_slab, chunk_count - i * self.chunks_per_slab)
-                for i in range(slab_count)
-            ]
-            self._mapped_per_slab = [0] * slab_count
-            for count in self._slab_chunks:
-                self._slabs.append(_create(count * chunk_size, device))
+            for _ in range(chunk_count):
+                self._handles.append(_create(chunk_size, device))
         except BaseException:
             self.close()
             raise
 
     def map(self, runs: Sequence[Run]) -> int:
-        size = sum(length for _, length in runs) * self.chunk_size
+        chunks = _chunks(runs)
+        size = len(chunks) * self.chunk_size
         _make_current(self._context)
         address = _reserve(size, self.chunk_size)
-        pieces: list[tuple[int, int]] = []
+        mapped = 0
         try:
-            at = address
-            for slab, first, length in split_at_slabs(list(runs), self.chunks_per_slab):
-                if self._slabs[slab] is None:
-                    self._slabs[slab] = _create(
-                        self._slab_chunks[slab] * self.chunk_size, self.device
-                    )
-                nbytes = length * self.chunk_size
-                _map(at, nbytes, first * self.chunk_size, self._slabs[slab])
-                pieces.append((at, nbytes))
-                self._mapped_per_slab[slab] += length
-                at += nbytes
+            for chunk in chunks:
+                if self._handles[chunk] is None:
+                    self._handles[chunk] = _create(self.chunk_size, self.device)
+                _map(address + mapped * self.chunk_size, self.chunk_size, self._handles[chunk])
+                mapped += 1
             _set_access(address, size, self.device)
         except BaseException:
-            self._undo(address, size, pieces, runs)
+            for i in range(mapped):
+                _unmap(address + i * self.chunk_size, self.chunk_size)
+            _free_va(address, size)
             raise
-        self.map_calls += len(pieces)
-        self._pieces[address] = pieces
+        self.map_calls += mapped
         return address
 
     def unmap(self, address: int, runs: Sequence[Run]) -> None:
+        count = len(_chunks(runs))
         _make_current(self._context)
         _synchronize()
-        pieces = self._pieces.pop(address)
-        for at, nbytes in pieces:
-            _unmap(at, nbytes)
-        _free_va(address, sum(nbytes for _, nbytes in pieces))
-        for slab, _, length in split_at_slabs(list(runs), self.chunks_per_slab):
-            self._mapped_per_slab[slab] -= length
-        self.unmap_calls += len(pieces)
+        for i in range(count):
+            _unmap(address + i * self.chunk_size, self.chunk_size)
+        _free_va(address, count * self.chunk_size)
+        self.unmap_calls += count
 
     def as_tensor(self, address: int, nbytes: int) -> torch.Tensor:
         return torch.as_tensor(_DeviceBytes(address, nbytes), device=f"cuda:{self.device}")
 
     def trim(self, runs: Sequence[Run]) -> None:
-        """Release whole slabs that nothing maps; a partly used slab cannot shrink."""
-        del runs
-        for slab, handle in enumerate(self._slabs):
-            if handle is not None and self._mapped_per_slab[slab] == 0:
-                _release(handle)
-                self._slabs[slab] = None
+        for chunk in _chunks(runs):
+            if self._handles[chunk] is not None:
+                _release(self._handles[chunk])
+                self._handles[chunk] = None
 
     def physical_bytes(self) -> int:
-        return sum(
-            n * self.chunk_size
-            for n, handle in zip(self._slab_chunks, self._slabs, strict=True)
-            if handle is not None
-        )
+        return sum(h is not None for h in self._handles) * self.chunk_size
 
     def share_info(self, runs: Sequence[Run]) -> dict[str, Any]:
         raise NotImplementedError(
@@ -123,30 +95,18 @@ class CudaMemory:
         )
 
     def close(self) -> None:
-        for address, pieces in list(self._pieces.items()):
-            for at, nbytes in pieces:
-                _unmap(at, nbytes)
-            _free_va(address, sum(nbytes for _, nbytes in pieces))
-        self._pieces.clear()
-        for slab, handle in enumerate(self._slabs):
+        """Release every handle; the switcher has unmapped all regions before this."""
+        for chunk, handle in enumerate(self._handles):
             if handle is not None:
                 _release(handle)
-                self._slabs[slab] = None
+                self._handles[chunk] = None
         if self._context is not None:
             _release_primary_context(self.device)
             self._context = None
 
-    def _undo(
-        self, address: int, size: int, pieces: list[tuple[int, int]], runs: Sequence[Run]
-    ) -> None:
-        for at, nbytes in pieces:
-            _unmap(at, nbytes)
-        _free_va(address, size)
-        done = sum(nbytes for _, nbytes in pieces) // self.chunk_size
-        for slab, _, length in split_at_slabs(list(runs), self.chunks_per_slab):
-            undo = min(length, done)
-            self._mapped_per_slab[slab] -= undo
-            done -= undo
+
+def _chunks(runs: Sequence[Run]) -> list[int]:
+    return [first + i for first, length in runs for i in range(length)]
 
 
 class _DeviceBytes:
@@ -234,8 +194,8 @@ def _free_va(address: int, size: int) -> None:
     _check(_driver().cuMemAddressFree(address, size))
 
 
-def _map(address: int, size: int, offset: int, handle: Any) -> None:
-    _check(_driver().cuMemMap(address, size, offset, handle, 0))
+def _map(address: int, size: int, handle: Any) -> None:
+    _check(_driver().cuMemMap(address, size, 0, handle, 0))
 
 
 def _unmap(address: int, size: int) -> None:

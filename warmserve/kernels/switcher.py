@@ -114,13 +114,12 @@ class MemorySwitcher:
         chunk_size: int = 2 << 20,
         backend: str = "auto",
         device: int = 0,
-        slab_size: int | None = None,
     ) -> None:
-        """``slab_size`` (CUDA only) is the size of one physical handle; see ``cuda_memory``."""
+        """On CUDA each chunk is one physical handle: larger chunks mean fewer map calls."""
         if chunk_size <= 0 or capacity < chunk_size:
             raise ValueError(f"capacity {capacity} must hold at least one chunk of {chunk_size}")
         count = capacity // chunk_size
-        self._memory = _open_backend(backend, chunk_size, count, device, slab_size)
+        self._memory = _open_backend(backend, chunk_size, count, device)
         self.backend = self._memory.name
         self.chunk_size = chunk_size
         self._pool = ChunkPool(count)
@@ -228,9 +227,7 @@ class MemorySwitcher:
             raise RuntimeError("the memory switcher is closed")
 
 
-def _open_backend(
-    name: str, chunk_size: int, count: int, device: int, slab_size: int | None
-) -> PhysicalMemory:
+def _open_backend(name: str, chunk_size: int, count: int, device: int) -> PhysicalMemory:
     """Pick the backend: ``auto`` means CUDA when a device and cuda-python are both there."""
     if name == "auto":
         from warmserve.kernels import cuda_memory
@@ -243,5 +240,5 @@ def _open_backend(
     if name == "cuda":
         from warmserve.kernels.cuda_memory import CudaMemory
 
-        return CudaMemory(chunk_size, count, device, slab_size)
+        return CudaMemory(chunk_size, count, device)
     raise ValueError(f"unknown backend {name!r}; expected 'auto', 'host' or 'cuda'")
