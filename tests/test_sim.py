@@ -284,3 +284,29 @@ def test_sweep_cli_reports_a_rate_per_policy(tmp_path):
     doc = json.loads(out.read_text())
     assert 0 <= doc["policies"]["autoscale"]["max_rps"] <= 8
     assert doc["policies"]["autoscale"]["attainment_by_rps"]
+
+
+@pytest.fixture(scope="module")
+def paper_workload() -> tuple[ClusterSpec, pa.Table]:
+    from warmserve.traces.synth import synthesize
+
+    spec = load_cluster("clusters/paper.yaml")
+    return spec, synthesize(list(spec.models), 0.5, 8.0, 900.0, seed=2)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["warmserve", "autoscale", "share", "warmserve-noprewarm", "warmserve-noplacement"],
+)
+def test_shipped_policies_run_clean_on_the_paper_cluster(paper_workload, name):
+    from warmserve.sim.policies import build_policy
+
+    spec, table = paper_workload
+    cfg = policy_config(spec)
+    run = Simulator(spec, build_policy(name, spec, cfg), table, cfg).run()
+    assert run.requests.num_rows == table.num_rows
+    assert run.stats["rejected_actions"] == {}
+    assert run.stats["ok"] > 0.8 * table.num_rows
+    dev = run.devices
+    used = dev.column("weights_bytes").to_numpy() + dev.column("kv_bytes").to_numpy()
+    assert (used <= dev.column("memory").to_numpy()).all()
