@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 from distributed import Worker, WorkerPlugin
 from distributed.comm import CommClosedError
+from distributed.core import Status
 from tornado.ioloop import PeriodicCallback
 
 from warmserve import config, protocol
@@ -110,7 +111,11 @@ class WarmServeWorker(WorkerPlugin):
             self.instances.check, settings.get_seconds("liveness-interval") * 1000
         )
         self._liveness.start()
-        await worker.set_resources(**{RESOURCE: len(self.devices)})
+        if worker.status == Status.running:
+            await worker.set_resources(**{RESOURCE: len(self.devices)})
+        else:  # a preload runs before the worker registers, and registering sends these
+            worker.state.total_resources[RESOURCE] = len(self.devices)
+            worker.state.available_resources[RESOURCE] = len(self.devices)
         logger.info(
             "WarmServe worker on %s: %s", self.node, ", ".join(f"{d.id}" for d in self.devices)
         )
