@@ -157,6 +157,9 @@ class WarmServePage:
                 legend_label="forecast peak",
             )
             p.legend.location = "top_left"
+            p.legend.background_fill_alpha = 0.4
+            p.legend.label_text_font_size = "8pt"
+            p.legend.padding = p.legend.spacing = 0
             p.y_range.start = 0
             self.series[name] = source
             plots.append(p)
