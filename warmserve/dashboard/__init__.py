@@ -4,9 +4,9 @@
 Two hooks, because the dashboard is built in two steps. ``Scheduler.__init__`` imports its
 preloads and only then builds the dashboard from ``distributed.dashboard.scheduler.applications``,
 so :func:`register_page` must run when ``warmserve.scheduler_plugin`` is imported. The preload's
-``dask_setup`` runs later, on a started scheduler, and calls :func:`install`, which adds the
-observer plugin, points the Prometheus collector at this scheduler and puts the page in the
-dashboard's navigation.
+``dask_setup`` runs later, before the scheduler starts its plugins, and calls :func:`install`,
+which adds the observer plugin, points the Prometheus collector at this scheduler and puts the
+page in the dashboard's navigation.
 """
 
 from __future__ import annotations
@@ -31,12 +31,15 @@ def register_page() -> None:
     dashboard.applications.setdefault(ROUTE, warmserve_doc)
 
 
-async def install(scheduler: Scheduler) -> Observer:
-    """Observe the WarmServe extension of ``scheduler`` for the page, /metrics and the CLI."""
+def install(scheduler: Scheduler) -> Observer:
+    """Observe the WarmServe extension of ``scheduler`` for the page, /metrics and the CLI.
+
+    Called from a preload, before the scheduler starts its plugins: adding the observer is
+    enough for the scheduler to start it."""
     from warmserve.scheduler_plugin import metrics
 
     observer = Observer()
-    await scheduler.register_scheduler_plugin(observer, name=observer.name, idempotent=True)
+    scheduler.add_plugin(observer, name=observer.name, idempotent=True)
     metrics.register(scheduler)
     _link(scheduler)
     return observer

@@ -71,6 +71,8 @@ class Observer(SchedulerPlugin):
         self._pc: PeriodicCallback | None = None
 
     async def start(self, scheduler: Scheduler) -> None:
+        if self.scheduler is not None:  # started when registered, then with the other plugins
+            return
         self.scheduler = scheduler
         scheduler.extensions[NAME] = self
         scheduler.handlers[HANDLER] = self.observe

@@ -75,4 +75,4 @@ async def dask_setup(
         load_config_file(warmserve_config)
     registry = Registry.from_yaml(registry_path(warmserve_registry))
     await scheduler.register_scheduler_plugin(build_extension(registry, warmserve_policy))
-    await dashboard.install(scheduler)
+    dashboard.install(scheduler)
