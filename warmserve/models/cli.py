@@ -7,7 +7,7 @@ import click
 
 @click.group()
 def command() -> None:
-    """Generate and list local model families (random Llama weights, local tokenizers)."""
+    """Generate local model families (random Llama weights, locally trained tokenizers)."""
 
 
 @command.command("make")
