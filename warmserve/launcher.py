@@ -17,6 +17,8 @@ import logging
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import click
 import dask.config
@@ -25,12 +27,12 @@ import uvicorn
 from distributed import Nanny, Scheduler, SpecCluster
 
 from warmserve import config
+from warmserve.policy.factory import POLICIES
 from warmserve.registry import Registry
 
 logger = logging.getLogger("warmserve.launcher")
 
 HOST = "127.0.0.1"
-POLICIES = ("warmserve", "autoscale", "share")
 
 
 def cluster_spec(registry_file: str, policy: str, devices: int) -> tuple[dict, dict]:
@@ -54,7 +56,9 @@ def cluster_spec(registry_file: str, policy: str, devices: int) -> tuple[dict, d
                 # Engines live in child processes the nanny does not measure; no memory kill.
                 "memory_limit": 0,
                 "preload": ["warmserve.worker_plugin"],
-                "preload_argv": [["--warmserve-devices", f"cpu:{i}"]],
+                "preload_argv": [
+                    ["--warmserve-devices", f"cpu:{i}", "--warmserve-registry", registry_file]
+                ],
             },
         }
         for i in range(devices)
@@ -79,44 +83,72 @@ class _Server(uvicorn.Server):
         yield
 
 
+@dataclass
+class Serving:
+    """A running stack: the cluster, the front door's server and its URL."""
+
+    cluster: SpecCluster
+    server: uvicorn.Server
+    task: asyncio.Future
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    registry: Registry,
+    registry_file: str,
+    policy: str = "warmserve",
+    devices: int = 2,
+    port: int = 0,
+    **app_options,
+) -> AsyncIterator[Serving]:
+    """Cluster plus front door on 127.0.0.1 for the body of the block; both stop after it.
+
+    ``app_options`` go to :func:`~warmserve.frontdoor.app.create_app` (queue limits, timeout).
+    Tests and benchmarks use this too, so they run what ``warmserve up`` runs.
+    """
+    from warmserve.frontdoor.app import create_app
+
+    async with await start_cluster(registry_file, policy, devices) as cluster:
+        app = create_app(cluster.scheduler_address, registry, **app_options)
+        server = _Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+            raise click.ClickException(f"the front door could not start on port {port}")
+        bound = server.servers[0].sockets[0].getsockname()[1]
+        try:
+            yield Serving(cluster, server, task, f"http://{HOST}:{bound}")
+        finally:
+            server.should_exit = True
+            await task
+
+
 async def up(
     policy: str, devices: int, port: int, models_dir: str, demo: bool, registry: Registry
 ) -> None:
     """Start everything, serve until a signal (or the demo's end), then stop everything."""
-    from warmserve.frontdoor.app import create_app
-
     registry_file = os.path.join(models_dir, "registry.yaml")
     t0 = time.perf_counter()
-    async with await start_cluster(registry_file, policy, devices) as cluster:
-        app = create_app(cluster.scheduler_address, registry)
-        server = _Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-        loop = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
+    async with serving(registry, registry_file, policy, devices, port) as stack:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        serving = asyncio.ensure_future(server.serve())
-        while not server.started and not serving.done():
-            await asyncio.sleep(0.05)
-        if serving.done():
-            serving.result()
-            raise click.ClickException(f"the front door could not start on port {port}")
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://{HOST}:{bound}"
+            loop.add_signal_handler(sig, lambda: setattr(stack.server, "should_exit", True))
         click.echo(
-            f"WarmServe is up in {time.perf_counter() - t0:.1f}s: {url}/v1 "
+            f"WarmServe is up in {time.perf_counter() - t0:.1f}s: {stack.url}/v1 "
             f"({len(registry)} models, {devices} devices, policy {policy}); "
-            f"dashboard {cluster.dashboard_link}"
+            f"scheduler {stack.cluster.scheduler_address}, "
+            f"dashboard {stack.cluster.dashboard_link}"
         )
-        try:
-            if demo:
-                await run_demo(url, registry)
-            else:
-                click.echo("Ctrl-C stops it.")
-                await serving
-        finally:
-            server.should_exit = True
-            await serving
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        if demo:
+            await run_demo(stack.url, registry)
+        else:
+            click.echo("Ctrl-C stops it.")
+            await stack.task
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
     click.echo("WarmServe stopped.")
 
 

@@ -112,14 +112,14 @@ class FrontDoor:
         fails before its first token."""
         from warmserve.worker_plugin.client import stream_generate
 
-        assert self.admission is not None
+        assert self.admission is not None and self.client is not None
         exclude: tuple[str, ...] = ()
         while True:
             route = await self.admission.admit(parsed.model, parsed.generate.request_id, exclude)
             self.metrics.running.labels(parsed.model).inc()
             sent = False
             try:
-                stream = stream_generate(route.worker, parsed.generate)
+                stream = stream_generate(route.worker, parsed.generate, pool=self.client.rpc)
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
                         sent = True

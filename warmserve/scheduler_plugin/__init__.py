@@ -64,7 +64,7 @@ def build_extension(registry: Registry, policy_name: str):
     default=None,
     help="Model registry YAML [default: <warmserve.models-dir>/registry.yaml].",
 )
-async def dask_setup(
+def dask_setup(
     scheduler,
     warmserve_config: str | None,
     warmserve_policy: str,
@@ -74,5 +74,7 @@ async def dask_setup(
     if warmserve_config:
         load_config_file(warmserve_config)
     registry = Registry.from_yaml(registry_path(warmserve_registry))
-    await scheduler.register_scheduler_plugin(build_extension(registry, warmserve_policy))
+    extension = build_extension(registry, warmserve_policy)
+    # Preloads run before the scheduler starts its plugins, so adding is enough: it starts ours.
+    scheduler.add_plugin(extension, name=extension.name, idempotent=True)
     dashboard.install(scheduler)

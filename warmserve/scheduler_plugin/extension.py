@@ -77,6 +77,8 @@ class WarmServeExtension(SchedulerPlugin):
     # -- SchedulerPlugin hooks -----------------------------------------------------------------
 
     async def start(self, scheduler: Scheduler) -> None:
+        if self.scheduler is not None:
+            return
         self.scheduler = scheduler
         scheduler.handlers[protocol.SCHEDULER_ROUTE] = self.route
         scheduler.handlers[protocol.SCHEDULER_DONE] = self.done
