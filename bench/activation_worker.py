@@ -1,0 +1,145 @@
+"""Activation through the worker plugin, and what a streamed chunk costs over Dask.
+
+1. Activate-to-first-token per starting tier, through the handlers as the scheduler plugin
+   calls them: ``warmserve_activate`` then the first chunk of ``stream_generate``. Tiers disk,
+   host and device each start an engine on a fresh CPU slot; tier engine switches an idle engine
+   of the family in place. A first engine is started and stopped before measuring: the first
+   engine in a process also pays for importing and initializing vLLM.
+2. Per-chunk transport cost, without an engine: a worker handler writing N chunk messages on one
+   comm (what ``stream_generate`` uses) against a task feeding a ``distributed.Queue`` read by
+   the client (the obvious alternative).
+
+Run: ``python -m bench.activation_worker [--models DIR]`` -> bench/results/worker_activation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import dask
+from distributed import Client, LocalCluster, Queue
+from distributed.comm import connect
+from distributed.core import rpc
+
+from warmserve.models.make import make_family
+from warmserve.protocol import GenerateRequest
+from warmserve.worker_plugin.client import stream_generate
+
+CHUNKS = 2000
+CHUNK = {"text": " token", "token_ids": [123], "finish_reason": None, "prompt_tokens": 0}
+
+
+def add_echo_handler(dask_worker=None) -> None:
+    """Bench-only handler: N chunk messages on the caller's comm, as the generate handler does."""
+
+    async def echo(comm, n: int) -> dict:
+        for _ in range(n):
+            await comm.write({"chunk": CHUNK})
+        return {"done": True}
+
+    dask_worker.handlers["bench_echo"] = echo
+
+
+def feed_queue(name: str, n: int) -> None:
+    queue = Queue(name)
+    for _ in range(n):
+        queue.put({"chunk": CHUNK})
+
+
+async def first_token(address: str, model: str, device: str) -> dict:
+    start = time.perf_counter()
+    async with rpc(address) as worker:
+        iid = await worker.warmserve_activate(model=model, device=device)
+    activated = time.perf_counter()
+    req = GenerateRequest(f"bench-{model}", model, prompt="hello", max_tokens=4, temperature=0.0)
+    stream = stream_generate(address, req)
+    await anext(stream)
+    first = time.perf_counter()
+    await stream.aclose()
+    async with rpc(address) as worker:
+        await worker.warmserve_deactivate(instance=iid)
+    return {"activate_s": activated - start, "first_token_s": first - start}
+
+
+async def echo_per_chunk(address: str) -> float:
+    comm = await connect(address)
+    start = time.perf_counter()
+    await comm.write({"op": "bench_echo", "n": CHUNKS, "reply": True})
+    while "chunk" in await comm.read():
+        pass
+    seconds = time.perf_counter() - start
+    await comm.close()
+    return seconds / CHUNKS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="models")
+    parser.add_argument("--out", default="bench/results/worker_activation.json")
+    args = parser.parse_args()
+    registry = make_family("tiny", "tiny", replicas=4, out=args.models)
+    registry_file = os.path.join(os.path.abspath(args.models), "registry.yaml")
+    devices = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    with (
+        dask.config.set({"warmserve.worker.engine-kv": "64MiB"}),
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            preload=["warmserve.worker_plugin"],
+            preload_argv=[
+                *("--warmserve-devices", ",".join(devices), "--warmserve-node", "bench"),
+                *("--warmserve-device-memory", "512MiB", "--warmserve-registry", registry_file),
+            ],
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        address = next(iter(client.scheduler_info()["workers"]))
+        ids = [f"bench/{d}" for d in devices]
+
+        async def handler(op: str, **kwargs):
+            async with rpc(address) as worker:
+                return await getattr(worker, op)(**kwargs)
+
+        call = client.sync
+        tiers = {"first_engine_in_process": call(first_token, address, "tiny-3", ids[3])}
+        tiers["disk"] = call(first_token, address, "tiny-0", ids[0])
+        call(handler, "warmserve_prewarm", model="tiny-1", tier="host", wait=True)
+        tiers["host"] = call(first_token, address, "tiny-1", ids[1])
+        call(handler, "warmserve_prewarm", model="tiny-2", devices=[ids[2]], wait=True)
+        tiers["device"] = call(first_token, address, "tiny-2", ids[2])
+        call(handler, "warmserve_prewarm", model="tiny-3", devices=[ids[0]], wait=True)
+        tiers["engine"] = call(first_token, address, "tiny-3", ids[0])
+
+        client.run(add_echo_handler, workers=[address])
+        comm_chunk = min(call(echo_per_chunk, address) for _ in range(3))
+        queue_times = []
+        for i in range(3):
+            name = f"bench-queue-{i}"
+            start = time.perf_counter()
+            client.submit(feed_queue, name, CHUNKS, workers=[address], pure=False)
+            queue = Queue(name, client=client)
+            for _ in range(CHUNKS):
+                queue.get()
+            queue_times.append((time.perf_counter() - start) / CHUNKS)
+
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "model": {"name": "tiny-*", "bytes": registry["tiny-0"].nbytes},
+        "activate_to_first_token": tiers,
+        "stream_per_chunk_s": {"comm_messages": comm_chunk, "dask_queue": min(queue_times)},
+        "chunks": CHUNKS,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
