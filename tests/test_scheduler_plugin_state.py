@@ -99,3 +99,13 @@ def test_parse_report():
     )
     assert devices[0].resident == ("a",) and instances == [("i", "a", ("n/cpu:0",))]
     assert host == ["b"]
+
+
+def test_lent_kv_is_kept_by_the_scheduler_until_reclaimed(state):
+    state.lend("n/cpu:0", 300)
+    assert state.snapshot(0.0, {}).device("n/cpu:0").lent == 300
+    devs = state.workers["tcp://w0"].devices.values()
+    state.update_worker("tcp://w0", devs, [("i0", "a", ("n/cpu:0",))], [], 2.0)  # reports 0
+    assert state.snapshot(0.0, {}).device("n/cpu:0").lent == 300
+    state.lend("n/cpu:0", -300)
+    assert state.snapshot(0.0, {}).device("n/cpu:0").lent == 0

@@ -178,10 +178,10 @@ class WarmServeExtension(SchedulerPlugin):
                         begun.append(starting)
                 case Stop(instance):
                     self._stop(instance)
-                case LendKV() | ReclaimKV():
-                    # The worker plugin sizes an engine's KV cache when it starts it and offers
-                    # no handler to resize it, so a lending decision has nothing to act on.
-                    action_logger.debug("not enacted (no worker handler): %r", action)
+                case LendKV(device, nbytes):
+                    self.state.lend(device, nbytes)
+                case ReclaimKV(device, nbytes):
+                    self.state.lend(device, -nbytes)
         return begun
 
     def _by_worker(self, devices: Iterable[str]) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from warmserve.policy.state import ClusterSnapshot, DeviceSnapshot, InstanceSnapshot
 from warmserve.registry import ModelSpec
@@ -78,6 +78,10 @@ class ClusterState:
         self.instances: dict[str, Instance] = {}
         self.starting: list[Starting] = []
         self.requests: dict[str, Request] = {}
+        # KV space lent per device (LendKV/ReclaimKV). Workers size KV when an engine starts and
+        # cannot resize it, so this ledger is the only record of lending; it keeps the policy
+        # from lending the same space twice.
+        self.lent: dict[str, int] = {}
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -109,9 +113,15 @@ class ClusterState:
             if iid not in reported:
                 self._drop_instance(iid)
 
+    def lend(self, device: str, nbytes: int) -> None:
+        """Accept a LendKV (``nbytes`` > 0) or a ReclaimKV (``nbytes`` < 0) on ``device``."""
+        self.lent[device] = max(0, self.lent.get(device, 0) + nbytes)
+
     def remove_worker(self, address: str) -> list[str]:
         """Forget ``address``; return the instances lost with it."""
-        self.workers.pop(address, None)
+        view = self.workers.pop(address, None)
+        for device in view.devices if view else ():
+            self.lent.pop(device, None)
         lost = [i.id for i in self.instances.values() if i.worker == address]
         for iid in lost:
             self._drop_instance(iid)
@@ -183,7 +193,11 @@ class ClusterState:
 
     def snapshot(self, now: float, load: Mapping[str, float]) -> ClusterSnapshot:
         """What the policy sees; instances being started count as instances already."""
-        devices = tuple(d for w in self.workers.values() for d in w.devices.values())
+        devices = tuple(
+            replace(d, lent=max(d.lent, self.lent.get(d.id, 0)))
+            for w in self.workers.values()
+            for d in w.devices.values()
+        )
         nodes: dict[str, set[str]] = {}
         for w in self.workers.values():
             for d in w.devices.values():
@@ -220,6 +234,7 @@ class ClusterState:
                     "mode": snap.mode(d.id).value,
                     "resident": list(d.resident),
                     "engines": list(d.engines),
+                    "lent": d.lent,
                 }
                 for d in snap.devices
             ],

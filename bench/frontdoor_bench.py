@@ -1,0 +1,134 @@
+"""What the front door and Dask add to a request, and requests/s through the front door.
+
+One run, one resident tiny model (``tiny-0``), ``max_tokens=1`` so the engine's own work is as
+small as it gets:
+
+1. ``engine``: ``Engine.complete`` on an engine in this process (no HTTP, no Dask).
+2. ``frontdoor``: ``POST /v1/completions`` to ``warmserve up``'s stack (``launcher.serving``):
+   HTTP, validation, ``warmserve_route`` on the scheduler, the stream from the worker over a Dask
+   comm, ``warmserve_done``. The two are measured alternately, request by request, so both see
+   the same machine load; the added latency is their paired difference.
+3. ``throughput``: requests/s through the front door with ``--concurrency`` clients.
+
+Run: ``python -m bench.frontdoor_bench [--requests N]`` -> bench/results/frontdoor.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+
+import httpx
+import numpy as np
+
+from warmserve.engine.engine import Engine
+from warmserve.launcher import serving
+from warmserve.models.make import ensure_default_models
+from warmserve.protocol import GenerateRequest
+
+MODEL = "tiny-0"
+PROMPT = "The scheduler assigns each task to a worker"
+
+
+def pct(values: list[float]) -> dict[str, float]:
+    ms = np.asarray(values) * 1000
+    return {"p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
+
+
+async def measure(models_dir: str, requests: int, concurrency: int, throughput_n: int) -> dict:
+    registry = ensure_default_models(models_dir)
+    engine = await asyncio.to_thread(Engine, registry[MODEL])
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    registry_file = os.path.join(models_dir, "registry.yaml")
+    try:
+        async with (
+            serving(registry, registry_file, devices=1) as st,
+            httpx.AsyncClient(base_url=st.url, timeout=300) as http,
+        ):
+            (await http.post("/v1/completions", json=body)).raise_for_status()  # activate
+            for _ in range(20):  # warm both paths (connections, caches)
+                await http.post("/v1/completions", json=body)
+                await engine.complete(_request())
+            in_process, front = [], []
+            for _ in range(requests):
+                t0 = time.perf_counter()
+                await engine.complete(_request())
+                t1 = time.perf_counter()
+                r = await http.post("/v1/completions", json=body)
+                t2 = time.perf_counter()
+                r.raise_for_status()
+                in_process.append(t1 - t0)
+                front.append(t2 - t1)
+            rps = await _throughput(http, body, concurrency, throughput_n)
+    finally:
+        await asyncio.to_thread(engine.shutdown)
+    added = [f - e for f, e in zip(front, in_process, strict=True)]
+    return {
+        "model": MODEL,
+        "max_tokens": 1,
+        "requests": requests,
+        "engine_in_process_ms": pct(in_process),
+        "frontdoor_ms": pct(front),
+        "added_ms": {**pct(added), "mean": statistics.fmean(added) * 1000},
+        "throughput": {"concurrency": concurrency, "requests": throughput_n, "rps": rps},
+    }
+
+
+def _request() -> GenerateRequest:
+    return GenerateRequest(
+        request_id=f"bench-{uuid.uuid4().hex}",
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=1,
+        temperature=0.0,
+    )
+
+
+async def _throughput(http: httpx.AsyncClient, body: dict, concurrency: int, n: int) -> float:
+    remaining = n
+
+    async def client() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            (await http.post("/v1/completions", json=body)).raise_for_status()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--throughput-requests", type=int, default=600)
+    parser.add_argument("--models", default=None, help="Models folder (default: a temp folder).")
+    parser.add_argument("--out", default="bench/results/frontdoor.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = asyncio.run(
+            measure(args.models or tmp, args.requests, args.concurrency, args.throughput_requests)
+        )
+    result = {
+        "command": "python -m bench.frontdoor_bench "
+        f"--requests {args.requests} --concurrency {args.concurrency} "
+        f"--throughput-requests {args.throughput_requests}",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **result,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
