@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import dask
 import psutil
@@ -93,6 +94,20 @@ def stream(cluster, request: GenerateRequest):
     return client.sync(go)
 
 
+def event(client: Client, kind: str, **match) -> dict:
+    """The latest ``"warmserve"`` event of ``kind`` matching ``match``, waiting for it to arrive
+    (events reach the scheduler on the worker's batched stream, after the handler's reply)."""
+    while True:
+        found = [
+            m
+            for _, m in client.get_events("warmserve")
+            if m["event"] == kind and all(m.get(k) == v for k, v in match.items())
+        ]
+        if found:
+            return found[-1]
+        time.sleep(0.05)
+
+
 def device(status: dict, device_id: str) -> dict:
     return next(d for d in status["devices"] if d["id"] == device_id)
 
@@ -138,8 +153,7 @@ def test_prewarm_to_host_then_device(cluster):
 def test_activate_prewarmed_and_generate(cluster):
     client, address = cluster
     iid = call(cluster, "warmserve_activate", model="tiny-0", device=A)
-    activated = [m for _, m in client.get_events("warmserve") if m["event"] == "activated"]
-    assert activated[-1]["id"] == iid and activated[-1]["from_tier"] == "device"
+    assert event(client, "activated", id=iid)["from_tier"] == "device"
 
     full = client.submit(generate, request("tiny-0", "full-0"), workers=[address], pure=False)
     full = full.result()
@@ -162,8 +176,8 @@ def test_second_model_of_family_switches_in_place(cluster):
     done = call(cluster, "warmserve_prewarm", model="tiny-1", devices=[A], wait=True)
     assert done["state"] == "done"
     iid = call(cluster, "warmserve_activate", model="tiny-1")  # picks A: its engine is up
-    activated = [m for _, m in client.get_events("warmserve") if m["event"] == "activated"]
-    assert activated[-1]["device"] == A and activated[-1]["from_tier"] == "engine"
+    activated = event(client, "activated", id=iid)
+    assert activated["device"] == A and activated["from_tier"] == "engine"
 
     one = client.submit(generate, request("tiny-1", "full-1"), workers=[address], pure=False)
     assert one.result().text != OUTPUTS["tiny-0"]
@@ -233,8 +247,7 @@ def test_engine_death_is_reported_and_frees_device(cluster):
     assert status["instances"] == [] and device(status, A)["engines"] == {}
     assert device(status, A)["free"] == free_before + 12 * MiB
     assert status["deaths"][-1]["device"] == A and status["deaths"][-1]["instances"]
-    died = [m for _, m in client.get_events("warmserve") if m["event"] == "engine-died"]
-    assert died and died[-1]["family"] == "tiny"
+    assert event(client, "engine-died", device=A)["family"] == "tiny"
     with pytest.raises(NoInstance):
         client.submit(generate, request("tiny-1", "after"), workers=[address], pure=False).result()
 
