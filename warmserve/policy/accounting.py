@@ -148,6 +148,23 @@ class Accounting:
             ]
         return out
 
+    def empty_group(self, tp: int, need: int) -> tuple[str, ...] | None:
+        """The first group whose devices hold nothing and have ``need`` bytes free (no
+        placement beats it). A cursor skips groups known to hold something; it resets when a
+        device empties."""
+        groups = self.groups(tp)
+        start = self.cursor.get(tp, 0)
+        for i in range(start, len(groups)):
+            g = groups[i]
+            if all(not self.on[d] for d in g):
+                if all(self.free(d) >= need for d in g):
+                    self.cursor[tp] = start
+                    return g
+            elif i == start:
+                start += 1
+        self.cursor[tp] = start
+        return None
+
     def replica_on(self, model: str, device: str) -> Replica | None:
         for r in self.on[device]:
             if r.model == model:

@@ -43,6 +43,7 @@ class PolicyConfig:
     instance_capacity: int = 32  # concurrent requests one instance serves
     rank_decay: float = 0.5  # score of a model's (j+1)-th wanted replica relative to its j-th
     burst_weight_cap: float = 4.0  # a burst replica's weight is peak/avg, at most this
+    scans_per_tick: int = 16  # prewarms per tick that may scan every group (a full cluster)
     disk_bw: float = 2e9  # bytes/s from the node's disk to a device (cold start)
     host_bw: float = 25e9  # bytes/s from host memory to a device
     # Reactive autoscaler.

@@ -55,22 +55,6 @@ def _evict_all(acc: Accounting, victims: list[Replica]) -> list[Action]:
     return out
 
 
-def _empty_group(acc: Accounting, tp: int, need: int) -> tuple[str, ...] | None:
-    """The first group whose devices hold nothing and have room: no placement beats it."""
-    groups = acc.groups(tp)
-    start = acc.cursor.get(tp, 0)
-    for i in range(start, len(groups)):
-        g = groups[i]
-        if all(not acc.on[d] for d in g):
-            if all(acc.free(d) >= need for d in g):
-                acc.cursor[tp] = i
-                return g
-        elif i == start:
-            start += 1
-    acc.cursor[tp] = start
-    return None
-
-
 def place_prewarm(
     acc: Accounting,
     model: str,
@@ -90,7 +74,7 @@ def place_prewarm(
     best: tuple | None = None
     best_group: tuple[str, ...] | None = None
     best_victims: list[Replica] = []
-    group = _empty_group(acc, spec.tp, shard)
+    group = acc.empty_group(spec.tp, shard)
     if group is None:
         for g in acc.groups(spec.tp):
             over = acc.overlapping(g)
