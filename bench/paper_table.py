@@ -25,7 +25,7 @@ import click
 import pyarrow as pa
 
 from warmserve.report.metrics import request_metrics
-from warmserve.report.plots import ttft_cdf
+from warmserve.report.plots import device_modes, ttft_cdf
 from warmserve.sim.cluster import load_cluster
 from warmserve.sim.engine import Simulator
 from warmserve.sim.policies import build_policy, policy_config
@@ -56,6 +56,7 @@ class Runner:
         self.config = policy_config(self.spec)
         self.warmup, self.duration, self.seed = warmup, duration, seed
         self.cache: dict[tuple[str, float, float], pa.Table] = {}
+        self.devices: dict[tuple[str, float, float], pa.Table] = {}
 
     def run(self, policy: str, alpha: float, rps: float) -> pa.Table:
         key = (policy, alpha, round(rps, 6))
@@ -72,6 +73,7 @@ class Runner:
                 err=True,
             )
             self.cache[key] = measured(res.requests, self.warmup)
+            self.devices[key] = res.devices
         return self.cache[key]
 
 
@@ -217,6 +219,9 @@ def main(
         f.write(markdown(doc))
     cdf = {p: runner.run(p, 0.5, 15.0) for p in (*MAIN, *ABLATIONS[1:])}
     ttft_cdf(cdf, f"{out}_ttft_cdf.png", slo_ttft=0.1)
+    for policy in MAIN:
+        title = f"{policy}, 15 RPS, alpha 0.5"
+        device_modes(runner.devices[(policy, 0.5, 15.0)], f"{out}_devices_{policy}.png", title)
     click.echo(markdown(doc))
 
 
