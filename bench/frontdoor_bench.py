@@ -4,11 +4,12 @@ One run, one resident tiny model (``tiny-0``), ``max_tokens=1`` so the engine's 
 small as it gets:
 
 1. ``engine``: ``Engine.complete`` on an engine in this process (no HTTP, no Dask).
-2. ``frontdoor``: ``POST /v1/completions`` to ``warmserve up``'s stack (``launcher.serving``):
-   HTTP, validation, ``warmserve_route`` on the scheduler, the stream from the worker over a Dask
-   comm, ``warmserve_done``. The two are measured alternately, request by request, so both see
-   the same machine load; the added latency is their paired difference.
-3. ``throughput``: requests/s through the front door with ``--concurrency`` clients.
+2. ``dask``: what the front door does per request, minus HTTP: ``warmserve_route`` on the
+   scheduler, the stream from the worker over a Dask comm, ``warmserve_done``.
+3. ``frontdoor``: ``POST /v1/completions`` to ``warmserve up``'s stack (``launcher.serving``).
+   The three are measured in turn, request by request, so all see the same machine load; the
+   added latency is the paired difference with the engine in this process.
+4. ``throughput``: requests/s through the front door with ``--concurrency`` clients.
 
 Run: ``python -m bench.frontdoor_bench [--requests N]`` -> bench/results/frontdoor.json
 """
@@ -27,11 +28,14 @@ import uuid
 
 import httpx
 import numpy as np
+from distributed import Client
 
+from warmserve import protocol
 from warmserve.engine.engine import Engine
-from warmserve.launcher import serving
+from warmserve.launcher import run, serving
 from warmserve.models.make import ensure_default_models
 from warmserve.protocol import GenerateRequest
+from warmserve.worker_plugin.client import stream_generate
 
 MODEL = "tiny-0"
 PROMPT = "The scheduler assigns each task to a worker"
@@ -51,21 +55,25 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
         async with (
             serving(registry, registry_file, devices=1) as st,
             httpx.AsyncClient(base_url=st.url, timeout=300) as http,
+            Client(st.cluster.scheduler_address, asynchronous=True) as client,
         ):
             (await http.post("/v1/completions", json=body)).raise_for_status()  # activate
             for _ in range(20):  # warm both paths (connections, caches)
                 await http.post("/v1/completions", json=body)
                 await engine.complete(_request())
-            in_process, front = [], []
+            in_process, direct, front = [], [], []
             for _ in range(requests):
                 t0 = time.perf_counter()
                 await engine.complete(_request())
                 t1 = time.perf_counter()
-                r = await http.post("/v1/completions", json=body)
+                await _through_dask(client, _request())
                 t2 = time.perf_counter()
+                r = await http.post("/v1/completions", json=body)
+                t3 = time.perf_counter()
                 r.raise_for_status()
                 in_process.append(t1 - t0)
-                front.append(t2 - t1)
+                direct.append(t2 - t1)
+                front.append(t3 - t2)
             rps = await _throughput(http, body, concurrency, throughput_n)
     finally:
         await asyncio.to_thread(engine.shutdown)
@@ -75,10 +83,21 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
         "max_tokens": 1,
         "requests": requests,
         "engine_in_process_ms": pct(in_process),
+        "dask_route_stream_done_ms": pct(direct),
         "frontdoor_ms": pct(front),
         "added_ms": {**pct(added), "mean": statistics.fmean(added) * 1000},
         "throughput": {"concurrency": concurrency, "requests": throughput_n, "rps": rps},
     }
+
+
+async def _through_dask(client: Client, req: GenerateRequest) -> None:
+    """The front door's Dask work for one request, without HTTP."""
+    route = await getattr(client.scheduler, protocol.SCHEDULER_ROUTE)(
+        model=MODEL, request_id=req.request_id, exclude=[]
+    )
+    async for _ in stream_generate(route["worker"], req, pool=client.rpc):
+        pass
+    await getattr(client.scheduler, protocol.SCHEDULER_DONE)(request_id=req.request_id)
 
 
 def _request() -> GenerateRequest:
@@ -114,7 +133,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/frontdoor.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = asyncio.run(
+        result = run(
             measure(args.models or tmp, args.requests, args.concurrency, args.throughput_requests)
         )
     result = {

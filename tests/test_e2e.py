@@ -22,7 +22,7 @@ from distributed import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from warmserve import protocol
-from warmserve.launcher import serving
+from warmserve.launcher import run, serving
 from warmserve.models.make import ensure_default_models
 from warmserve.scheduler_plugin.proxy import WarmServeProxy
 
@@ -56,7 +56,7 @@ class Stack:
                 await self._stop.wait()
 
         try:
-            asyncio.run(main())
+            run(main())
         except BaseException as e:
             self._error = e
             self._ready.set()

@@ -17,8 +17,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import click
 import dask.config
@@ -33,6 +34,18 @@ from warmserve.registry import Registry
 logger = logging.getLogger("warmserve.launcher")
 
 HOST = "127.0.0.1"
+T = TypeVar("T")
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (it comes with vLLM), else on asyncio's loop:
+    the front door, the Dask client and the scheduler share this loop, so every request's HTTP
+    and comm work runs on it."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def cluster_spec(registry_file: str, policy: str, devices: int) -> tuple[dict, dict]:
@@ -230,8 +243,14 @@ def command(policy: str, devices: int, port: int, models_dir: str | None, demo: 
 
     if devices < 1:
         raise click.BadParameter("must be at least 1", param_hint="--devices")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # A demo prints its answers; the engines' and planners' logs would bury them.
+    logging.basicConfig(
+        level=logging.WARNING if demo else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    if demo:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # inherited by the workers
     models_dir = os.path.abspath(models_dir or config.get("models-dir"))
     click.echo(f"Models in {models_dir} (generated if missing)...")
     registry = ensure_default_models(models_dir)
-    asyncio.run(up(policy, devices, port, models_dir, demo, registry))
+    run(up(policy, devices, port, models_dir, demo, registry))

@@ -241,10 +241,19 @@ async def _serve(door: FrontDoor, request: Request, kind: Kind) -> Response:
     request_logger.debug("%s for %s", parsed.generate.request_id, model)
     tracker = _Tracker(door, parsed, endpoint, received)
     stream = door.chunks(parsed)
+    deadline = asyncio.get_running_loop().time() + door.request_timeout
+
+    async def start() -> TokenChunk | None:
+        """The first token (streaming), or the whole answer folded into one chunk."""
+        async with asyncio.timeout_at(deadline):
+            if parsed.stream:
+                first = await anext(stream, None)
+                tracker.token(first)
+                return first
+            return await _collect(stream, tracker)
+
     try:
-        first = await _until_disconnect(
-            request, asyncio.wait_for(anext(stream, None), door.request_timeout)
-        )
+        head = await _until_disconnect(request, start())
     except BaseException as e:
         await stream.aclose()
         tracker.finish(_status_of(e))
@@ -253,14 +262,30 @@ async def _serve(door: FrontDoor, request: Request, kind: Kind) -> Response:
         if isinstance(e, ClientGone):
             return Response(status_code=499)  # nobody reads it; the engine request is cancelled
         return _error_of(e).response()
-    tracker.token(first)
     if parsed.stream:
         return StreamingResponse(
-            _events(door, parsed, tracker, first, stream),
+            _events(parsed, tracker, head, stream, deadline),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-    return await _whole(door, request, parsed, tracker, first, stream)
+    await stream.aclose()
+    tracker.finish("200")
+    assert head is not None
+    body = Shaper(parsed).full(
+        head.text, head.finish_reason or "length", tracker.prompt_tokens, tracker.tokens
+    )
+    return JSONResponse(body)
+
+
+async def _collect(stream: AsyncIterator[TokenChunk], tracker: _Tracker) -> TokenChunk:
+    """Every chunk of ``stream`` joined into one (for answers without ``stream``)."""
+    texts: list[str] = []
+    finish = None
+    async for chunk in stream:
+        tracker.token(chunk)
+        texts.append(chunk.text)
+        finish = chunk.finish_reason or finish
+    return TokenChunk("".join(texts), [], finish)
 
 
 def _status_of(e: BaseException) -> str:
@@ -331,11 +356,11 @@ class _Tracker:
 
 
 async def _events(
-    door: FrontDoor,
     parsed: Parsed,
     tracker: _Tracker,
     first: TokenChunk | None,
     stream: AsyncIterator[TokenChunk],
+    deadline: float,
 ) -> AsyncIterator[bytes]:
     """Server-sent events of one streaming answer; the engine request is cancelled (the stream
     closed) if the client goes away."""
@@ -346,11 +371,10 @@ async def _events(
         if role is not None:
             yield sse(role)
         chunk = first
-        deadline = tracker.received + door.request_timeout
         while chunk is not None:
             yield sse(shaper.chunk(chunk.text, chunk.finish_reason))
-            remaining = deadline - time.perf_counter()
-            chunk = await asyncio.wait_for(anext(stream, None), max(remaining, 0.001))
+            async with asyncio.timeout_at(deadline):
+                chunk = await anext(stream, None)
             tracker.token(chunk)
         if parsed.include_usage:
             yield sse(shaper.usage_chunk(tracker.prompt_tokens, tracker.tokens))
@@ -365,44 +389,6 @@ async def _events(
         await stream.aclose()
         tracker.finish(status)
     yield DONE
-
-
-async def _whole(
-    door: FrontDoor,
-    request: Request,
-    parsed: Parsed,
-    tracker: _Tracker,
-    first: TokenChunk | None,
-    stream: AsyncIterator[TokenChunk],
-) -> Response:
-    """The answer of a request without ``stream``: every token, then one JSON body."""
-    texts: list[str] = []
-    finish = "length"
-
-    async def collect() -> None:
-        nonlocal finish
-        chunk = first
-        while chunk is not None:
-            texts.append(chunk.text)
-            finish = chunk.finish_reason or finish
-            chunk = await anext(stream, None)
-            tracker.token(chunk)
-
-    remaining = tracker.received + door.request_timeout - time.perf_counter()
-    try:
-        await _until_disconnect(request, asyncio.wait_for(collect(), max(remaining, 0.001)))
-    except BaseException as e:
-        tracker.finish(_status_of(e))
-        if isinstance(e, asyncio.CancelledError):
-            raise
-        if isinstance(e, ClientGone):
-            return Response(status_code=499)
-        return _error_of(e).response()
-    finally:
-        await stream.aclose()
-    tracker.finish("200")
-    body = Shaper(parsed).full("".join(texts), finish, tracker.prompt_tokens, tracker.tokens)
-    return JSONResponse(body)
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
