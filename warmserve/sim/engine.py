@@ -38,6 +38,10 @@ _ERRORS = ("", "queue full", "timed out waiting for an instance", "no instance b
 _CHUNK = 65536  # arrivals converted to Python objects at a time (bounds memory at scale)
 
 
+def _count(inst: Instance) -> int:
+    return inst.count
+
+
 @dataclass
 class SimResult:
     """What a run produced: one row per request, the device timeline, and counters."""
@@ -197,9 +201,15 @@ class Simulator:
 
     def _arrive(self, r: int, m: int, t: float) -> None:
         best = None
-        for inst in self.cluster.serving[m]:
-            if self._room(inst, r) and (best is None or inst.count < best.count):
-                best = inst
+        serving = self.cluster.serving[m]
+        if serving:
+            least = min(serving, key=_count)
+            if self._room(least, r):
+                best = least
+            else:  # the least loaded lacks KV room for this request; another may have it
+                for inst in serving:
+                    if self._room(inst, r) and (best is None or inst.count < best.count):
+                        best = inst
         self._arrive_load(m, t)
         if best is not None:
             self._admit(r, best, t)

@@ -69,6 +69,7 @@ class Instance:
         "ready",
         "ready_at",
         "shared",
+        "snap",
         "tier",
     )
 
@@ -90,6 +91,7 @@ class Instance:
         self.draining = False
         self.shared = False  # some device of it also hosts another instance
         self.tier = Tier.DISK
+        self.snap: InstanceSnapshot | None = None  # cached while its load is unchanged
 
 
 class Device:
@@ -179,23 +181,24 @@ class SimCluster:
                     lent=d.lent,
                 )
             devices.append(d.snap)
-        instances = tuple(
-            InstanceSnapshot(
-                id=i.id,
-                model=i.model,
-                devices=tuple(d.id for d in i.devices),
-                load=float(i.count),
-                started=i.ready_at,
-            )
-            for i in self.instances.values()
-        )
+        instances = []
+        for i in self.instances.values():
+            if i.snap is None or i.snap.load != i.count:
+                i.snap = InstanceSnapshot(
+                    id=i.id,
+                    model=i.model,
+                    devices=tuple(d.id for d in i.devices),
+                    load=float(i.count),
+                    started=i.ready_at,
+                )
+            instances.append(i.snap)
         if self._host_snap is None:
             self._host_snap = {n: frozenset(c) for n, c in self.host.items()}
         return ClusterSnapshot(
             time=t,
             models=self.models,
             devices=tuple(devices),
-            instances=instances,
+            instances=tuple(instances),
             host_cache=self._host_snap,
             load=load,
             queued=queued,
