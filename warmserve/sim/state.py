@@ -98,7 +98,7 @@ class Device:
     """One simulated device: prewarmed weights, engines up, instances, lent KV space."""
 
     __slots__ = (
-        "busy_until",
+        "draining",
         "engines",
         "id",
         "idx",
@@ -119,7 +119,7 @@ class Device:
         self.engines: dict[str, float] = {}  # family -> time its engine is up
         self.instances: list[Instance] = []
         self.lent = 0
-        self.busy_until = 0.0  # a stopped instance's requests run until then
+        self.draining: dict[str, float] = {}  # model of a stopped instance -> its drain end
         self.snap: DeviceSnapshot | None = None  # cached snapshot; None after a change
 
 
@@ -351,7 +351,7 @@ class SimCluster:
         family = self.models[model].family
         group = {d.idx for d in devices}
         for d in devices:
-            d.resident[model] = self._load_time(model, d, max(t, d.busy_until), group)
+            d.resident[model] = self._load_time(model, d, self._free_at(d, t), group)
             if tier == Tier.ENGINE and family not in d.engines:
                 d.engines[family] = d.resident[model] + self.costs.engine_start_s
             self._changed(d)
@@ -362,7 +362,7 @@ class SimCluster:
         group = {d.idx for d in devices}
         ready = t
         for d in devices:
-            t = max(t, d.busy_until)
+            t = self._free_at(d, t, model)
         for d in devices:
             w = d.resident.pop(model, None)
             up = d.engines.get(spec.family)
@@ -392,6 +392,16 @@ class SimCluster:
         self._rebudget(devices)
         return inst
 
+    def _free_at(self, d: Device, t: float, same: str = "") -> float:
+        """When work can start on ``d`` at ``t``: after stopped instances there drain, except one
+        of ``same`` model, whose engine and weights a new instance of that model simply reuses."""
+        for model, end in list(d.draining.items()):
+            if end <= t:
+                del d.draining[model]
+            elif model != same:
+                t = end
+        return t
+
     def mark_ready(self, inst: Instance) -> None:
         """The instance's activation finished: it admits requests from now on."""
         if self.instances.get(inst.id) is not inst:
@@ -404,7 +414,7 @@ class SimCluster:
     def _stop(self, inst: Instance, t: float) -> None:
         """The ledger's Stop at once: KV freed, weights resident, engine up. The requests in
         flight still finish; the devices are busy until they do, so loads and activations that
-        follow on them wait (``busy_until``)."""
+        follow on them wait (:meth:`_free_at`)."""
         inst.draining = True
         if inst.ready:
             self.serving[inst.midx].remove(inst)
@@ -414,7 +424,7 @@ class SimCluster:
         for d in inst.devices:
             d.instances.remove(inst)
             d.resident[inst.model] = max(t, inst.ready_at)
-            d.busy_until = max(d.busy_until, inst.last_finish)
+            d.draining[inst.model] = max(d.draining.get(inst.model, 0.0), inst.last_finish)
             if not d.instances:
                 d.lent = 0
             self._changed(d)
