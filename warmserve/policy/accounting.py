@@ -37,6 +37,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
 
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.state import (
@@ -72,6 +75,25 @@ class Replica:
     started: float = 0.0
 
 
+class DeviceIndex(NamedTuple):
+    """Per-device figures as arrays in snapshot order, so placement can rank every group of a
+    1,000-device cluster with a few numpy reductions instead of a Python scan.
+
+    ``count`` counts replicas of any kind, ``inst`` instances; ``rbytes``, ``rsum``, ``rmin``
+    and ``rmax`` cover resident (not serving) replicas only: their shard bytes, and the sum,
+    least and greatest of their scores (``rmin`` is +inf and ``rmax`` -inf on a device with
+    none).
+    """
+
+    free: np.ndarray
+    count: np.ndarray
+    inst: np.ndarray
+    rbytes: np.ndarray
+    rsum: np.ndarray
+    rmin: np.ndarray
+    rmax: np.ndarray
+
+
 def aligned_groups(devices: list[str], tp: int) -> list[tuple[str, ...]]:
     """Candidate TP groups on one node: the first ``tp`` devices of each aligned power-of-two
     block. Groups of different sizes drawn this way are nested or disjoint when ``tp`` is a power
@@ -105,13 +127,16 @@ class Accounting:
         self.nodes: dict[str, list[str]] = {}
         for d in snapshot.devices:
             self.nodes.setdefault(d.node, []).append(d.id)
+        number = {n: i for i, n in enumerate(self.nodes)}
+        self.node_of = np.array([number[self.node[d]] for d in self.order], np.intp)  # in nodes
         self.host = {n: set(snapshot.host_cache.get(n, ())) for n in self.nodes}
         for n, cached in snapshot.host_cache.items():
             self.host.setdefault(n, set(cached))
         self.instances: dict[str, Replica] = {}
         self.replicas: dict[str, list[Replica]] = {}  # model -> its replicas
         self._groups: dict[int, list[tuple[str, ...]]] = {}
-        self.cursor: dict[int, int] = {}  # tp -> groups before this index hold something
+        self._group_index: dict[int, np.ndarray] = {}
+        self._index: DeviceIndex | None = None  # built on first use, then kept up to date
         for inst in snapshot.instances:
             r = Replica(inst.model, inst.devices, inst.id, load=inst.load, started=inst.started)
             self._add(r)
@@ -148,22 +173,62 @@ class Accounting:
             ]
         return out
 
+    def group_index(self, tp: int) -> np.ndarray:
+        """:meth:`groups` of size ``tp`` as a (groups x tp) array of device positions."""
+        out = self._group_index.get(tp)
+        if out is None:
+            groups = self.groups(tp)
+            rows = [[self.position[d] for d in g] for g in groups]
+            out = self._group_index[tp] = np.array(rows, np.intp).reshape(len(groups), tp)
+        return out
+
+    def device_index(self) -> DeviceIndex:
+        """The per-device arrays placement ranks groups with (see :class:`DeviceIndex`)."""
+        if self._index is None:
+            n = len(self.order)
+            self._index = DeviceIndex(
+                free=np.zeros(n, np.int64),
+                count=np.zeros(n, np.int64),
+                inst=np.zeros(n, np.int64),
+                rbytes=np.zeros(n, np.int64),
+                rsum=np.zeros(n),
+                rmin=np.zeros(n),
+                rmax=np.zeros(n),
+            )
+            for d in self.order:
+                self._refresh(d)
+        return self._index
+
+    def rescored(self) -> None:
+        """Replica scores changed outside the ledger: rebuild the device index on next use."""
+        self._index = None
+
+    def _refresh(self, device: str) -> None:
+        """Recompute one device's row of the index (a handful of replicas at most)."""
+        ix = self._index
+        if ix is None:
+            return
+        i = self.position[device]
+        on = self.on[device]
+        scores = [r.score for r in on if r.instance is None]
+        ix.free[i] = self.free(device)
+        ix.count[i] = len(on)
+        ix.inst[i] = len(on) - len(scores)
+        ix.rbytes[i] = sum(self.shard(r.model) for r in on if r.instance is None)
+        ix.rsum[i] = sum(scores)
+        ix.rmin[i] = min(scores, default=math.inf)
+        ix.rmax[i] = max(scores, default=-math.inf)
+
     def empty_group(self, tp: int, need: int) -> tuple[str, ...] | None:
-        """The first group whose devices hold nothing and have ``need`` bytes free (no
-        placement beats it). A cursor skips groups known to hold something; it resets when a
-        device empties."""
-        groups = self.groups(tp)
-        start = self.cursor.get(tp, 0)
-        for i in range(start, len(groups)):
-            g = groups[i]
-            if all(not self.on[d] for d in g):
-                if all(self.free(d) >= need for d in g):
-                    self.cursor[tp] = start
-                    return g
-            elif i == start:
-                start += 1
-        self.cursor[tp] = start
-        return None
+        """The first group whose devices hold nothing and have ``need`` bytes free: no
+        placement beats it."""
+        ix = self.device_index()
+        g = self.group_index(tp)
+        if not len(g):
+            return None
+        ok = (ix.count[g].max(axis=1) == 0) & (ix.free[g].min(axis=1) >= need)
+        first = int(ok.argmax())
+        return self.groups(tp)[first] if ok[first] else None
 
     def replica_on(self, model: str, device: str) -> Replica | None:
         for r in self.on[device]:
@@ -235,6 +300,7 @@ class Accounting:
             self.on[d].append(r)
             self.used[d] += shard + kv
             self.kv[d] += kv
+            self._refresh(d)
         self.replicas.setdefault(r.model, []).append(r)
         if r.instance:
             self.instances[r.instance] = r
@@ -244,12 +310,11 @@ class Accounting:
         kv = self.kv_shard(r.model) if r.instance else 0
         for d in r.devices:
             self.on[d].remove(r)
-            if not self.on[d]:
-                self.cursor.clear()
             self.used[d] -= shard + kv
             self.kv[d] -= kv
             self.lent[d] = min(self.lent[d], self.kv[d])
             self._drop_engine(d, self.models[r.model].family)
+            self._refresh(d)
         self.replicas[r.model].remove(r)
         if r.instance:
             del self.instances[r.instance]
@@ -343,6 +408,7 @@ class Accounting:
                 self.engines[d].append(family)
             if not self.dedicated(d):
                 self.lent[d] = 0
+                self._refresh(d)
 
     def lend(self, device: str, nbytes: int) -> None:
         if nbytes <= 0 or not self.dedicated(device):
@@ -350,6 +416,7 @@ class Accounting:
         if self.lent[device] + nbytes > self.kv[device]:
             raise InfeasibleAction(f"{device} reserves only {self.kv[device]} bytes of KV")
         self.lent[device] += nbytes
+        self._refresh(device)
 
     def reclaim(self, device: str, nbytes: int) -> None:
         if nbytes <= 0 or nbytes > self.lent[device]:
@@ -357,6 +424,7 @@ class Accounting:
         if self.free(device) < nbytes:
             raise InfeasibleAction(f"reclaim on {device}: evict the weights in lent space first")
         self.lent[device] -= nbytes
+        self._refresh(device)
 
     # --------------------------------------------------------------------------- snapshots
 

@@ -12,9 +12,18 @@ residents with a lower score may be evicted, lowest first, and only when memory 
 
 Starting an instance (a request is waiting) takes the warmest group (ENGINE > DEVICE > HOST >
 DISK), then the one whose evictions cost the least score. Any resident may be evicted for it.
+
+Ties go to the group that comes first in :meth:`Accounting.groups`. A full cluster has about a
+thousand groups, too many to weigh one by one in Python every tick, so both functions first
+compute, with numpy over :meth:`Accounting.device_index`, a lower bound of every group's key and
+drop groups that cannot fit even after evicting every resident. They then weigh groups exactly in
+order of that bound and stop at the first bound above the best exact key: the choice is the one a
+full scan makes, at the cost of the few groups that could still win.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from warmserve.policy.accounting import Accounting, Replica
 from warmserve.policy.state import Action, Evict, Prewarm, Start, Tier
@@ -55,6 +64,38 @@ def _evict_all(acc: Accounting, victims: list[Replica]) -> list[Action]:
     return out
 
 
+def _by_bound(bounds: list[np.ndarray], feasible: np.ndarray) -> list[int]:
+    """Indices of feasible groups, sorted by their lower-bound key (first column most
+    significant), then group order."""
+    cand = np.flatnonzero(feasible)
+    order = np.lexsort([cand, *(b[cand] for b in reversed(bounds))])
+    return cand[order].tolist()
+
+
+def _prewarm_key(
+    acc: Accounting, g: tuple[str, ...], model: str, score: float, evict: bool, dedicated: bool
+) -> tuple[tuple, list[Replica]] | None:
+    """Exact ranking key of prewarming ``model`` on ``g`` and the victims; None if it cannot."""
+    over = acc.overlapping(g)
+    if any(r.model == model for r in over):
+        return None
+    n_inst = sum(1 for r in over if r.instance)
+    if n_inst and not dedicated:
+        return None
+    conflicts = acc.conflicts(g)
+    if conflicts and (not evict or any(r.instance or r.score >= score for r in conflicts)):
+        return None
+    lower = sorted(
+        (r for r in over if not r.instance and r.score < score), key=lambda r: (r.score, r.model)
+    )
+    victims = _make_room(acc, g, acc.shard(model), lower if evict else [], conflicts)
+    if victims is None:
+        return None
+    residents = [r for r in over if not r.instance]
+    outranks = all(r.score < score for r in residents)
+    return (not outranks, n_inst, sum(r.score for r in residents), len(victims)), victims
+
+
 def place_prewarm(
     acc: Accounting,
     model: str,
@@ -69,84 +110,110 @@ def place_prewarm(
     ``evict=False`` is first fit with no displacement (the no-placement ablation);
     ``dedicated=False`` keeps prewarms out of lent KV space.
     """
-    spec = acc.models[model]
+    tp = acc.models[model].tp
     shard = acc.shard(model)
-    best: tuple | None = None
-    best_group: tuple[str, ...] | None = None
-    best_victims: list[Replica] = []
-    group = acc.empty_group(spec.tp, shard)
+    victims: list[Replica] = []
+    group = acc.empty_group(tp, shard)
     if group is None:
-        for g in acc.groups(spec.tp):
-            over = acc.overlapping(g)
-            if any(r.model == model for r in over):
-                continue
-            n_inst = sum(1 for r in over if r.instance)
-            if n_inst and not dedicated:
-                continue
-            conflicts = acc.conflicts(g)
-            if conflicts and (not evict or any(r.instance or r.score >= score for r in conflicts)):
-                continue
-            lower = sorted(
-                (r for r in over if not r.instance and r.score < score),
-                key=lambda r: (r.score, r.model),
-            )
-            victims = _make_room(acc, g, shard, lower if evict else [], conflicts)
-            if victims is None:
-                continue
-            residents = [r for r in over if not r.instance]
-            outranks = all(r.score < score for r in residents)
-            key = (not outranks, n_inst, sum(r.score for r in residents), len(victims))
-            if best is None or key < best:
-                best, best_group, best_victims = key, g, victims
-                if not evict or key == (False, 0, 0.0, 0):
+        groups, gi, ix = acc.groups(tp), acc.group_index(tp), acc.device_index()
+        free = ix.free[gi]
+        fits = free.min(axis=1) >= shard
+        n_inst = ix.inst[gi].max(axis=1)  # distinct instances overlapping: at least this many
+        feasible = (free + ix.rbytes[gi]).min(axis=1) >= shard if evict else fits
+        if not dedicated:
+            feasible &= n_inst == 0
+        if not evict:  # first fit: group order, no ranking
+            order = np.flatnonzero(feasible).tolist()
+            bound = None
+        else:
+            outranked = ix.rmax[gi].max(axis=1) >= score
+            rsum = ix.rsum[gi].max(axis=1) * (1 - 1e-9)  # distinct residents score at least this
+            bound = (outranked, n_inst, rsum, ~fits)
+            order = _by_bound(list(bound), feasible)
+        best: tuple | None = None
+        for i in order:
+            if bound is not None and best is not None:
+                lb = (bool(bound[0][i]), int(bound[1][i]), float(bound[2][i]), int(bound[3][i]), i)
+                if lb > best:
                     break
-        group = best_group
+            found = _prewarm_key(acc, groups[i], model, score, evict, dedicated)
+            if found is None:
+                continue
+            key = (*found[0], i)
+            if best is None or key < best:
+                best, group, victims = key, groups[i], found[1]
+                if bound is None:
+                    break
     if group is None:
         return []
-    out = _evict_all(acc, best_victims)
+    out = _evict_all(acc, victims)
     acc.prewarm(model, group, tier, score)
     out.append(Prewarm(model, group, tier))
     return out
 
 
+def _start_key(
+    acc: Accounting, g: tuple[str, ...], model: str, exclusive: bool
+) -> tuple[tuple, list[Replica]] | None:
+    """Exact ranking key of starting ``model`` on ``g`` and the victims; None if it cannot."""
+    over = acc.overlapping(g)
+    mine = acc.resident_replica(model, g)
+    if any(r.model == model and r is not mine for r in over):
+        return None
+    if exclusive and any(r.instance for r in over):
+        return None
+    conflicts = acc.conflicts(g, ignore=mine)
+    if any(r.instance for r in conflicts):
+        return None
+    others = sorted(
+        (r for r in over if not r.instance and r is not mine), key=lambda r: (r.score, r.model)
+    )
+    need = acc.kv_shard(model) + (0 if mine else acc.shard(model))
+    victims = _make_room(acc, g, need, others, conflicts)
+    if victims is None:
+        return None
+    return (-int(acc.tier(model, g)), sum(r.score for r in victims), len(victims)), victims
+
+
 def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[Action]:
     """Start an instance of ``model`` on the warmest group that can hold it; [] if none.
 
-    ``exclusive`` keeps one instance per device (WarmServe's dedicated mode); the sharing
-    baseline turns it off.
+    Its own resident replicas are weighed first: weights already in place beat any load. Other
+    groups holding the model on some device cannot take it; the rest load from the node's host
+    memory or disk. ``exclusive`` keeps one instance per device (WarmServe's dedicated mode);
+    the sharing baseline turns it off.
     """
     spec = acc.models[model]
-    shard, kv = acc.shard(model), acc.kv_shard(model)
-    cached = any(model in c for c in acc.host.values())
-    ideal = (-int(Tier.ENGINE), 0.0, 0)
-    fallback = (-int(Tier.HOST if cached else Tier.DISK), 0.0, 0)
-    own = [r.devices for r in acc.replicas.get(model, ()) if r.instance is None]
     best: tuple | None = None
     best_group: tuple[str, ...] | None = None
     best_victims: list[Replica] = []
-    for i, g in enumerate([*own, *acc.groups(spec.tp)]):
-        if i == len(own) and best is not None and best[0] <= -int(Tier.DEVICE):
-            break  # weights already in place beat any load
-        over = acc.overlapping(g)
-        mine = acc.resident_replica(model, g)
-        if any(r.model == model and r is not mine for r in over):
-            continue
-        if exclusive and any(r.instance for r in over):
-            continue
-        conflicts = acc.conflicts(g, ignore=mine)
-        if any(r.instance for r in conflicts):
-            continue
-        others = sorted(
-            (r for r in over if not r.instance and r is not mine), key=lambda r: (r.score, r.model)
-        )
-        victims = _make_room(acc, g, kv + (0 if mine else shard), others, conflicts)
-        if victims is None:
-            continue
-        key = (-int(acc.tier(model, g)), sum(r.score for r in victims), len(victims))
-        if best is None or key < best:
-            best, best_group, best_victims = key, g, victims
-            if key <= ideal or (mine is None and key == fallback):
+    own = [r.devices for r in acc.replicas.get(model, ()) if r.instance is None]
+    for k, g in enumerate(own):
+        found = _start_key(acc, g, model, exclusive)
+        if found is not None and (best is None or (*found[0], k) < best):
+            best, best_group, best_victims = (*found[0], k), g, found[1]
+    if best is None or best[0] > -int(Tier.DEVICE):
+        groups, gi, ix = acc.groups(spec.tp), acc.group_index(spec.tp), acc.device_index()
+        need = acc.shard(model) + acc.kv_shard(model)
+        free = ix.free[gi]
+        feasible = (free + ix.rbytes[gi]).min(axis=1) >= need
+        if exclusive:
+            feasible &= ix.inst[gi].max(axis=1) == 0
+        holding = np.zeros(len(acc.order), bool)
+        holding[[acc.position[d] for r in acc.replicas.get(model, ()) for d in r.devices]] = True
+        feasible &= ~holding[gi].any(axis=1)
+        cached = np.array([model in acc.host[n] for n in acc.nodes], bool)
+        tier = np.where(cached[acc.node_of[gi[:, 0]]], -int(Tier.HOST), -int(Tier.DISK))
+        short = free < need
+        cost = np.where(short, ix.rmin[gi], 0.0).max(axis=1) * (1 - 1e-9)  # a victim per short
+        bound = (tier, cost, short.any(axis=1))
+        for i in _by_bound(list(bound), feasible):
+            lb = (int(bound[0][i]), float(bound[1][i]), int(bound[2][i]), len(own) + i)
+            if best is not None and lb > best:
                 break
+            found = _start_key(acc, groups[i], model, exclusive)
+            if found is not None and (best is None or (*found[0], len(own) + i) < best):
+                best, best_group, best_victims = (*found[0], len(own) + i), groups[i], found[1]
     if best_group is None:
         return []
     out = _evict_all(acc, best_victims)

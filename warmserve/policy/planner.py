@@ -12,10 +12,9 @@ recording its actions in one :class:`Accounting` so later steps see what earlier
    replica as burst at the cap). Existing instances take a model's first ranks, its resident
    replicas the next ones; replicas beyond the wanted count score zero;
 4. proactive prewarming of the wanted replicas not yet in place, highest score first, with
-   evict-aware placement (:mod:`.placement`). Placing on empty devices is cheap; a placement
-   that must scan every group (the cluster is full) is limited to ``scans_per_tick`` per tick,
-   the rest wait for the next tick, and once a group size fails for some bytes, replicas of
-   lower score and no fewer bytes are skipped (they cannot fit either).
+   evict-aware placement (:mod:`.placement`, which ranks the groups of a full cluster with numpy
+   bounds, so every wanted replica is tried every tick). Once a group size fails for some
+   bytes, replicas of lower score and no fewer bytes are skipped (they cannot fit either).
 
 ``on_demand()`` starts one instance on the warmest feasible group, evicting the lowest-scored
 residents in the way, or returns [] (the request queues) when no group can take it.
@@ -123,6 +122,7 @@ class WarmServePolicy:
             for j, r in enumerate(have):
                 r.score = scores[j] if j < len(scores) else 0.0
             missing += [(s, model) for s in scores[len(have) :]]
+        acc.rescored()
         missing.sort(key=lambda x: (-x[0], x[1]))
         return missing
 
@@ -135,18 +135,13 @@ class WarmServePolicy:
             out += adjust_lending(acc, {m: p for m, (_, p) in fc.items()})
         if self.prewarm and self.proactive:
             failed: dict[int, int] = {}  # tp -> smallest shard no group could take
-            scans = 0
             for score, model in missing:
                 tp, shard = self.models[model].tp, acc.shard(model)
                 if shard >= failed.get(tp, shard + 1):
                     continue  # a lower score with as many bytes cannot fit where that did not
-                empty = acc.empty_group(tp, shard)
-                if empty is None and scans >= self.config.scans_per_tick:
-                    continue
-                scans += empty is None
                 placed = place_prewarm(acc, model, score, evict=self.placement, dedicated=self.lend)
                 if not placed:
-                    failed[tp] = min(shard, failed.get(tp, shard))
+                    failed[tp] = shard
                 out += placed
         return out
 
