@@ -5,6 +5,10 @@ H100 driver measured here (580), cuMemMap maps only a whole handle (a sub-range 
 CUDA_ERROR_NOT_SUPPORTED), so the chunk size sets the number of map calls: 15 GiB in 2 MiB
 chunks is 7,659 calls (0.30 s), in 64 MiB chunks 240 calls (11 ms). Pick large chunks for a GPU
 pool (bench/results/gpu_switch.json). One cuMemSetAccess covers a whole region.
+
+Unmapping goes the other way: CUDA's own samples unmap a range made of several mappings with one
+cuMemUnmap, so a range is unmapped in one call, falling back to one call per chunk (and staying
+there) if a driver refuses it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class CudaMemory:
         self.chunk_count = chunk_count
         self.map_calls = 0
         self.unmap_calls = 0
+        self._unmap_whole_range: bool | None = None
         self._handles: list[Any] = []
         self._context = _retain_primary_context(device)
         try:
@@ -71,10 +76,40 @@ class CudaMemory:
         count = len(_chunks(runs))
         _make_current(self._context)
         _synchronize()
-        for i in range(count):
-            _unmap(address + i * self.chunk_size, self.chunk_size)
+        self._unmap_chunks(address, count)
         _free_va(address, count * self.chunk_size)
-        self.unmap_calls += count
+
+    def reserve_va(self, size: int) -> int:
+        _make_current(self._context)
+        return _reserve(size, self.chunk_size)
+
+    def remap(self, address: int, old: Sequence[Run], new: Sequence[Run]) -> None:
+        """Unmap ``old``, map each chunk of ``new`` (whole handles), then one cuMemSetAccess.
+
+        The chunks of ``new`` are mapped at their region's address too and so hold handles.
+        """
+        _make_current(self._context)
+        _synchronize()
+        old_count = len(_chunks(old))
+        if old_count:
+            self._unmap_chunks(address, old_count)
+        chunks = _chunks(new)
+        mapped = 0
+        try:
+            for chunk in chunks:
+                _map(address + mapped * self.chunk_size, self.chunk_size, self._handles[chunk])
+                mapped += 1
+            if mapped:
+                _set_access(address, mapped * self.chunk_size, self.device)
+        except BaseException:
+            if mapped:
+                self._unmap_chunks(address, mapped)
+            raise
+        self.map_calls += mapped
+
+    def free_va(self, address: int, size: int) -> None:
+        _make_current(self._context)
+        _free_va(address, size)
 
     def as_tensor(self, address: int, nbytes: int) -> torch.Tensor:
         return torch.as_tensor(_DeviceBytes(address, nbytes), device=f"cuda:{self.device}")
@@ -103,6 +138,24 @@ class CudaMemory:
         if self._context is not None:
             _release_primary_context(self.device)
             self._context = None
+
+    def _unmap_chunks(self, address: int, count: int) -> None:
+        """Unmap ``count`` adjacent chunk mappings from ``address``; queued work must be done."""
+        size = count * self.chunk_size
+        if count > 1 and self._unmap_whole_range is not False:
+            try:
+                _unmap(address, size)
+            except CudaError:
+                if self._unmap_whole_range:
+                    raise
+                self._unmap_whole_range = False
+            else:
+                self._unmap_whole_range = True
+                self.unmap_calls += 1
+                return
+        for i in range(count):
+            _unmap(address + i * self.chunk_size, self.chunk_size)
+        self.unmap_calls += count
 
 
 def _chunks(runs: Sequence[Run]) -> list[int]:

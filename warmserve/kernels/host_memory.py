@@ -51,6 +51,30 @@ class HostMemory:
         _unmap(address, sum(length for _, length in runs) * self.chunk_size)
         self.unmap_calls += 1
 
+    def reserve_va(self, size: int) -> int:
+        return _reserve(size)
+
+    def remap(self, address: int, old: Sequence[Run], new: Sequence[Run]) -> None:
+        """MAP_FIXED replaces the old pages in place; only a longer old tail needs clearing.
+
+        The tail goes back to a PROT_NONE reservation (not munmap), so no other mapping can land
+        inside the slot's addresses.
+        """
+        old_size = sum(length for _, length in old) * self.chunk_size
+        new_size = sum(length for _, length in new) * self.chunk_size
+        try:
+            _map_runs(self.fd, address, new, self.chunk_size)
+        except OSError:
+            _reserve(max(old_size, new_size), at=address)
+            raise
+        self.map_calls += len(new)
+        if old_size > new_size:
+            _reserve(old_size - new_size, at=address + new_size)
+            self.unmap_calls += 1
+
+    def free_va(self, address: int, size: int) -> None:
+        _unmap(address, size)
+
     def as_tensor(self, address: int, nbytes: int) -> torch.Tensor:
         return _tensor_at(address, nbytes)
 
@@ -146,10 +170,13 @@ def _mmap(address: int, size: int, prot: int, flags: int, fd: int, offset: int) 
     return result
 
 
-def _reserve(size: int) -> int:
-    """Reserve ``size`` bytes of address space with no access and no memory behind it."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-    return _mmap(0, size, _PROT_NONE, flags, -1, 0)
+def _reserve(size: int, at: int = 0) -> int:
+    """Reserve ``size`` bytes of address space with no access and no memory behind it.
+
+    With ``at``, the reservation replaces whatever is mapped there (MAP_FIXED).
+    """
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | (_MAP_FIXED if at else 0)
+    return _mmap(at, size, _PROT_NONE, flags, -1, 0)
 
 
 def _map_runs(fd: int, address: int, runs: Sequence[Run], chunk_size: int) -> None:

@@ -7,6 +7,10 @@ and a switch only changes which virtual range they are mapped behind (a driver c
 chunks, no data movement). Tags name what a region holds (``"weights:llama-8b"``,
 ``"kv:llama-8b"``), as vLLM's sleep-mode allocator tags its pools.
 
+A *slot* is the other half of that idea: a fixed virtual range, sized for the largest model,
+behind which the chunks of any resident region can be mapped in turn. Kernels captured once over
+a slot (a CUDA graph of the forward pass) then run on whichever model is bound to it.
+
 Nothing here knows about CUDA or mmap; a backend (``host_memory`` or ``cuda_memory``) supplies
 the mapping calls.
 """
@@ -51,6 +55,19 @@ class PhysicalMemory(Protocol):
     def physical_bytes(self) -> int:
         """Bytes of physical memory the pool holds now (trimmed chunks excluded)."""
 
+    def reserve_va(self, size: int) -> int:
+        """Reserve ``size`` bytes of virtual addresses (a slot) with nothing mapped behind them."""
+
+    def remap(self, address: int, old: Sequence[Run], new: Sequence[Run]) -> None:
+        """Replace the chunks mapped at ``address`` (``old``, maybe none) by ``new`` (maybe none).
+
+        ``new`` is mapped in order from ``address``; the range keeps its virtual addresses. On
+        error nothing is left mapped there.
+        """
+
+    def free_va(self, address: int, size: int) -> None:
+        """Give back a range from ``reserve_va``; nothing may be mapped in it."""
+
     def share_info(self, runs: Sequence[Run]) -> dict[str, Any]:
         """What another process needs to map the same chunks."""
 
@@ -83,18 +100,9 @@ class Region:
         """A zero-copy view of ``shape`` elements of ``dtype`` starting ``offset`` bytes in."""
         if self.released:
             raise RuntimeError(f"region {self.tag!r} was released")
-        itemsize = dtype.itemsize
-        count = 1
-        for dim in shape:
-            count *= int(dim)
-        end = offset + count * itemsize
-        if offset < 0 or end > self.nbytes:
-            raise ValueError(f"bytes [{offset}, {end}) fall outside region of {self.nbytes}")
-        if offset % itemsize:
-            raise ValueError(f"offset {offset} is not aligned to {dtype} ({itemsize} bytes)")
         if self._base is None:
             self._base = self._memory.as_tensor(self.address, self.nbytes)
-        return self._base[offset:end].view(dtype).view(tuple(int(d) for d in shape))
+        return _view(self._base, dtype, shape, offset)
 
     def share_info(self) -> dict[str, Any]:
         """How a child process can map this region's memory (see ``host_memory.open_shared``)."""
@@ -103,6 +111,62 @@ class Region:
         info = self._memory.share_info(self.runs)
         info["nbytes"] = self.nbytes
         return info
+
+
+@dataclass
+class Slot:
+    """A fixed virtual range that shows one resident region at a time, without copying.
+
+    Why: a CUDA graph records the addresses its kernels read. An engine captures its forward pass
+    once over a slot; activating another resident model is then ``bind`` (that model's physical
+    chunks are mapped behind the same addresses, the previous model's are unmapped from them) and
+    a replay of the same graph. Nothing is copied and nothing is captured again.
+
+    A bind costs a cuMemMap per chunk: for 15 GiB on the H100, 1.7 ms in 1 GiB chunks, 4.4 ms
+    in 256 MiB, 14 ms in 64 MiB (bench/results/gpu_activate_graph.json), so weight pools that
+    back slots want large chunks.
+
+    The bound region also stays mapped at its own address: both ranges alias the same chunks,
+    which costs no memory, keeps the region's views (the weight store's) valid, and spares a bind
+    the calls that moving the mapping would cost (unmapping it there, mapping it back on unbind).
+    Releasing a region unbinds it from every slot first, so a slot never shows chunks that the
+    pool may hand out again. Views from ``tensor`` keep their addresses across binds; reading
+    them while nothing is bound, or past the bound region's mapped bytes, faults.
+    """
+
+    name: str
+    address: int
+    nbytes: int
+    va_bytes: int
+    _switcher: MemorySwitcher = field(repr=False)
+    _base: torch.Tensor | None = field(default=None, repr=False)
+    bound: str | None = None
+    closed: bool = False
+
+    def bind(self, tag: str) -> None:
+        """Map region ``tag``'s chunks behind this slot, replacing whatever was bound."""
+        self._switcher._bind(self, tag)
+
+    def unbind(self) -> None:
+        """Unmap whatever is bound; the slot keeps its virtual addresses."""
+        self._switcher._bind(self, None)
+
+    def tensor(self, dtype: torch.dtype, shape: Sequence[int], offset: int = 0) -> torch.Tensor:
+        """A view at fixed addresses that reads whichever region is bound when it is used.
+
+        Needs a region bound now: on CUDA, torch finds a pointer's device from its mapping.
+        """
+        if self.closed:
+            raise RuntimeError(f"slot {self.name!r} was closed")
+        if self.bound is None:
+            raise RuntimeError(f"slot {self.name!r} has no region bound; bind one first")
+        if self._base is None:
+            self._base = self._switcher._memory.as_tensor(self.address, self.nbytes)
+        return _view(self._base, dtype, shape, offset)
+
+    def close(self) -> None:
+        """Unbind and give the virtual range back."""
+        self._switcher._close_slot(self)
 
 
 class MemorySwitcher:
@@ -124,6 +188,7 @@ class MemorySwitcher:
         self.chunk_size = chunk_size
         self._pool = ChunkPool(count)
         self._regions: dict[str, Region] = {}
+        self._slots: dict[str, Slot] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -172,11 +237,31 @@ class MemorySwitcher:
             self._regions[tag] = region
             return region
 
+    def slot(self, name: str, nbytes: int) -> Slot:
+        """Reserve a fixed virtual range of ``nbytes`` (the largest model it will show), unbound.
+
+        A slot takes no chunks from the pool: only addresses, rounded up to whole chunks.
+        """
+        if nbytes <= 0:
+            raise ValueError(f"a slot needs a positive size, got {nbytes}")
+        with self._lock:
+            self._check_open()
+            if name in self._slots:
+                raise ValueError(f"slot {name!r} already exists")
+            va_bytes = -(-nbytes // self.chunk_size) * self.chunk_size
+            address = self._memory.reserve_va(va_bytes)
+            slot = Slot(name, address, nbytes, va_bytes, self)
+            self._slots[name] = slot
+            return slot
+
     def release(self, tag: str) -> None:
         """Unmap ``tag``'s range; its chunks return to the pool, still allocated, for reuse."""
         with self._lock:
             self._check_open()
             region = self._regions.pop(tag)
+            for slot in self._slots.values():
+                if slot.bound == tag:
+                    self._remap(slot, region.runs, None)
             region.released = True
             region._base = None
             self._memory.unmap(region.address, region.runs)
@@ -199,6 +284,7 @@ class MemorySwitcher:
             "used_bytes": self.used_bytes,
             "physical_bytes": self._memory.physical_bytes(),
             "regions": {tag: r.nbytes for tag, r in self._regions.items()},
+            "slots": {name: slot.bound for name, slot in self._slots.items()},
             "map_calls": self._memory.map_calls,
             "unmap_calls": self._memory.unmap_calls,
         }
@@ -208,6 +294,8 @@ class MemorySwitcher:
         with self._lock:
             if self._closed:
                 return
+            for slot in list(self._slots.values()):
+                self._drop_slot(slot)
             for region in self._regions.values():
                 region.released = True
                 region._base = None
@@ -225,6 +313,58 @@ class MemorySwitcher:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the memory switcher is closed")
+
+    def _bind(self, slot: Slot, tag: str | None) -> None:
+        with self._lock:
+            self._check_open()
+            if slot.closed:
+                raise RuntimeError(f"slot {slot.name!r} was closed")
+            if tag == slot.bound:
+                return
+            region = self._regions[tag] if tag is not None else None
+            if region is not None and region.nbytes > slot.nbytes:
+                raise ValueError(
+                    f"region {tag!r} of {region.nbytes} bytes does not fit slot {slot.name!r} "
+                    f"of {slot.nbytes}"
+                )
+            old = self._regions[slot.bound].runs if slot.bound is not None else ()
+            self._remap(slot, old, region)
+
+    def _remap(self, slot: Slot, old: Sequence[Run], region: Region | None) -> None:
+        """Swap what ``slot`` shows; a failed remap leaves it unbound (nothing mapped)."""
+        slot.bound = None
+        self._memory.remap(slot.address, old, region.runs if region is not None else ())
+        slot.bound = region.tag if region is not None else None
+
+    def _close_slot(self, slot: Slot) -> None:
+        with self._lock:
+            if not slot.closed:
+                self._check_open()
+                self._drop_slot(slot)
+
+    def _drop_slot(self, slot: Slot) -> None:
+        if slot.bound is not None:
+            self._remap(slot, self._regions[slot.bound].runs, None)
+        self._memory.free_va(slot.address, slot.va_bytes)
+        slot.closed = True
+        slot._base = None
+        del self._slots[slot.name]
+
+
+def _view(
+    base: torch.Tensor, dtype: torch.dtype, shape: Sequence[int], offset: int
+) -> torch.Tensor:
+    """``shape`` elements of ``dtype`` at ``offset`` bytes into the uint8 tensor ``base``."""
+    itemsize = dtype.itemsize
+    count = 1
+    for dim in shape:
+        count *= int(dim)
+    end = offset + count * itemsize
+    if offset < 0 or end > base.numel():
+        raise ValueError(f"bytes [{offset}, {end}) fall outside range of {base.numel()}")
+    if offset % itemsize:
+        raise ValueError(f"offset {offset} is not aligned to {dtype} ({itemsize} bytes)")
+    return base[offset:end].view(dtype).view(tuple(int(d) for d in shape))
 
 
 def _open_backend(name: str, chunk_size: int, count: int, device: int) -> PhysicalMemory:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from warmserve.kernels.switcher import MemorySwitcher, Region
+from warmserve.kernels.switcher import MemorySwitcher, Region, Slot
 
 ALIGNMENT = 256
 """Offsets are multiples of this: the widest vector load and what cuBLAS prefers."""
@@ -45,8 +45,8 @@ class TensorLayout:
             offset += _nbytes(dtype, shape)
         return cls(slots, max(offset, 1))
 
-    def views(self, region: Region) -> dict[str, torch.Tensor]:
-        """Zero-copy views of every tensor in ``region``."""
+    def views(self, region: Region | Slot) -> dict[str, torch.Tensor]:
+        """Zero-copy views of every tensor in ``region``, or in whichever region a slot shows."""
         if region.nbytes < self.nbytes:
             raise ValueError(f"region of {region.nbytes} bytes cannot hold layout of {self.nbytes}")
         return {
