@@ -310,3 +310,27 @@ def test_shipped_policies_run_clean_on_the_paper_cluster(paper_workload, name):
     dev = run.devices
     used = dev.column("weights_bytes").to_numpy() + dev.column("kv_bytes").to_numpy()
     assert (used <= dev.column("memory").to_numpy()).all()
+
+
+def test_cli_writes_results_and_device_timeline_that_the_report_reads(tmp_path):
+    from warmserve.report.cli import command as report
+    from warmserve.report.schema import REQUIRED, devices_path
+    from warmserve.sim.cli import command
+
+    cluster, wl = _files(
+        tmp_path,
+        [{"name": "a", "family": "f", "bytes": "14 GB"}],
+        arrival=(0.0, 1.0, 30.0, 31.0),
+        names=("a", "a", "a", "a"),
+    )
+    out = tmp_path / "r.parquet"
+    args = ["--workload", wl, "--cluster", cluster, "--policy", "autoscale", "--out", str(out)]
+    res = CliRunner().invoke(command, [*args, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    table = pq.read_table(out)
+    assert table.num_rows == 4 and set(REQUIRED) <= set(table.column_names)
+    assert table.schema.metadata[b"policy"] == b"autoscale"
+    assert pq.read_table(devices_path(out)).num_rows > 0
+    rep = CliRunner().invoke(report, [str(out)])
+    assert rep.exit_code == 0, rep.output
+    assert "| autoscale |" in rep.output
