@@ -2,10 +2,13 @@
 
 Shaped like ``distributed.active_memory_manager``: a ``PeriodicCallback`` runs one planning pass
 every ``warmserve.planner.tick`` seconds (:meth:`run_once`), the policy returns typed actions,
-:class:`~warmserve.scheduler_plugin.state.ClusterState` accepts them into its accounting, and
-:meth:`enact` sends them to the workers' ``WORKER_*`` handlers without waiting (a failure is
+and :meth:`enact` sends them to the workers' ``WORKER_*`` handlers without waiting (a failure is
 logged and the worker's state is fetched again). Actions for one worker are sent in the order the
-policy gave them (an eviction before the activation that needs its memory).
+policy gave them (an eviction before the activation that needs its memory). Starts, stops and KV
+lending enter :class:`~warmserve.scheduler_plugin.state.ClusterState` when accepted; prewarms and
+evictions show up when the workers next report (each tick refreshes every worker first). Lending
+has no worker handler (an engine's KV size is fixed when it starts), so it lives in the
+accounting only.
 
 Routing (``warmserve_route``) is the latency-critical path: it answers from the accounting alone
 when an instance has room, and only when none has does it ask ``policy.on_demand`` and await the
