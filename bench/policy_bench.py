@@ -3,7 +3,8 @@
 - plan: 128 nodes x 8 devices (80 GB each), 256 models (Zipf popularity, alpha 0.5; 1 to 70 GB;
   TP 1, 2 or 4), after a week of observed windows. ``cold`` plans on an empty cluster (every
   replica placed), ``warm`` plans again on the result with loads moved one window on.
-- forecast: :meth:`Forecaster.predict` for 10,000 models with three periods of history.
+- forecast: :meth:`Forecaster.predict` (and ``observe_all``, which also scores the experts) of
+  the planner's forecaster for 10,000 models with three periods of history.
 
 Reports the median of several runs. Run: ``python bench/policy_bench.py``.
 """
@@ -21,7 +22,8 @@ import numpy as np
 from warmserve.policy.accounting import apply
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.factory import make_policy
-from warmserve.policy.forecast import CSPParams, Forecaster
+from warmserve.policy.forecast import Forecaster
+from warmserve.policy.planner import csp_params
 from warmserve.policy.state import ClusterSnapshot, DeviceSnapshot
 from warmserve.registry import ModelSpec
 
@@ -94,7 +96,7 @@ def bench_plan() -> dict:
 
 
 def bench_forecast(n: int = 10_000) -> dict:
-    params = CSPParams(period=288, periods=3, correction_windows=10, reset=False, blend=0.7)
+    params = csp_params(PolicyConfig())  # the planner's forecaster (an expert mixture)
     f = Forecaster(params, tuple(f"m{i}" for i in range(n)))
     rng = np.random.default_rng(1)
     for w in range(3 * 288 + 12):

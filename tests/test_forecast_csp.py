@@ -1,4 +1,5 @@
-"""The Corrective Seasonal Predictor on hand-made series, and online == batch."""
+"""The Corrective Seasonal Predictor and the expert mixture on hand-made series, and online ==
+batch."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pytest
 from warmserve.policy.forecast import (
     CSPParams,
     Forecaster,
+    MixParams,
     csp,
     last_value,
+    mixture,
+    recent_quantile,
     seasonal_naive,
     seasonal_part,
 )
@@ -90,6 +94,39 @@ def test_online_forecaster_matches_batch(reset: bool, blend: float) -> None:
     peak = avg * 2
     params = CSPParams(period=period, periods=3, correction_windows=4, reset=reset, blend=blend)
     want_avg, want_peak = csp(avg, params), csp(peak, params)
+    f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
+    for w in range(t):
+        got_avg, got_peak = f.predict(w)
+        assert np.allclose(got_avg, want_avg[:, w]), w
+        assert np.allclose(got_peak, want_peak[:, w]), w
+        for i in range(m):
+            if not np.isnan(avg[i, w]):
+                f.observe(f"m{i}", w, avg[i, w], peak[i, w])
+
+
+def test_recent_quantile_ignores_missing_windows() -> None:
+    h = np.array([[4.0, NAN, 2.0, 8.0]])
+    assert recent_quantile(h, 2, 0.5)[0].tolist() == [0.0, 4.0, 4.0, 2.0]
+    assert recent_quantile(h, 3, 0.5)[0, 3] == 3.0  # the median of 4 and 2
+    assert recent_quantile(h, 3, 1.0)[0, 3] == 4.0
+
+
+def test_mixture_follows_the_expert_with_the_least_recent_error() -> None:
+    # A flat series: last value is exact from window 1 on, so it takes (nearly) all the weight.
+    h = np.full((1, 60), 7.0)
+    h[0, :5] = [1.0, 30.0, 2.0, 50.0, 7.0]
+    pred = mixture(h, CSPParams(period=10, mix=MixParams()))
+    assert pred[0, -1] == pytest.approx(7.0)
+
+
+def test_online_mixture_matches_batch() -> None:
+    rng = np.random.default_rng(3)
+    period, t, m = 6, 40, 4
+    avg = rng.gamma(2.0, 3.0, (m, t)) * (1 + np.sin(np.arange(t) * 2 * np.pi / period))
+    avg[rng.random((m, t)) < 0.1] = NAN
+    peak = avg * rng.uniform(1.0, 3.0, (m, t))
+    params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=MixParams(eta=50.0))
+    want_avg, want_peak = mixture(avg, params, 0), mixture(peak, params, 1)
     f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
     for w in range(t):
         got_avg, got_peak = f.predict(w)

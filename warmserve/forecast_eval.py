@@ -24,9 +24,12 @@ statsforecast's AutoETS and MSTL refit at every origin (a third of a second per 
 scored on ``STATS_ORIGINS`` evenly spaced origins per series, fitted on the ``STATS_DAYS`` days
 before each; every method is also scored on exactly those origins for a like-for-like row.
 
-Methods: ``csp`` (the paper's plain CSP), ``last-value``, ``seasonal-naive``, ``blend`` (the
-tuned CSP the planner runs: corrections across period boundaries, decay 0.8 over 10 windows, 70%
-last value) and the two statsforecast models.
+Methods: ``csp`` (the paper's plain CSP), ``last-value``, ``seasonal-naive``, ``blend`` (a
+tuned CSP: corrections across period boundaries, decay 0.8 over 10 windows, 70% last value),
+``mixture`` (what the planner runs: an online, per-series, exponentially weighted mixture of a
+CSP, last-value, seasonal-naive and recent medians/quantiles, see
+:func:`warmserve.policy.forecast.mixture`; it learns only from windows before each prediction)
+and the two statsforecast models.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ PEAK_Z = 3.0  # standard deviations from a window's mean concurrency to its peak
 TTFT = 0.5  # s, assumed time to first token of a BurstGPT request
 TPOT = 0.02  # s, assumed time per output token
 CAPACITY = 32  # concurrent requests per instance
-STATS_ORIGINS = 12  # statsforecast origins per series
+STATS_ORIGINS = 36  # statsforecast origins per series (fewer make the like-for-like rows noisy)
 STATS_DAYS = 4  # days of history each statsforecast fit sees
 SCALE_INSTANCES = 4.0  # mean average concurrency of every series, in instances
 TOP_CLIENTS = 4  # ServeGen clients with the highest total rate, evaluated on their own
@@ -169,6 +172,13 @@ def methods(period: int) -> dict:
     }
 
 
+def mixture_predictions(period: int, avg: np.ndarray, peak: np.ndarray):
+    """The planner's forecaster (:func:`warmserve.policy.planner.csp_params`), average and peak
+    (its peak experts are scored with a higher pinball quantile)."""
+    params = fc.CSPParams(period, 3, 10, decay=0.8, reset=False, mix=fc.MixParams())
+    return fc.mixture(avg, params, 0), fc.mixture(peak, params, 1)
+
+
 def blend_params(period: int) -> fc.CSPParams:
     """The tuned CSP: see the module docstring and :func:`warmserve.policy.planner.csp_params`."""
     return fc.CSPParams(period, periods=3, correction_windows=10, decay=0.8, reset=False, blend=0.7)
@@ -212,6 +222,7 @@ def evaluate(series: Series, stats: bool = True) -> dict:
     w0 = series.warmup
     t = series.avg.shape[1]
     preds = {name: (f(series.avg), f(series.peak)) for name, f in methods(series.period).items()}
+    preds["mixture"] = mixture_predictions(series.period, series.avg, series.peak)
     result: dict = {
         "series": series.names,
         "window_s": series.window,
@@ -253,7 +264,11 @@ def _plot(results: dict, loaded: dict, path: str) -> None:
         x = np.arange(series.avg.shape[1] - days, series.avg.shape[1]) * series.window / 3600
         ax.plot(x, series.peak[0, -days:], color="black", lw=1, label="actual peak")
         ax.plot(x, series.avg[0, -days:], color="gray", lw=1, label="actual avg")
-        for name, color in (("blend", "tab:red"), ("csp", "tab:blue"), ("last-value", "tab:green")):
+        for name, color in (
+            ("mixture", "tab:red"),
+            ("csp", "tab:blue"),
+            ("last-value", "tab:green"),
+        ):
             ax.plot(x, preds[name][1][0, -days:], color=color, lw=0.8, label=f"{name} peak")
         ax.set_title(f"{source}: {series.names[0]}, last two days")
         ax.set_xlabel("hour")

@@ -25,14 +25,36 @@ day-to-day noise that the plain CSP passes straight into its prediction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 
 @dataclass(frozen=True)
+class MixParams:
+    """An exponentially weighted mixture of experts over the CSP and cheap baselines.
+
+    Defaults: ``eta`` and ``discount`` make the mixture close to following the expert with the
+    least recent error (errors of the last ~30 windows count most), which is what wins on
+    series whose best expert changes between calm days and bursty ones.
+    """
+
+    eta: float = 300.0  # sharpness: weights are exp(-eta * excess discounted error / level)
+    discount: float = 0.97  # weight of an expert's past error relative to the next window's
+    tau: tuple[float, float] = (0.5, 0.6)  # pinball quantile scoring the avg and peak experts
+    recent: int = 3  # the median of this many last windows is an expert
+    high: int = 6  # ... and the ``high_q`` quantile of this many
+    high_q: float = 0.8
+    burst: int = 2  # ... and the maximum of this many
+
+
+@dataclass(frozen=True)
 class CSPParams:
-    """Shape of a CSP forecaster; defaults are the paper's (plain CSP)."""
+    """Shape of a CSP forecaster; defaults are the paper's (plain CSP).
+
+    With ``mix`` set the forecast is a mixture of experts (:func:`mixture`) in which this CSP
+    is one expert; the planner runs that (see :func:`warmserve.policy.planner.csp_params`).
+    """
 
     period: int  # windows per period
     periods: int = 3  # D
@@ -40,6 +62,7 @@ class CSPParams:
     decay: float = 0.5  # weight ratio of an error to the next more recent one
     reset: bool = True  # corrections use only errors of the current period (the paper's CSP)
     blend: float = 0.0  # weight of the last observed value mixed into the prediction
+    mix: MixParams | None = None
 
 
 def seasonal_part(history: np.ndarray, period: int, periods: int) -> np.ndarray:
@@ -103,6 +126,98 @@ def csp(history: np.ndarray, params: CSPParams) -> np.ndarray:
     return pred
 
 
+def quantile0(values: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile along axis 0 (linear interpolation), ignoring NaN; NaN where all
+    are. Axis 0 is short (a few windows), so an odd-even transposition sort of whole slices
+    (NaN as +inf, sorted last) beats ``np.sort`` along a strided axis and ``np.nanquantile``,
+    which loops in Python along the axis when NaN are present."""
+    if q >= 1.0:
+        return np.fmax.reduce(values, axis=0)
+    missing = np.isnan(values)
+    gaps = bool(missing.any())
+    rows = [np.where(np.isnan(v), np.inf, v) for v in values] if gaps else list(values)
+    k = len(rows)
+    for r in range(k):
+        for i in range(r % 2, k - 1, 2):
+            rows[i], rows[i + 1] = (
+                np.minimum(rows[i], rows[i + 1]),
+                np.maximum(rows[i], rows[i + 1]),
+            )
+    if not gaps:  # the same position in every column
+        pos = q * (k - 1)
+        lo = int(pos)
+        return rows[lo] + (pos - lo) * (rows[min(lo + 1, k - 1)] - rows[lo])
+    ordered = np.stack(rows)
+    n = k - missing.sum(axis=0)
+    pos = q * np.maximum(n - 1, 0)
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, np.maximum(n - 1, 0))
+    a = np.take_along_axis(ordered, lo[None], 0)[0]
+    b = np.take_along_axis(ordered, hi[None], 0)[0]
+    with np.errstate(invalid="ignore"):
+        return np.where(n > 0, a + (pos - lo) * (b - a), np.nan)
+
+
+def recent_quantile(history: np.ndarray, windows: int, q: float) -> np.ndarray:
+    """Predict each window as the ``q`` quantile of the ``windows`` windows before it (missing
+    ones ignored); last value where all of them are missing."""
+    m, t = history.shape
+    lagged = np.full((windows, m, t), np.nan)
+    for j in range(1, windows + 1):
+        lagged[j - 1, :, j:] = history[:, : t - j]
+    out = quantile0(lagged, q)
+    return np.where(np.isnan(out), last_value(history), out)
+
+
+def experts(history: np.ndarray, params: CSPParams) -> np.ndarray:
+    """One-step predictions of every expert of the mixture (experts x models x windows), in the
+    order :class:`Forecaster` computes them."""
+    mix = params.mix or MixParams()
+    return np.stack(
+        [
+            last_value(history),
+            seasonal_naive(history, params.period),
+            csp(history, replace(params, blend=0.0)),
+            recent_quantile(history, mix.recent, 0.5),
+            recent_quantile(history, mix.high, mix.high_q),
+            recent_quantile(history, mix.burst, 1.0),
+        ]
+    )
+
+
+def mixture(history: np.ndarray, params: CSPParams, plane: int = 0) -> np.ndarray:
+    """One-step predictions of the expert mixture for every window of ``history``.
+
+    Each expert's pinball loss (quantile ``mix.tau[plane]``: 0 = average, 1 = peak) is summed
+    with weights ``discount ** age`` over the windows observed so far, as is the observed load
+    (the level); an expert's weight is ``exp(-eta * (its loss - the least loss) / level)``, so
+    the mixture is scale free and needs no training split: it learns online, per series, from
+    windows before the one it predicts. Missing windows teach nothing.
+    """
+    mix = params.mix or MixParams()
+    tau = mix.tau[plane]
+    e = experts(history, params)
+    k, m, t = e.shape
+    loss = np.zeros((k, m))
+    level = np.zeros(m)
+    out = np.zeros((m, t))
+    for i in range(t):
+        out[:, i] = (_weights(loss, level, mix.eta) * e[:, :, i]).sum(axis=0)
+        seen = ~np.isnan(history[:, i])
+        err = history[:, i] - e[:, :, i]
+        pin = np.maximum(tau * err, (tau - 1.0) * err)
+        loss = np.where(seen, mix.discount * loss + np.nan_to_num(pin), loss)
+        level = np.where(seen, mix.discount * level + np.abs(np.nan_to_num(history[:, i])), level)
+    return out
+
+
+def _weights(loss: np.ndarray, level: np.ndarray, eta: float) -> np.ndarray:
+    """Mixture weights (experts first) from discounted losses and levels; equal without data."""
+    excess = (loss - loss.min(axis=0)) / np.maximum(level, 1e-12)
+    w = np.exp(-eta * excess)
+    return w / w.sum(axis=0)
+
+
 def _carry_forward(history: np.ndarray) -> np.ndarray:
     """Replace each NaN by the last non-NaN value before it in its row (NaN if none)."""
     m, t = history.shape
@@ -114,25 +229,34 @@ def _carry_forward(history: np.ndarray) -> np.ndarray:
 
 
 class Forecaster:
-    """Online CSP over many models: ring buffers of observations and errors, vectorised.
+    """Online forecaster over many models: ring buffers, vectorised across models.
 
-    Rows are models (added as they are first observed, so new models need no registration);
-    two planes hold average (0) and peak (1) concurrency. :meth:`predict` forecasts any window
-    from what was observed before it, so the planner can ask for the window now open and the
-    next one.
+    Models are columns (added as they are first observed, so new models need no registration);
+    two planes hold average (0) and peak (1) concurrency. Buffers are laid out time-major
+    (``ring x plane x models``), so each step reads a few contiguous ``2 x models`` slices.
+    :meth:`predict` forecasts any window from what was observed before it, so the planner can
+    ask for the window now open and the next one. With ``params.mix`` it predicts the expert
+    mixture (equal to :func:`mixture`), otherwise the CSP (equal to :func:`csp`).
     """
 
     def __init__(self, params: CSPParams, models: tuple[str, ...] = ()) -> None:
         self.params = params
-        self._span = params.period * params.periods  # ring of observations
+        mix = params.mix
+        recent = max(mix.recent, mix.high, mix.burst) if mix else 0
+        self._span = max(params.period * params.periods, recent)  # ring of observations
         self._nerr = max(params.correction_windows, 1)
+        self._n = 0  # columns allocated
         self._rows: dict[str, int] = {}
-        self._obs = np.full((2, 0, self._span), np.nan)
-        self._obs_win = np.full((0, self._span), -1, dtype=np.int64)
-        self._err = np.full((2, 0, self._nerr), np.nan)
-        self._err_win = np.full((0, self._nerr), -1, dtype=np.int64)
+        self._obs = np.full((self._span, 2, 0), np.nan)
+        self._obs_win = np.full((self._span, 0), -1, dtype=np.int64)
+        self._err = np.full((self._nerr, 2, 0), np.nan)
+        self._err_win = np.full((self._nerr, 0), -1, dtype=np.int64)
         self._last = np.full((2, 0), np.nan)
         self._last_win = np.full(0, -1, dtype=np.int64)
+        self._loss = np.zeros((6 if mix else 0, 2, 0))  # discounted pinball loss per expert
+        self._level = np.zeros((2, 0))  # discounted observed load
+        self._w = np.full((6 if mix else 0, 2, 0), 1 / 6)  # expert weights, kept with the losses
+        self._tau = np.array(mix.tau if mix else (0.5, 0.5))[:, None]
         for model in models:
             self._row(model)
 
@@ -145,85 +269,131 @@ class Forecaster:
         if row is not None:
             return row
         row = self._rows[model] = len(self._rows)
-        if row >= self._obs.shape[1]:
+        if row >= self._n:
             grow = max(16, row)
-            self._obs = np.concatenate([self._obs, np.full((2, grow, self._span), np.nan)], 1)
-            self._obs_win = np.concatenate(
-                [self._obs_win, np.full((grow, self._span), -1, dtype=np.int64)]
+            self._n += grow
+
+            def more(a: np.ndarray, fill: float) -> np.ndarray:
+                pad = np.full((*a.shape[:-1], grow), fill, dtype=a.dtype)
+                return np.concatenate([a, pad], axis=-1)
+
+            self._obs, self._err, self._last = (
+                more(a, np.nan) for a in (self._obs, self._err, self._last)
             )
-            self._err = np.concatenate([self._err, np.full((2, grow, self._nerr), np.nan)], 1)
-            self._err_win = np.concatenate(
-                [self._err_win, np.full((grow, self._nerr), -1, dtype=np.int64)]
+            self._obs_win, self._err_win, self._last_win = (
+                more(a, -1) for a in (self._obs_win, self._err_win, self._last_win)
             )
-            self._last = np.concatenate([self._last, np.full((2, grow), np.nan)], 1)
-            self._last_win = np.concatenate([self._last_win, np.full(grow, -1, dtype=np.int64)])
+            self._loss, self._level = more(self._loss, 0.0), more(self._level, 0.0)
+            self._w = more(self._w, 1 / 6)
         return row
 
-    def _seasonal(self, rows: np.ndarray | slice, window: int) -> np.ndarray:
-        """Seasonal part (2 x rows) of ``window`` from the ring; 0 where nothing was seen."""
+    def _past(self, cols: slice, window: int) -> np.ndarray:
+        """Observations (2 x cols) of ``window``; NaN where it was not observed."""
+        if window < 0:
+            return np.full(self._last[:, cols].shape, np.nan)
+        slot = window % self._span
+        return np.where(self._obs_win[slot, cols] == window, self._obs[slot, :, cols], np.nan)
+
+    def _seasonal(self, cols: slice, window: int) -> np.ndarray:
+        """Seasonal part (2 x cols) of ``window`` from the ring; 0 where nothing was seen."""
         p = self.params
-        obs = self._obs[:, rows]
-        wins = self._obs_win[rows]
-        total = np.zeros(obs.shape[:2])
-        count = np.zeros(obs.shape[1])
+        total = np.zeros(self._last[:, cols].shape)
+        count = np.zeros(total.shape[1])
         for k in range(1, p.periods + 1):
             w = window - k * p.period
             if w < 0:
                 break
             slot = w % self._span
-            ok = wins[:, slot] == w
-            total += np.where(ok, obs[:, :, slot], 0.0)
+            ok = self._obs_win[slot, cols] == w
+            total += np.where(ok, self._obs[slot, :, cols], 0.0)
             count += ok
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, total / np.maximum(count, 1), 0.0)
+        return total / np.maximum(count, 1)
+
+    def _csp(self, cols: slice, window: int, newest: int) -> np.ndarray:
+        """Unblended CSP (2 x cols) of ``window``, with errors up to window ``newest``."""
+        p = self.params
+        seasonal = self._seasonal(cols, window)
+        start = window - window % p.period if p.reset else 0  # oldest error allowed
+        num = np.zeros(seasonal.shape)
+        den = np.zeros(seasonal.shape[1])
+        weight = 1.0
+        for j in range(p.correction_windows):
+            w = newest - j
+            if w < start:
+                break
+            slot = w % self._nerr
+            ok = self._err_win[slot, cols] == w
+            num += np.where(ok, weight * self._err[slot, :, cols], 0.0)
+            den += ok * weight
+            weight *= p.decay
+        return np.maximum(seasonal + num / np.where(den > 0, den, 1.0), 0.0)
+
+    def _experts(self, cols: slice, window: int, newest: int) -> np.ndarray:
+        """Every expert's prediction (experts x 2 x cols) of ``window``; see :func:`experts`."""
+        p, mix = self.params, self.params.mix
+        assert mix is not None
+        last = np.nan_to_num(self._last[:, cols])
+        ago = self._past(cols, window - p.period)
+        deep = max(mix.recent, mix.high, mix.burst)
+        recent = np.stack([self._past(cols, window - j) for j in range(1, deep + 1)])
+        stats = [
+            quantile0(recent[: mix.recent], 0.5),
+            quantile0(recent[: mix.high], mix.high_q),
+            quantile0(recent[: mix.burst], 1.0),
+        ]
+        return np.stack(
+            [
+                last,
+                np.where(np.isnan(ago), last, ago),
+                self._csp(cols, window, newest),
+                *(np.where(np.isnan(s), last, s) for s in stats),
+            ]
+        )
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         """Record the closed window ``window`` of ``model``."""
         row = self._row(model)
-        rows = np.array([row])
-        self._store(rows, window, np.array([[avg], [peak]], dtype=float))
+        self._store(slice(row, row + 1), window, np.array([[avg], [peak]], dtype=float))
 
     def observe_all(self, window: int, avg: np.ndarray, peak: np.ndarray) -> None:
         """Record ``window`` for every model of :attr:`models` at once (arrays in that order)."""
-        rows = np.arange(len(self._rows))
-        self._store(rows, window, np.stack([avg, peak]).astype(float))
+        cols = slice(0, len(self._rows))
+        self._store(cols, window, np.stack([avg, peak]).astype(float))
 
-    def _store(self, rows: np.ndarray, window: int, values: np.ndarray) -> None:
-        seasonal = self._seasonal(rows, window)
+    def _store(self, cols: slice, window: int, values: np.ndarray) -> None:
+        """Score the experts on ``values`` (their one-step predictions, before the window is
+        known), then write the window into the rings."""
+        mix = self.params.mix
+        if mix is not None:
+            err = values - self._experts(cols, window, window - 1)
+            pinball = np.maximum(self._tau * err, (self._tau - 1.0) * err)
+            self._loss[:, :, cols] = mix.discount * self._loss[:, :, cols] + pinball
+            self._level[:, cols] = mix.discount * self._level[:, cols] + np.abs(values)
+            self._w[:, :, cols] = _weights(self._loss[:, :, cols], self._level[:, cols], mix.eta)
+        seasonal = self._seasonal(cols, window)
         slot = window % self._span
-        self._obs[:, rows, slot] = values
-        self._obs_win[rows, slot] = window
+        self._obs[slot, :, cols] = values
+        self._obs_win[slot, cols] = window
         eslot = window % self._nerr
-        self._err[:, rows, eslot] = values - seasonal
-        self._err_win[rows, eslot] = window
-        newer = window >= self._last_win[rows]
-        self._last[:, rows[newer]] = values[:, newer]
-        self._last_win[rows[newer]] = window
+        self._err[eslot, :, cols] = values - seasonal
+        self._err_win[eslot, cols] = window
+        newer = window >= self._last_win[cols]
+        self._last[:, cols] = np.where(newer, values, self._last[:, cols])
+        self._last_win[cols] = np.where(newer, window, self._last_win[cols])
 
     def predict(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """Predicted (average, peak) concurrency of ``window`` for every model, in row order."""
         p = self.params
         n = len(self._rows)
-        seasonal = self._seasonal(slice(0, n), window)
-        start = window - window % p.period if p.reset else 0  # oldest error allowed
-        num = np.zeros((2, n))
-        den = np.zeros(n)
-        weight = 1.0
+        cols = slice(0, n)
         # The newest error is that of the last closed window, even when predicting further out.
-        newest = int(self._last_win[:n].max()) if n else -1
-        for j in range(1, p.correction_windows + 1):
-            w = min(window, newest + 1) - j
-            if w < start:
-                break
-            slot = w % self._nerr
-            ok = self._err_win[:n, slot] == w
-            num += np.where(ok, weight * self._err[:, :n, slot], 0.0)
-            den += ok * weight
-            weight *= p.decay
-        correction = np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
-        pred = np.maximum(seasonal + correction, 0.0)
-        if p.blend:
-            pred = (1.0 - p.blend) * pred + p.blend * np.nan_to_num(self._last[:, :n])
+        newest = min(window, int(self._last_win[:n].max()) + 1 if n else 0) - 1
+        if p.mix is not None:
+            pred = (self._w[:, :, cols] * self._experts(cols, window, newest)).sum(axis=0)
+        else:
+            pred = self._csp(cols, window, newest)
+            if p.blend:
+                pred = (1.0 - p.blend) * pred + p.blend * np.nan_to_num(self._last[:, cols])
         return pred[0], pred[1]
 
     def last(self) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ import numpy as np
 from warmserve.policy.accounting import Accounting
 from warmserve.policy.autoscaler import ReactiveAutoscaler
 from warmserve.policy.config import PolicyConfig
-from warmserve.policy.forecast import CSPParams, Forecaster
+from warmserve.policy.forecast import CSPParams, Forecaster, MixParams
 from warmserve.policy.kv import adjust_lending
 from warmserve.policy.placement import place_prewarm, place_start
 from warmserve.policy.state import Action, ClusterSnapshot
@@ -42,15 +42,16 @@ from warmserve.registry import ModelSpec
 
 
 def csp_params(config: PolicyConfig) -> CSPParams:
-    """The forecaster the planner runs: the tuned CSP that ``warmserve forecast eval`` scores as
-    ``blend`` (corrections across period boundaries, slower decay, 70% last value)."""
+    """The forecaster the planner runs, scored as ``mixture`` by ``warmserve forecast eval``: an
+    online expert mixture of a CSP (corrections across period boundaries, decay 0.8),
+    last-value, seasonal-naive and recent medians and quantiles."""
     return CSPParams(
         period=config.windows_per_period,
         periods=config.periods,
         correction_windows=config.correction_windows,
         decay=0.8,
         reset=False,
-        blend=0.7,
+        mix=MixParams(),
     )
 
 
