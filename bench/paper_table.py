@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -142,7 +143,8 @@ def markdown(doc: dict) -> str:
 @click.option("--duration", default=3600.0, show_default=True)
 @click.option("--slo-ttft", default=1.0, show_default=True)
 @click.option("--target", default=0.95, show_default=True)
-@click.option("--sweep-hi", default=64.0, show_default=True)
+@click.option("--sweep-lo", default=5.0, show_default=True, help="The paper's lowest rate.")
+@click.option("--sweep-hi", default=48.0, show_default=True)
 @click.option("--sweep-tol", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="bench/results/paper_table", show_default=True)
@@ -154,6 +156,7 @@ def main(
     duration: float,
     slo_ttft: float,
     target: float,
+    sweep_lo: float,
     sweep_hi: float,
     sweep_tol: float,
     seed: int,
@@ -181,7 +184,7 @@ def main(
                 m = request_metrics(runner.run(policy, alpha, rps), slo_ttft)
                 return m["slo_attainment"] >= target
 
-            best[f"{alpha:g}"][policy] = max_rps(serves, 1.0, sweep_hi, sweep_tol)
+            best[f"{alpha:g}"][policy] = max_rps(serves, sweep_lo, sweep_hi, sweep_tol)
     by = {(r["alpha"], r["rps"], r["policy"]): r for r in grid}
     targets = {}
     if (0.5, 15.0, "warmserve") in by:
@@ -200,6 +203,9 @@ def main(
     )
     doc = {
         "command": "python " + " ".join(sys.argv),
+        "git_head": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "cluster": cluster,
         "warmup": warmup,
         "duration": duration,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -56,6 +57,9 @@ def main(
     s = result.stats
     doc = {
         "command": "python " + " ".join(sys.argv),
+        "git_head": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "cluster": cluster,
         "devices": spec.device_count,
         "models": len(spec.models),
