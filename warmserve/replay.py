@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from warmserve.report.schema import RESULT_SCHEMA
-from warmserve.traces.schema import read_workload
+from warmserve.traces.schema import TraceError, read_workload
 
 # A fixed vocabulary of short words: prompts of a requested token count without a tokenizer.
 _WORDS = ("the", "of", "and", "to", "in", "is", "for", "on", "with", "as", "by", "at", "from")
@@ -65,11 +65,14 @@ async def _send(
         "prompt": make_prompt(min(out.input_tokens, max_input)),
         "max_tokens": max(1, min(out.output_tokens, max_output)),
         "stream": True,
+        # The usage chunk gives the exact token count; a chunk may carry more than one token.
+        "stream_options": {"include_usage": True},
         "temperature": 0.0,
         "ignore_eos": True,
     }
     scheduled = start + out.arrival
     out.sent = time.perf_counter() - start
+    out.output_tokens = 0  # from here on: tokens generated, not asked for
     tokens = 0
     try:
         async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
@@ -89,16 +92,18 @@ async def _send(
                 if "error" in chunk:
                     out.error = _error_message(data)
                     return
-                now = time.perf_counter()
-                if not out.chunk_times:
-                    out.ttft = now - scheduled
-                out.chunk_times.append(now)
                 usage = chunk.get("usage") or {}
-                tokens = usage.get("completion_tokens", tokens + 1)
+                if chunk.get("choices"):
+                    now = time.perf_counter()
+                    if not out.chunk_times:
+                        out.ttft = now - scheduled
+                    out.chunk_times.append(now)
+                    tokens += 1
+                tokens = int(usage.get("completion_tokens", tokens))
         out.output_tokens = tokens
         out.latency = time.perf_counter() - scheduled
-        if len(out.chunk_times) > 1:
-            out.tpot = (out.chunk_times[-1] - out.chunk_times[0]) / (len(out.chunk_times) - 1)
+        if len(out.chunk_times) > 1 and tokens > 1:
+            out.tpot = (out.chunk_times[-1] - out.chunk_times[0]) / (tokens - 1)
         out.status = "ok" if out.chunk_times else "error"
         if not out.chunk_times:
             out.error = "stream ended without a token"
@@ -140,8 +145,11 @@ async def replay(
         delay = start + out.arrival - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        async with gate:
-            await _send(http, url, out, start, max_output_tokens, max_input_tokens)
+        try:
+            async with gate:
+                await _send(http, url, out, start, max_output_tokens, max_input_tokens)
+        except Exception as e:  # one request's surprise must not lose the others' rows
+            out.status, out.error = "error", f"{type(e).__name__}: {e}"
         bar.update(1)
 
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
@@ -149,6 +157,19 @@ async def replay(
         await asyncio.gather(*(one(o, http, start) for o in outcomes))
     bar.close()
     return outcomes
+
+
+def bound(
+    table: pa.Table, speedup: float, limit: int | None = None, duration: float | None = None
+) -> pa.Table:
+    """The first rows of ``table`` that are due within ``duration`` replay seconds, at most
+    ``limit`` of them: how a long workload is cut to a short run."""
+    if duration is not None:
+        arrivals = table.column("arrival").to_numpy() / speedup
+        table = table.slice(0, int(np.searchsorted(arrivals, duration, side="right")))
+    if limit is not None:
+        table = table.slice(0, limit)
+    return table
 
 
 def to_table(outcomes: list[Outcome], metadata: dict[str, str]) -> pa.Table:
@@ -207,12 +228,14 @@ def command(
     """Replay WORKLOAD (Parquet) against a running front door and write one row per request."""
     if speedup <= 0:
         raise click.BadParameter("must be positive", param_hint="--speedup")
-    table = read_workload(workload)
-    if duration is not None:
-        arrivals = table.column("arrival").to_numpy() / speedup
-        table = table.slice(0, int(np.searchsorted(arrivals, duration, side="right")))
-    if limit is not None:
-        table = table.slice(0, limit)
+    if limit is not None and limit < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--limit")
+    if duration is not None and duration <= 0:
+        raise click.BadParameter("must be positive", param_hint="--duration")
+    try:
+        table = bound(read_workload(workload), speedup, limit, duration)
+    except TraceError as e:  # a usage error (exit 2), before anything is sent
+        raise click.UsageError(f"not a workload: {e}") from None
     if table.num_rows == 0:
         raise click.ClickException("nothing to replay: the workload (after limits) is empty")
     outcomes = asyncio.run(
