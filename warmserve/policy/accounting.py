@@ -437,12 +437,14 @@ class Accounting:
             for d in devs:
                 for model in resident[d]:
                     holding.setdefault(model, []).append(d)
-            for model, left in holding.items():
+            for model, held in holding.items():
                 tp = self.models[model].tp
+                free = set(held)
                 for g in aligned_groups(devs, tp):
-                    if all(d in left for d in g):
+                    if free.issuperset(g):
                         yield model, g
-                        left = [d for d in left if d not in g]
+                        free.difference_update(g)
+                left = [d for d in held if d in free]
                 for i in range(0, len(left) - tp + 1, tp):
                     yield model, tuple(left[i : i + tp])
 
