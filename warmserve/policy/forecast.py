@@ -405,3 +405,25 @@ class Forecaster:
         """:meth:`predict` as a mapping model -> (average, peak)."""
         avg, peak = self.predict(window)
         return {m: (float(avg[r]), float(peak[r])) for m, r in self._rows.items()}
+
+    # Everything :meth:`observe` changes, by attribute name; the last axis is the model column.
+    _STATE = ("_obs", "_obs_win", "_err", "_err_win", "_last", "_last_win", "_loss", "_level", "_w")
+
+    def state(self) -> dict[str, np.ndarray]:
+        """A copy of what the forecaster has learnt, so a restarted planner can go on from it:
+        one array per ring or mixture statistic (model columns last, in :attr:`models` order)."""
+        n = len(self._rows)
+        return {name.lstrip("_"): getattr(self, name)[..., :n].copy() for name in self._STATE}
+
+    def restore(self, models: tuple[str, ...], state: dict[str, np.ndarray]) -> None:
+        """Take over ``state`` (from :meth:`state`) for ``models``, its columns in order.
+
+        Models observed here and not in ``models`` keep what they have. Raises ValueError when
+        the arrays do not fit this forecaster's shape (its parameters changed), since windows
+        would land in the wrong ring slots."""
+        cols = [self._row(m) for m in models]
+        for name in self._STATE:
+            have, saved = getattr(self, name), state[name.lstrip("_")]
+            if saved.shape != (*have.shape[:-1], len(models)):
+                raise ValueError(f"{name}: saved shape {saved.shape} does not fit {have.shape}")
+            have[..., cols] = saved
