@@ -16,7 +16,13 @@ model segment) compressed so that one trace day lasts ``--minutes`` of replay: `
 and the nannies hand to their workers. The first two days are warm-up, so the forecaster has two
 periods of history; only requests due in the third day are measured.
 
-Run: ``python bench/e2e.py [--minutes M] [--rps R]`` (about ``3 * (3 M + 2)`` minutes in all).
+The planner runs every second (``warmserve.planner.tick``; the default 5 s would give two passes
+per forecast window), live and simulated. ``--grace``/``--average`` override the reactive
+autoscaler's for one run (with ``--name``, so its files sit beside the main run's): on 2
+exclusive devices for 7 models, how soon an idle instance gives its device up decides most TTFTs.
+
+Run: ``python bench/e2e.py [--minutes M] [--rps R]`` (about ``3 * (3 M + 2)`` minutes in all, more
+when requests wait long).
 """
 
 from __future__ import annotations
@@ -102,13 +108,14 @@ def timing(minutes: float) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def compressed_config(t: dict[str, float]) -> Iterator[dict]:
+def compressed_config(t: dict[str, float], extra: dict[str, float]) -> Iterator[dict]:
     """The compressed season, its window and the planner's tick in dask.config and the
-    environment (for child processes)."""
+    environment (for child processes), plus ``extra`` ``warmserve.*`` keys."""
     values = {
         "warmserve.forecast.period": t["period_s"],
         "warmserve.forecast.window": t["window_s"],
         "warmserve.planner.tick": TICK,
+        **extra,
     }
     env = {f"DASK_{k.upper().replace('.', '__')}": str(v) for k, v in values.items()}
     old = {k: os.environ.get(k) for k in env}
@@ -132,6 +139,18 @@ def history(observer) -> dict[str, dict[float, tuple]]:
     return out
 
 
+def fresh_share_layout(extension, registry: Registry) -> None:
+    """Give the extension a new share policy now that the workers are in.
+
+    ``SharePolicy.layout`` decides its static layout on its first ``plan()`` and keeps it; the
+    scheduler's first tick comes before any worker has joined, so without this the layout is
+    empty for good and nothing is ever started (see the report of bench/results/e2e.json).
+    """
+    from warmserve.policy.factory import make_policy
+
+    extension.policy = make_policy("share", registry, extension.policy.config)
+
+
 async def live(
     policy: str, registry: Registry, registry_file: str, workload: Path, out: Path, log: Path
 ) -> dict:
@@ -140,6 +159,8 @@ async def live(
     samples: dict[str, dict[float, tuple]] = {}
     async with serving(registry, registry_file, policy, DEVICES, 0) as stack:
         started = time.perf_counter() - t0
+        if policy == "share":
+            fresh_share_layout(stack.cluster.scheduler.extensions["warmserve"], registry)
         observer = stack.cluster.scheduler.extensions["warmserve-observer"]
         t_replay = time.time()
         cmd = [
@@ -261,6 +282,9 @@ def main() -> None:
     ap.add_argument("--models-dir", default="/tmp/warmserve-e2e-models")
     ap.add_argument("--work-dir", default="/tmp/warmserve-e2e", help="Full result files.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="e2e", help="Prefix of the files in bench/results.")
+    ap.add_argument("--grace", type=float, help="warmserve.autoscaler.grace (s) for this run.")
+    ap.add_argument("--average", type=float, help="warmserve.autoscaler.average (s).")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -284,6 +308,7 @@ def main() -> None:
     pq.write_table(workload, wpath)
     expected = measured(workload, t["warmup_s"]).num_rows
     doc: dict = {
+        "name": args.name,
         "command": "python bench/e2e.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(),
@@ -310,7 +335,10 @@ def main() -> None:
         "sim": {},
         "timings": {},
     }
-    with compressed_config(t) as cfg:
+    extra = {"warmserve.autoscaler.grace": args.grace} if args.grace is not None else {}
+    if args.average is not None:
+        extra["warmserve.autoscaler.average"] = args.average
+    with compressed_config(t, extra) as cfg:
         doc["config"] = cfg
         runs: dict[str, dict] = {}
         for policy in args.policies:
@@ -342,18 +370,20 @@ def main() -> None:
     sim_tables = {
         f"sim {p}": measured(pq.read_table(work / f"sim_{p}.parquet"), t["warmup_s"]) for p in runs
     }
-    ttft_cdf(live_tables, str(RESULTS / "e2e_ttft_cdf.png"), SLO_TTFT)
-    ttft_cdf({**live_tables, **sim_tables}, str(RESULTS / "e2e_ttft_cdf_sim.png"), SLO_TTFT)
-    plot_load(runs, t, RESULTS / "e2e_load.png")
+    ttft_cdf(live_tables, str(RESULTS / f"{args.name}_ttft_cdf.png"), SLO_TTFT)
+    ttft_cdf(
+        {**live_tables, **sim_tables}, str(RESULTS / f"{args.name}_ttft_cdf_sim.png"), SLO_TTFT
+    )
+    plot_load(runs, t, RESULTS / f"{args.name}_load.png")
     for p, table in live_tables.items():
-        pq.write_table(table, RESULTS / f"e2e_{p}.parquet")
+        pq.write_table(table, RESULTS / f"{args.name}_{p}.parquet")
     _write(doc)
     print(json.dumps({k: doc[k] for k in ("live", "sim")}, indent=1))
 
 
 def _write(doc: dict) -> None:
     """Write e2e.json now, so a run cut short still leaves the policies it finished."""
-    path = RESULTS / "e2e.json"
+    path = RESULTS / f"{doc['name']}.json"
     with open(f"{path}.tmp", "w") as f:
         json.dump(doc, f, indent=1, default=float)
     os.replace(f"{path}.tmp", path)
