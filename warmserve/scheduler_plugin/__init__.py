@@ -40,19 +40,32 @@ def registry_path(path: str | None) -> str:
 
 
 def build_extension(registry: Registry, policy_name: str):
-    """The extension with the policy ``policy_name``, configured from dask.config now."""
+    """The extension with the policy ``policy_name``, configured from dask.config now.
+
+    With ``warmserve.scheduler.history-dir`` set, a policy that forecasts keeps its forecaster's
+    history there (see :mod:`~warmserve.scheduler_plugin.history`)."""
     from warmserve.policy.config import PolicyConfig
     from warmserve.policy.factory import make_policy
     from warmserve.scheduler_plugin.extension import WarmServeExtension
+    from warmserve.scheduler_plugin.history import History
 
     policy_config = PolicyConfig.from_mapping(dask.config.get("warmserve"))
+    policy = make_policy(policy_name, registry, policy_config)
+    window = float(config.get("forecast.window"))
+    history_dir = dask.config.get("warmserve.scheduler.history-dir", default=None)
+    forecaster = getattr(policy, "forecaster", None)
+    history = None
+    if history_dir and forecaster is not None:
+        every = int(dask.config.get("warmserve.scheduler.history-every", default=1))
+        history = History(os.fspath(history_dir), forecaster, window, every)
     return WarmServeExtension(
         registry,
-        make_policy(policy_name, registry, policy_config),
+        policy,
         tick=float(config.get("planner.tick")),
         capacity=int(config.get("planner.instance-capacity")),
-        window=float(config.get("forecast.window")),
+        window=window,
         average=float(config.get("autoscaler.average")),
+        history=history,
     )
 
 

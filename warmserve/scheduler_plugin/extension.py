@@ -41,6 +41,7 @@ from warmserve.policy.state import (
     Stop,
 )
 from warmserve.registry import Registry
+from warmserve.scheduler_plugin.history import History
 from warmserve.scheduler_plugin.state import ClusterState, Instance, Starting
 
 logger = logging.getLogger("warmserve.scheduler")
@@ -63,8 +64,10 @@ class WarmServeExtension(SchedulerPlugin):
         capacity: int,
         window: float,
         average: float,
+        history: History | None = None,
     ) -> None:
         self.registry = registry
+        self.history = history  # the forecaster's, kept on disk across restarts
         self.policy = policy
         self.tick = tick
         self.state = ClusterState(registry, capacity)
@@ -88,6 +91,8 @@ class WarmServeExtension(SchedulerPlugin):
         scheduler.handlers[protocol.SCHEDULER_STATUS] = self.status
         scheduler.handlers["warmserve_run_once"] = self.run_once
         scheduler.extensions[NAME] = self
+        if self.history is not None:
+            self.history.load()
         for address in scheduler.workers:
             self._spawn(self.refresh(address))
         self._pc = PeriodicCallback(self.run_once, self.tick * 1000.0)
@@ -107,6 +112,8 @@ class WarmServeExtension(SchedulerPlugin):
         for s in self.state.starting:
             if not s.ready.done():
                 s.ready.set_result(None)
+        if self.history is not None:
+            await self.history.save()
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self._spawn(self.refresh(worker))
@@ -140,8 +147,11 @@ class WarmServeExtension(SchedulerPlugin):
         async with self._run_lock:
             await asyncio.gather(*(self.refresh(a) for a in list(self.scheduler.workers)))
             now = time()
-            for w in self.meter.close_until(now):
+            closed = self.meter.close_until(now)
+            for w in closed:
                 self.policy.observe(w.model, w.index, w.avg, w.peak)
+            if closed and self.history is not None:
+                await self.history.closed(len({w.index for w in closed}))
             for w in self.short.close_until(now):
                 self.load[w.model] = w.avg
             actions = self.policy.plan(self.state.snapshot(now, self._load()))
