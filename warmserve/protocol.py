@@ -19,6 +19,7 @@ WORKER_STATUS = "warmserve_status"
 # Scheduler handlers registered by warmserve.scheduler_plugin.
 SCHEDULER_ROUTE = "warmserve_route"
 SCHEDULER_DONE = "warmserve_done"
+SCHEDULER_SYNC = "warmserve_sync"  # a front door's batched lease report
 SCHEDULER_STATUS = "warmserve_status"
 
 

@@ -1,9 +1,10 @@
 """The OpenAI-compatible front door: a Starlette app that routes through the Dask scheduler.
 
-Per request: validate (:mod:`~warmserve.frontdoor.schemas`), ask the scheduler's
-``warmserve_route`` for an instance (waiting in :mod:`~warmserve.frontdoor.admission`'s queue when
-all are full), stream tokens from the engine on the routed worker over a Dask comm
-(``warmserve.worker_plugin.client.stream_generate``), and tell the scheduler ``warmserve_done``.
+Per request: validate (:mod:`~warmserve.frontdoor.schemas`), take a free slot of a lease this
+front door holds or else ask the scheduler's ``warmserve_route`` for an instance (waiting in
+:mod:`~warmserve.frontdoor.admission`'s queue when all are full), stream tokens from the engine on
+the routed worker over a Dask comm (``warmserve.worker_plugin.client.stream_generate``), and
+report the request done in the next batch to the scheduler (:mod:`~warmserve.frontdoor.leases`).
 Nothing is answered before a route exists, so queueing and overload get real HTTP statuses
 (429, 503) even for streaming requests; once the first token is sent, a failure becomes an
 error event in the stream, as in vLLM's server.
@@ -21,7 +22,8 @@ from typing import TypeVar
 
 from distributed import Client
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HTTPRoute
 
@@ -29,6 +31,7 @@ from warmserve import config, protocol
 from warmserve.frontdoor.admission import Admission
 from warmserve.frontdoor.catalog import Catalog
 from warmserve.frontdoor.errors import APIError
+from warmserve.frontdoor.leases import Leases
 from warmserve.frontdoor.metrics import Metrics
 from warmserve.frontdoor.schemas import Kind, Parsed, parse_json, parse_request
 from warmserve.frontdoor.shapes import DONE, Shaper, sse
@@ -59,11 +62,12 @@ class FrontDoor:
     max_queue: int
     retry_after: int
     request_timeout: float
+    lease_slots: int = 0
     metrics: Metrics = field(default_factory=Metrics)
     client: Client | None = None
     admission: Admission | None = None
+    leases: Leases | None = None
     _owns_client: bool = False
-    _background: set[asyncio.Task] = field(default_factory=set)
 
     async def connect(self) -> None:
         """Use the given asynchronous client, or connect one in this event loop."""
@@ -77,35 +81,47 @@ class FrontDoor:
             )
             self.client = await Client(address, asynchronous=True, name="warmserve-frontdoor")
             self._owns_client = True
-        self.admission = Admission(self._route, self.max_queue, self.retry_after, self.metrics)
+        self.leases = Leases(self._sync)
+        self.leases.start()
+        self.admission = Admission(
+            self._route,
+            self.max_queue,
+            self.retry_after,
+            self.metrics,
+            self.leases,
+            self.lease_slots,
+        )
         logger.info("front door connected to %s", self.client.scheduler.address)
 
     async def close(self) -> None:
-        for task in list(self._background):
-            await task
+        if self.leases is not None:
+            await self.leases.close()
         if self._owns_client and self.client is not None:
             await self.client.close()
 
-    async def _route(self, model: str, request_id: str, exclude: tuple[str, ...]) -> dict:
+    async def _route(
+        self, model: str, request_id: str, exclude: tuple[str, ...], lease: int
+    ) -> dict:
         assert self.client is not None
         return await getattr(self.client.scheduler, protocol.SCHEDULER_ROUTE)(
-            model=model, request_id=request_id, exclude=list(exclude)
+            model=model,
+            request_id=request_id,
+            exclude=list(exclude),
+            holder=self.client.id,
+            lease=lease,
+        )
+
+    async def _sync(self, events: list[list], returned: list[str], held: list[str]) -> dict:
+        assert self.client is not None
+        return await getattr(self.client.scheduler, protocol.SCHEDULER_SYNC)(
+            holder=self.client.id, events=events, returned=returned, held=held
         )
 
     def done(self, model: str, request_id: str) -> None:
-        """Tell the scheduler (without waiting) and wake this model's queue."""
-        assert self.client is not None and self.admission is not None
-
-        async def report() -> None:
-            try:
-                await getattr(self.client.scheduler, protocol.SCHEDULER_DONE)(request_id=request_id)
-            except OSError as e:
-                logger.info("could not report %s done: %s", request_id, e)
-            await self.admission.release(model)
-
-        task = asyncio.ensure_future(report())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        """Report the request over (in the next batch) and wake this model's queue."""
+        assert self.admission is not None and self.leases is not None
+        self.leases.finish(request_id)
+        self.admission.wake(model)
 
     async def chunks(self, parsed: Parsed) -> AsyncIterator[TokenChunk]:
         """Tokens of ``parsed`` from a routed instance, retrying elsewhere if an instance
@@ -113,10 +129,12 @@ class FrontDoor:
         from warmserve.worker_plugin.client import stream_generate
 
         assert self.admission is not None and self.client is not None
+        assert self.leases is not None
+        model = parsed.model
         exclude: tuple[str, ...] = ()
         while True:
-            route = await self.admission.admit(parsed.model, parsed.generate.request_id, exclude)
-            self.metrics.running.labels(parsed.model).inc()
+            route = await self.admission.admit(model, parsed.generate.request_id, exclude)
+            self.metrics.running.labels(model).inc()
             sent = False
             try:
                 stream = stream_generate(route.worker, parsed.generate, pool=self.client.rpc)
@@ -130,8 +148,12 @@ class FrontDoor:
                     raise WorkerLost(f"{route.instance} failed mid-request: {e}") from e
                 logger.info("%s failed before a token (%s); retrying", route.instance, e)
                 exclude += (route.instance,)
+                self.leases.drop(model, route.instance)
+                await self.leases.flush()  # the scheduler must see this try before the next
             finally:
-                self.metrics.running.labels(parsed.model).dec()
+                self.metrics.running.labels(model).dec()
+                if route.lease is not None:
+                    self.leases.release(route.lease)
 
 
 class EngineErrors:
@@ -153,10 +175,12 @@ def create_app(
     max_queue: int | None = None,
     retry_after: int | None = None,
     request_timeout: float | None = None,
+    lease: int | None = None,
 ) -> Starlette:
     """The front door for the models in ``registry``, routing through ``scheduler`` (an address,
     or a Client whose address is used; an asynchronous Client in the server's loop is used as is).
-    Unset limits come from ``warmserve.frontdoor.*``."""
+    Unset limits come from ``warmserve.frontdoor.*``; ``lease`` is the number of slots asked
+    for with each route (0: a route per request)."""
     EngineErrors.load()
     door = FrontDoor(
         scheduler,
@@ -164,6 +188,7 @@ def create_app(
         max_queue=int(max_queue if max_queue is not None else config.get("frontdoor.max-queue")),
         retry_after=int(retry_after or config.get("frontdoor.retry-after")),
         request_timeout=float(request_timeout or config.get("frontdoor.request-timeout")),
+        lease_slots=int(lease if lease is not None else config.get("frontdoor.lease")),
     )
 
     @contextlib.asynccontextmanager
@@ -202,7 +227,13 @@ def create_app(
     async def metrics(request: Request) -> Response:
         return Response(door.metrics.render(), media_type=door.metrics.content_type)
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own answers (no such path, wrong method) in OpenAI's error shape."""
+        assert isinstance(exc, HTTPException)
+        return APIError(exc.status_code, exc.detail, headers=exc.headers).response()
+
     app = Starlette(
+        exception_handlers={HTTPException: http_error},
         routes=[
             HTTPRoute("/v1/completions", completions, methods=["POST"]),
             HTTPRoute("/v1/chat/completions", chat, methods=["POST"]),
@@ -236,6 +267,9 @@ async def _serve(door: FrontDoor, request: Request, kind: Kind) -> Response:
     except APIError as e:
         door.metrics.requests.labels("", endpoint, str(e.status)).inc()
         return e.response()
+    except ClientDisconnect:
+        door.metrics.requests.labels("", endpoint, "499").inc()
+        return Response(status_code=499)
     model = parsed.model
     received = time.perf_counter()
     request_logger.debug("%s for %s", parsed.generate.request_id, model)

@@ -1,8 +1,12 @@
-"""What the front door needs to know about each model beyond the registry: its context length
-(to bound ``max_tokens``) and its chat template (to turn ``messages`` into a prompt).
+"""What the front door needs to know about each model beyond the registry: the context an
+engine serves it with (to bound prompt plus ``max_tokens``), its tokenizer (to count a prompt's
+tokens as the engine will) and its chat template (to turn ``messages`` into a prompt).
 
-Both come from the files beside the weights (``config.json``, ``tokenizer_config.json``), read once
-per model on first use. The chat template is rendered here rather than on the worker so the
+They come from the files beside the weights (``config.json``, ``tokenizer.json``,
+``tokenizer_config.json``), read once per model on first use, and from
+``warmserve.engine.max-model-len``, the context the workers start engines with: a model may
+attend to more (``max_position_embeddings``), but a request longer than its engine serves would
+only fail on the worker. The chat template is rendered here rather than on the worker so the
 request that reaches the engine is plain text, the same for both endpoints.
 """
 
@@ -15,7 +19,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
 
+from warmserve import config
 from warmserve.registry import ModelSpec, Registry
 
 logger = logging.getLogger(__name__)
@@ -49,9 +55,50 @@ class ModelInfo:
 
     @cached_property
     def context(self) -> int:
-        """Tokens the model can attend to: prompt plus completion must fit."""
+        """Tokens an engine serves this model with: prompt plus completion must fit."""
         value = self._read("config.json").get("max_position_embeddings")
-        return int(value) if isinstance(value, int) and value > 0 else DEFAULT_CONTEXT
+        model = int(value) if isinstance(value, int) and value > 0 else DEFAULT_CONTEXT
+        return min(model, int(config.get("engine.max-model-len")))
+
+    @cached_property
+    def vocab(self) -> int | None:
+        """Number of token ids the model knows (a prompt of ids must stay below it)."""
+        value = self._read("config.json").get("vocab_size")
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    @cached_property
+    def _tokenizer(self) -> Tokenizer | None:
+        try:
+            return Tokenizer.from_file(os.path.join(self.spec.path, "tokenizer.json"))
+        except Exception:  # no file, or one this tokenizers version cannot read
+            logger.debug("no usable tokenizer.json for %s", self.spec.name)
+            return None
+
+    @cached_property
+    def _token_bounds(self) -> tuple[int, int]:
+        """(tokens the tokenizer adds around a prompt, bytes of its longest token)."""
+        tok = self._tokenizer
+        assert tok is not None
+        added = tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor else 0
+        return added, max((len(piece) for piece in tok.get_vocab()), default=1)
+
+    def prompt_tokens(self, text: str, limit: int) -> int | None:
+        """The tokens the engine will count for ``text``, or a bound of it that compares with
+        ``limit`` the same way; None without a tokenizer.
+
+        Tokenizing costs tens of microseconds for a short prompt but seconds for a megabyte, so
+        it is skipped when bytes alone decide: every token of a byte-level tokenizer covers at
+        least one byte and at most its longest piece.
+        """
+        if self._tokenizer is None:
+            return None
+        added, longest = self._token_bounds
+        size = len(text.encode("utf-8"))
+        if size + added <= limit:
+            return size + added
+        if size > (limit + 1) * longest:
+            return size // longest
+        return len(self._tokenizer.encode(text).ids)
 
     @cached_property
     def _tokenizer_config(self) -> dict:

@@ -3,9 +3,10 @@ matching exception class (``NotFoundError``, ``RateLimitError``...) with our mes
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 # The ``type`` vLLM's server gives each status; the openai client shows it to users.
 _TYPES: dict[int, str] = {
@@ -49,5 +50,12 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        """The body as ASCII JSON: a message may quote client input that is no valid Unicode
+        (a lone surrogate), which UTF-8 cannot encode but a JSON escape can."""
+        return Response(
+            json.dumps(self.body()),
+            status_code=self.status,
+            headers=self.headers,
+            media_type="application/json",
+        )

@@ -22,6 +22,7 @@ from warmserve.protocol import GenerateRequest
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; toy models rarely stop on their own
 MAX_STOP = 4  # OpenAI's limit on stop sequences
+INT64 = (-(2**63), 2**63 - 1)  # what a seed may be (msgpack and the engine take 64 bits)
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 # Fields that would change the answer's shape in ways this server does not produce: rejected
 # when set to anything but their default.
@@ -53,6 +54,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise APIError(400, "request body must be a JSON object")
     return doc
@@ -89,12 +92,27 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
     if max_tokens >= info.context:
         raise APIError(
             400,
-            f"`{limit_name}` is {max_tokens}, but {model} has a context of {info.context} "
-            "tokens (prompt included)",
+            f"`{limit_name}` is {max_tokens}, but {model} is served with a context of "
+            f"{info.context} tokens (prompt included)",
             limit_name,
         )
-    if token_ids is not None and len(token_ids) + max_tokens > info.context:
-        raise APIError(400, f"prompt plus `{limit_name}` exceed the context of {info.context}")
+    if prompt is not None:
+        _check_text(prompt, "prompt" if kind == "completion" else "messages")
+        prompt_len = info.prompt_tokens(prompt, info.context - max_tokens)
+    else:
+        assert token_ids is not None
+        if info.vocab is not None and max(token_ids) >= info.vocab:
+            raise APIError(400, f"token ids of {model} are below {info.vocab}", "prompt")
+        prompt_len = len(token_ids)
+    if prompt_len is not None and prompt_len + max_tokens > info.context:
+        where = "prompt" if kind == "completion" else "messages"
+        raise APIError(
+            400,
+            f"{model} is served with a context of {info.context} tokens, but this request "
+            f"asks for {prompt_len + max_tokens} or more ({prompt_len} in the {where}, "
+            f"{max_tokens} in the completion); shorten the {where} or lower `{limit_name}`",
+            limit_name,
+        )
 
     temperature = _get(doc, "temperature", float, default=1.0)
     if not 0.0 <= temperature <= 2.0:
@@ -110,6 +128,9 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
     if options and not stream:
         raise APIError(400, "`stream_options` is only allowed with `stream: true`", "stream")
 
+    seed = _get(doc, "seed", int, default=None)
+    if seed is not None and not INT64[0] <= seed <= INT64[1]:
+        raise APIError(400, "`seed` must fit in 64 bits", "seed")
     generate = GenerateRequest(
         request_id=f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}",
         model=model,
@@ -118,7 +139,7 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
-        seed=_get(doc, "seed", int, default=None),
+        seed=seed,
         stop=_stop(doc.get("stop")),
         ignore_eos=_get(doc, "ignore_eos", bool, default=False),
     )
@@ -137,11 +158,24 @@ def _get(doc: dict[str, Any], name: str, typ: type, *, default: Any = None, requ
         return default
     ok = isinstance(value, typ) and not (typ in (int, float) and isinstance(value, bool))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise APIError(400, f"`{name}` is out of range", name) from None
     if not ok:
         want = _TYPE_WORDS.get(typ, "an object")
         raise APIError(400, f"`{name}` must be {want}, got {type(value).__name__}", name)
     return value
+
+
+def _check_text(text: str, param: str) -> None:
+    """400 for text that is no valid Unicode (a lone surrogate, which JSON escapes can carry):
+    neither the tokenizer nor the comm to the worker could encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        message = f"`{param}` contains invalid Unicode (a lone surrogate)"
+        raise APIError(400, message, param) from None
 
 
 def _token_list(value: Any) -> bool:
@@ -208,4 +242,6 @@ def _stop(value: Any) -> list[str]:
         raise APIError(400, "`stop` must be a string or a list of non-empty strings", "stop")
     if len(value) > MAX_STOP:
         raise APIError(400, f"`stop` takes at most {MAX_STOP} sequences", "stop")
+    for s in value:
+        _check_text(s, "stop")
     return value

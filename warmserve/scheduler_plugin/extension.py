@@ -12,7 +12,11 @@ accounting only.
 
 Routing (``warmserve_route``) is the latency-critical path: it answers from the accounting alone
 when an instance has room, and only when none has does it ask ``policy.on_demand`` and await the
-activation it chose.
+activation it chose. A front door may ask for a *lease* with its route: more slots on the chosen
+instance that it fills by itself, without a round trip per request. It reports what happened on
+them (arrivals, completions, with their times) in batches through ``warmserve_sync``, whose answer
+names the leases this scheduler ended (an instance stopping or lost), so placement stays decided
+here and the load meters still see every request.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ class WarmServeExtension(SchedulerPlugin):
         self._lanes: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task] = set()
         self._run_lock = asyncio.Lock()
+        self._clock = 0.0  # time of the latest arrival or completion fed to the meters
 
     # -- SchedulerPlugin hooks -----------------------------------------------------------------
 
@@ -88,6 +93,7 @@ class WarmServeExtension(SchedulerPlugin):
         self.scheduler = scheduler
         scheduler.handlers[protocol.SCHEDULER_ROUTE] = self.route
         scheduler.handlers[protocol.SCHEDULER_DONE] = self.done
+        scheduler.handlers[protocol.SCHEDULER_SYNC] = self.sync
         scheduler.handlers[protocol.SCHEDULER_STATUS] = self.status
         scheduler.handlers["warmserve_run_once"] = self.run_once
         scheduler.extensions[NAME] = self
@@ -117,6 +123,9 @@ class WarmServeExtension(SchedulerPlugin):
 
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         self._spawn(self.refresh(worker))
+
+    def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        self.state.drop_holder(client)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         lost = self.state.remove_worker(worker)
@@ -242,7 +251,9 @@ class WarmServeExtension(SchedulerPlugin):
                     model=s.model, device=s.devices[0]
                 )
             if s.worker in self.state.workers:
-                instance = Instance(iid, s.model, s.devices, s.worker, started=time())
+                instance = Instance(
+                    iid, s.model, s.devices, s.worker, started=time(), promised=s.reserved
+                )
                 self.state.instances[iid] = instance
                 logger.info("%s serves %s (%.2fs)", iid, s.model, time() - t0)
         except Exception as e:
@@ -258,6 +269,7 @@ class WarmServeExtension(SchedulerPlugin):
         if inst is None:
             return
         inst.draining = True
+        self.state.revoke(iid)
         if inst.load == 0:
             self._deactivate(inst)
 
@@ -274,14 +286,22 @@ class WarmServeExtension(SchedulerPlugin):
     # -- handlers for the front door -----------------------------------------------------------
 
     async def route(
-        self, model: str, request_id: str, exclude: Iterable[str] = ()
+        self,
+        model: str,
+        request_id: str,
+        exclude: Iterable[str] = (),
+        holder: str | None = None,
+        lease: int = 0,
     ) -> dict[str, Any]:
         """Where ``request_id`` of ``model`` should run.
 
-        ``{"status": "ok", "worker", "instance"}``; ``{"status": "queued"}`` when no instance has
-        room and the policy starts none (the caller waits and asks again; the request counts as
-        load meanwhile); ``{"status": "unknown"}`` for a model not in the registry. A retry after
-        a failed instance passes the same ``request_id`` and the failed instance in ``exclude``.
+        ``{"status": "ok", "worker", "instance", "lease"}``; ``{"status": "queued"}`` when no
+        instance has room and the policy starts none (the caller waits and asks again; the request
+        counts as load meanwhile); ``{"status": "unknown"}`` for a model not in the registry. A
+        retry after a failed instance passes the same ``request_id`` and the failed instance in
+        ``exclude``. With ``lease`` > 0, up to that many slots of the chosen instance (the
+        request's own included) are leased to ``holder`` (a client id), and ``"lease"`` says how
+        many; the request then holds one of them.
         """
         if model not in self.registry:
             return {"status": "unknown"}
@@ -291,19 +311,69 @@ class WarmServeExtension(SchedulerPlugin):
             if inst is not None:
                 self._spawn(self.refresh(inst.worker))
         if self.state.arrive(request_id, model):
-            now = time()
-            self.meter.arrive(model, now)
-            self.short.arrive(model, now)
+            self._arrive(model, time())
         for _ in range(2):  # a second pass if the start we waited for failed
             inst = self.state.pick(model, exclude)
+            granted = 0
             if inst is None:
                 inst = await self._wait_for_start(model)
+            elif holder is not None and lease > 0:
+                granted = self.state.grant(holder, inst, lease)
             if request_id not in self.state.requests:
                 return {"status": "gone"}  # done() came while we waited
             if inst is not None and inst.id in self.state.instances:
-                self.state.assign(request_id, inst)
-                return {"status": "ok", "worker": inst.worker, "instance": inst.id}
+                self.state.assign(request_id, inst, holder if granted else None)
+                return {
+                    "status": "ok",
+                    "worker": inst.worker,
+                    "instance": inst.id,
+                    "lease": granted,
+                }
         return {"status": "queued"}
+
+    def sync(
+        self,
+        holder: str,
+        events: Iterable[list] = (),
+        returned: Iterable[str] = (),
+        held: Iterable[str] = (),
+    ) -> dict[str, Any]:
+        """A front door's batch about its leases, applied in order; returns the leases it holds
+        that this scheduler ended (``{"revoked": [instance ids]}``).
+
+        ``events`` are ``["arrive", request_id, model, instance, age]`` (a request took a leased
+        slot) and ``["done", request_id, age]`` (a request finished, whatever its slot), ``age``
+        being seconds before the batch was sent, so their times do not depend on the two
+        clocks agreeing. ``returned`` names the leases the front door ends (its requests there
+        keep their slots until done).
+        """
+        now = time()
+        for event in events:
+            t = now - float(event[-1])
+            if event[0] == "arrive":
+                _, request_id, model, iid, _ = event
+                if self.state.arrive(request_id, model):
+                    self._arrive(model, t)
+                inst = self.state.instances.get(iid)
+                if inst is not None:
+                    self.state.assign(request_id, inst, holder)
+            else:
+                self._finish(event[1], t)
+        for iid in returned:
+            self.state.end_lease(holder, iid)
+        mine = self.state.leases.get(holder, {})
+        return {"revoked": [iid for iid in held if iid not in mine]}
+
+    def _at(self, t: float) -> float:
+        """``t`` moved into [latest time fed, now]: the meters need times in order, and a batch's
+        events may predate one routed meanwhile (by at most one batch interval)."""
+        self._clock = min(max(t, self._clock), max(time(), self._clock))
+        return self._clock
+
+    def _arrive(self, model: str, t: float) -> None:
+        t = self._at(t)
+        self.meter.arrive(model, t)
+        self.short.arrive(model, t)
 
     async def _wait_for_start(self, model: str) -> Instance | None:
         """Reserve a slot on a start under way (asking the policy for one if none) and await it."""
@@ -322,15 +392,21 @@ class WarmServeExtension(SchedulerPlugin):
             return await asyncio.shield(starting.ready)
         finally:
             starting.reserved -= 1
+            started = starting.ready.result() if starting.ready.done() else None
+            if started is not None:
+                started.promised = max(0, started.promised - 1)
 
     def done(self, request_id: str) -> None:
         """A request finished, failed or was rejected: free its slot and count it gone."""
+        self._finish(request_id, time())
+
+    def _finish(self, request_id: str, t: float) -> None:
         req, inst = self.state.finish(request_id)
         if req is None:
             return
-        now = time()
-        self.meter.depart(req.model, now)
-        self.short.depart(req.model, now)
+        t = self._at(t)
+        self.meter.depart(req.model, t)
+        self.short.depart(req.model, t)
         if inst is not None and inst.draining and inst.load == 0:
             self._deactivate(inst)
 

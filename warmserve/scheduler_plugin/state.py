@@ -23,7 +23,13 @@ logger = logging.getLogger("warmserve.scheduler.state")
 
 @dataclass(slots=True)
 class Instance:
-    """A serving instance; ``load`` counts the requests routed to it and not done yet."""
+    """A serving instance; ``load`` counts the requests routed to it and not done yet.
+
+    ``leased`` counts slots leased to front doors, ``on_lease`` the requests (in ``load``) that
+    run on them as last reported, and ``promised`` the slots of requests that waited for this
+    instance to start and are not assigned yet. Free leased and promised slots are taken, though
+    they are no load the planner should see.
+    """
 
     id: str
     model: str
@@ -31,6 +37,9 @@ class Instance:
     worker: str
     started: float
     load: int = 0
+    leased: int = 0
+    on_lease: int = 0
+    promised: int = 0
     draining: bool = False  # a Stop was accepted: no new requests, deactivate when idle
 
 
@@ -66,6 +75,7 @@ class Request:
 
     model: str
     instance: str | None = None
+    holder: str | None = None  # the front door whose lease the slot comes from, if any
 
 
 class ClusterState:
@@ -82,6 +92,8 @@ class ClusterState:
         # cannot resize it, so this ledger is the only record of lending; it keeps the policy
         # from lending the same space twice.
         self.lent: dict[str, int] = {}
+        # Slots leased to each front door (a Dask client id), per instance, in use or not.
+        self.leases: dict[str, dict[str, int]] = {}
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -130,6 +142,7 @@ class ClusterState:
     def _drop_instance(self, iid: str) -> None:
         """Forget an instance; its requests become waiting (the front door retries or fails)."""
         self.instances.pop(iid, None)
+        self.revoke(iid)
         for r in self.requests.values():
             if r.instance == iid:
                 r.instance = None
@@ -149,11 +162,15 @@ class ClusterState:
         skip = set(exclude)
         best = None
         for i in self.instances.values():
-            if i.model != model or i.draining or i.id in skip or i.load >= self.capacity:
+            if i.model != model or i.draining or i.id in skip or self.free(i) <= 0:
                 continue
-            if best is None or i.load < best.load:
+            if best is None or self.free(i) > self.free(best):
                 best = i
         return best
+
+    def free(self, inst: Instance) -> int:
+        """Slots of ``inst`` neither in use, leased nor promised."""
+        return self.capacity - (inst.load - inst.on_lease) - inst.leased - inst.promised
 
     def starting_with_room(self, model: str) -> Starting | None:
         for s in self.starting:
@@ -161,9 +178,50 @@ class ClusterState:
                 return s
         return None
 
-    def assign(self, request_id: str, instance: Instance) -> None:
-        self.requests[request_id].instance = instance.id
+    def assign(self, request_id: str, instance: Instance, holder: str | None = None) -> None:
+        """Put the request on ``instance``, on a slot of ``holder``'s lease if it has one there."""
+        r = self.requests[request_id]
+        r.instance = instance.id
+        r.holder = None
         instance.load += 1
+        if holder is not None and instance.id in self.leases.get(holder, {}):
+            r.holder = holder
+            instance.on_lease += 1
+
+    # -- leases to front doors -----------------------------------------------------------------
+
+    def grant(self, holder: str, instance: Instance, slots: int) -> int:
+        """Lease up to ``slots`` free slots of ``instance`` to ``holder``; return how many."""
+        n = max(0, min(slots, self.free(instance)))
+        if n:
+            held = self.leases.setdefault(holder, {})
+            held[instance.id] = held.get(instance.id, 0) + n
+            instance.leased += n
+        return n
+
+    def end_lease(self, holder: str, iid: str) -> None:
+        """End ``holder``'s lease on ``iid``: its requests there keep their slots, now unleased,
+        and its free slots are free for anyone."""
+        n = self.leases.get(holder, {}).pop(iid, 0)
+        inst = self.instances.get(iid)
+        if not n or inst is None:
+            return
+        inst.leased -= n
+        for r in self.requests.values():
+            if r.holder == holder and r.instance == iid:
+                r.holder = None
+                inst.on_lease -= 1
+
+    def revoke(self, iid: str) -> None:
+        """End every lease on ``iid`` (stopping or gone); holders learn it when they next sync."""
+        for holder in [h for h, held in self.leases.items() if iid in held]:
+            self.end_lease(holder, iid)
+
+    def drop_holder(self, holder: str) -> None:
+        """A front door went away: its leased slots are free again."""
+        for iid in list(self.leases.get(holder, {})):
+            self.end_lease(holder, iid)
+        self.leases.pop(holder, None)
 
     def release(self, request_id: str) -> Instance | None:
         """Free the slot ``request_id`` holds, if any; return the instance it was on."""
@@ -174,6 +232,9 @@ class ClusterState:
         r.instance = None
         if inst is not None:
             inst.load -= 1
+            if r.holder is not None:
+                inst.on_lease -= 1  # the slot goes back to the lease it came from
+        r.holder = None
         return inst
 
     def finish(self, request_id: str) -> tuple[Request | None, Instance | None]:
@@ -245,6 +306,8 @@ class ClusterState:
                     "devices": list(i.devices),
                     "worker": i.worker,
                     "load": i.load,
+                    "leased": i.leased,
+                    "on_lease": i.on_lease,
                     "draining": i.draining,
                 }
                 for i in self.instances.values()
@@ -254,4 +317,5 @@ class ClusterState:
                 for s in self.starting
             ],
             "queued": self.waiting(),
+            "leases": {h: dict(held) for h, held in self.leases.items() if held},
         }

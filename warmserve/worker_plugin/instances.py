@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from warmserve import config
 from warmserve.engine.engine import Engine, EngineConfig, EngineError
 from warmserve.policy.state import Tier
 from warmserve.protocol import GenerateRequest, TokenChunk
@@ -80,7 +81,10 @@ class Instances:
     ) -> None:
         self.store = store
         self._run_blocking = run_blocking
-        self._engine_config = EngineConfig(kv_cache_bytes=kv_bytes)
+        # The front door bounds prompt + max_tokens by the same key (warmserve.frontdoor.catalog).
+        self._engine_config = EngineConfig(
+            kv_cache_bytes=kv_bytes, max_model_len=int(config.get("engine.max-model-len"))
+        )
         self._interval = liveness_interval
         self._on_death = on_death
         # Instance ids are ``device/model/<token><n>``: the token differs per process, so ids
