@@ -260,9 +260,7 @@ class WarmServeExtension(SchedulerPlugin):
             logger.info("activating %s on %s failed: %s", s.model, s.devices, e)
             await self.refresh(s.worker)
         finally:
-            self.state.starting.remove(s)
-            if not s.ready.done():
-                s.ready.set_result(instance)
+            self.state.end_start(s, instance)
 
     def _stop(self, iid: str) -> None:
         inst = self.state.instances.get(iid)

@@ -130,14 +130,28 @@ class ClusterState:
         self.lent[device] = max(0, self.lent.get(device, 0) + nbytes)
 
     def remove_worker(self, address: str) -> list[str]:
-        """Forget ``address``; return the instances lost with it."""
+        """Forget ``address``; return the instances lost with it.
+
+        Starts under way there end now, with no instance (their waiters route again): the
+        policy must not see devices that are gone, and the activation call may hang until its
+        comm times out."""
         view = self.workers.pop(address, None)
         for device in view.devices if view else ():
             self.lent.pop(device, None)
         lost = [i.id for i in self.instances.values() if i.worker == address]
         for iid in lost:
             self._drop_instance(iid)
+        for s in [s for s in self.starting if s.worker == address]:
+            self.end_start(s, None)
         return lost
+
+    def end_start(self, starting: Starting, instance: Instance | None) -> None:
+        """A start is over (``instance`` is None if it failed or its worker left); wake its
+        waiters. Ending one twice (its worker left, then its call failed) does nothing."""
+        if starting in self.starting:
+            self.starting.remove(starting)
+        if not starting.ready.done():
+            starting.ready.set_result(instance)
 
     def _drop_instance(self, iid: str) -> None:
         """Forget an instance; its requests become waiting (the front door retries or fails)."""
