@@ -143,7 +143,7 @@ class FrontDoor:
                         sent = True
                         yield chunk
                 return
-            except (OSError, EngineErrors.lost) as e:
+            except (OSError, *EngineErrors.lost) as e:  # a nested tuple is a TypeError here
                 if sent:
                     raise WorkerLost(f"{route.instance} failed mid-request: {e}") from e
                 logger.info("%s failed before a token (%s); retrying", route.instance, e)
