@@ -283,7 +283,8 @@ def _start_llm(path: str, config: EngineConfig) -> Any:
 
 def _prompt(req: GenerateRequest) -> Any:
     if req.prompt_token_ids is not None:
-        return {"prompt_token_ids": req.prompt_token_ids}
+        # A list: msgpack brings sequences across a Dask comm as tuples, which vLLM cannot copy.
+        return {"prompt_token_ids": list(req.prompt_token_ids)}
     if req.prompt is None:
         raise ValueError("a request needs a prompt or prompt_token_ids")
     return req.prompt

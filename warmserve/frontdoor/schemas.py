@@ -210,7 +210,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(m, dict):
             raise APIError(400, f"`messages[{i}]` must be an object", "messages")
         role = m.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise APIError(400, f"`messages[{i}].role` must be one of {sorted(_ROLES)}", "messages")
         content = m.get("content")
         if isinstance(content, list):
