@@ -6,10 +6,13 @@ small as it gets:
 1. ``engine``: ``Engine.complete`` on an engine in this process (no HTTP, no Dask).
 2. ``dask``: what the front door does per request, minus HTTP: ``warmserve_route`` on the
    scheduler, the stream from the worker over a Dask comm, ``warmserve_done``.
-3. ``frontdoor``: ``POST /v1/completions`` to ``warmserve up``'s stack (``launcher.serving``).
-   The three are measured in turn, request by request, so all see the same machine load; the
+3. ``frontdoor``: ``POST /v1/completions`` to ``warmserve up``'s stack (``launcher.serving``),
+   which fills slots leased from the scheduler and reports to it in batches.
+4. ``frontdoor_route_each``: the same through a second front door on the same cluster with
+   leasing off (``lease=0``): a route and a done round trip to the scheduler per request.
+   The four are measured in turn, request by request, so all see the same machine load; the
    added latency is the paired difference with the engine in this process.
-4. ``throughput``: requests/s through the front door with ``--concurrency`` clients.
+5. ``throughput``: requests/s through the (leasing) front door with ``--concurrency`` clients.
 
 Run: ``python -m bench.frontdoor_bench [--requests N]`` -> bench/results/frontdoor.json
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -25,14 +29,17 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import httpx
 import numpy as np
+import uvicorn
 from distributed import Client
 
 from warmserve import protocol
 from warmserve.engine.engine import Engine
-from warmserve.launcher import run, serving
+from warmserve.frontdoor.app import create_app
+from warmserve.launcher import HOST, run, serving
 from warmserve.models.make import ensure_default_models
 from warmserve.protocol import GenerateRequest
 from warmserve.worker_plugin.client import stream_generate
@@ -56,12 +63,15 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
             serving(registry, registry_file, devices=1) as st,
             httpx.AsyncClient(base_url=st.url, timeout=300) as http,
             Client(st.cluster.scheduler_address, asynchronous=True) as client,
+            _front_door(st.cluster.scheduler_address, registry, lease=0) as plain_url,
+            httpx.AsyncClient(base_url=plain_url, timeout=300) as plain,
         ):
             (await http.post("/v1/completions", json=body)).raise_for_status()  # activate
-            for _ in range(20):  # warm both paths (connections, caches)
+            for _ in range(20):  # warm every path (connections, caches)
                 await http.post("/v1/completions", json=body)
+                await plain.post("/v1/completions", json=body)
                 await engine.complete(_request())
-            in_process, direct, front = [], [], []
+            in_process, direct, front, routed = [], [], [], []
             for _ in range(requests):
                 t0 = time.perf_counter()
                 await engine.complete(_request())
@@ -71,13 +81,18 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
                 r = await http.post("/v1/completions", json=body)
                 t3 = time.perf_counter()
                 r.raise_for_status()
+                r = await plain.post("/v1/completions", json=body)
+                t4 = time.perf_counter()
+                r.raise_for_status()
                 in_process.append(t1 - t0)
                 direct.append(t2 - t1)
                 front.append(t3 - t2)
+                routed.append(t4 - t3)
             rps = await _throughput(http, body, concurrency, throughput_n)
     finally:
         await asyncio.to_thread(engine.shutdown)
     added = [f - e for f, e in zip(front, in_process, strict=True)]
+    added_routed = [f - e for f, e in zip(routed, in_process, strict=True)]
     return {
         "model": MODEL,
         "max_tokens": 1,
@@ -85,9 +100,32 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
         "engine_in_process_ms": pct(in_process),
         "dask_route_stream_done_ms": pct(direct),
         "frontdoor_ms": pct(front),
+        "frontdoor_route_each_ms": pct(routed),
         "added_ms": {**pct(added), "mean": statistics.fmean(added) * 1000},
+        "added_route_each_ms": {
+            **pct(added_routed),
+            "mean": statistics.fmean(added_routed) * 1000,
+        },
         "throughput": {"concurrency": concurrency, "requests": throughput_n, "rps": rps},
     }
+
+
+@contextlib.asynccontextmanager
+async def _front_door(scheduler: str, registry, **options) -> AsyncIterator[str]:
+    """A second front door on the same cluster, served at 127.0.0.1 for the block; its URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(scheduler, registry, **options), host=HOST, port=0, log_level="warning"
+        )
+    )
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://{HOST}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 async def _through_dask(client: Client, req: GenerateRequest) -> None:
