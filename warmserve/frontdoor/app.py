@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from distributed import Client
 from starlette.applications import Starlette
@@ -41,6 +41,7 @@ from warmserve.registry import Registry
 logger = logging.getLogger("warmserve.frontdoor")
 request_logger = logging.getLogger("warmserve.frontdoor.requests")
 
+RECONNECT = 1.0  # seconds between looks at the scheduler connection (and new-client attempts)
 MAX_BODY = 1 << 20  # bytes; a prompt that fits any context here is far smaller
 T = TypeVar("T")
 
@@ -68,6 +69,7 @@ class FrontDoor:
     admission: Admission | None = None
     leases: Leases | None = None
     _owns_client: bool = False
+    _watch: asyncio.Task | None = None
 
     async def connect(self) -> None:
         """Use the given asynchronous client, or connect one in this event loop."""
@@ -79,8 +81,9 @@ class FrontDoor:
                 if isinstance(self.scheduler, Client)
                 else self.scheduler
             )
-            self.client = await Client(address, asynchronous=True, name="warmserve-frontdoor")
+            self.client = await self._new_client(address)
             self._owns_client = True
+            self._watch = asyncio.ensure_future(self._keep_connected(address))
         self.leases = Leases(self._sync)
         self.leases.start()
         self.admission = Admission(
@@ -93,7 +96,41 @@ class FrontDoor:
         )
         logger.info("front door connected to %s", self.client.scheduler.address)
 
+    @staticmethod
+    async def _new_client(address: str, **options: Any) -> Client:
+        return await Client(address, asynchronous=True, name="warmserve-frontdoor", **options)
+
+    async def _keep_connected(self, address: str) -> None:
+        """Replace the client once it gave up on the scheduler.
+
+        A Dask client whose scheduler goes away reconnects to the same address for
+        ``distributed.comm.timeouts.connect`` and then closes for good; a front door must
+        outlive a longer scheduler restart, so it then connects a new client (a new id: the
+        scheduler, restarted, knows none of the old one's leases anyway). Meanwhile requests
+        get 503 with Retry-After (:meth:`away`)."""
+        while True:
+            await asyncio.sleep(RECONNECT)
+            assert self.client is not None
+            if self.client.status != "closed":
+                continue
+            try:
+                self.client = await self._new_client(address, timeout=f"{RECONNECT}s")
+            except (OSError, TimeoutError) as e:
+                logger.debug("scheduler %s still away: %s", address, e)
+                continue
+            logger.info("front door reconnected to %s", address)
+
+    def away(self) -> APIError:
+        """What a request gets while the scheduler cannot be reached."""
+        return APIError(
+            503,
+            "the scheduler cannot be reached (restarting?); retry later",
+            headers={"Retry-After": str(self.retry_after)},
+        )
+
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         if self.leases is not None:
             await self.leases.close()
         if self._owns_client and self.client is not None:
@@ -103,13 +140,18 @@ class FrontDoor:
         self, model: str, request_id: str, exclude: tuple[str, ...], lease: int
     ) -> dict:
         assert self.client is not None
-        return await getattr(self.client.scheduler, protocol.SCHEDULER_ROUTE)(
-            model=model,
-            request_id=request_id,
-            exclude=list(exclude),
-            holder=self.client.id,
-            lease=lease,
-        )
+        if self.client.status != "running":  # a call would wait for the connect timeout
+            raise self.away()
+        try:
+            return await getattr(self.client.scheduler, protocol.SCHEDULER_ROUTE)(
+                model=model,
+                request_id=request_id,
+                exclude=list(exclude),
+                holder=self.client.id,
+                lease=lease,
+            )
+        except OSError:
+            raise self.away() from None
 
     async def _sync(self, events: list[list], returned: list[str], held: list[str]) -> dict:
         assert self.client is not None
@@ -221,7 +263,7 @@ def create_app(
     async def health(request: Request) -> Response:
         assert door.client is not None
         if door.client.status != "running":
-            return APIError(503, "not connected to the scheduler").response()
+            return door.away().response()
         return Response(status_code=200)
 
     async def metrics(request: Request) -> Response:

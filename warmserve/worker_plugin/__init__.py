@@ -6,6 +6,8 @@ Start a worker with::
         [--warmserve-devices cpu:0,cpu:1 | cuda:0,cuda:1] [--warmserve-device-memory 2GiB] \
         [--warmserve-node NAME] [--warmserve-registry PATH]
 
+(under a nanny, as ``dask worker`` starts it, so that it comes back after a scheduler restart:
+see :func:`~warmserve.worker_plugin.plugin.rejoin_after_scheduler_loss`)
 or register :class:`WarmServeWorker` from a client. Engines run inside the worker process
 (``warmserve.engine``), so no daemon setting is needed for them. Heavy imports (torch, vLLM) wait
 until the plugin is set up, so the front door can import :mod:`warmserve.worker_plugin.client`
@@ -52,7 +54,7 @@ async def dask_setup(
     warmserve_registry: str | None,
 ) -> None:
     """The ``--preload`` entry point: attach the plugin to this worker."""
-    from warmserve.worker_plugin.plugin import WarmServeWorker
+    from warmserve.worker_plugin.plugin import WarmServeWorker, rejoin_after_scheduler_loss
 
     plugin = WarmServeWorker(
         devices=warmserve_devices,
@@ -61,6 +63,7 @@ async def dask_setup(
         registry=warmserve_registry,
     )
     await worker.plugin_add(plugin, name=plugin.name)
+    rejoin_after_scheduler_loss(worker)  # before the worker registers: it takes the stream then
 
 
 def generate(request: GenerateRequest) -> TokenChunk:

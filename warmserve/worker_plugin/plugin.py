@@ -45,6 +45,27 @@ RESOURCE = "warmserve-device"
 KEEP_DEATHS = 32
 
 
+def rejoin_after_scheduler_loss(worker: Worker) -> None:
+    """Make a lost scheduler connection end this worker process only, not its nanny.
+
+    Dask closes a worker and its nanny when the scheduler's stream breaks (a worker cannot
+    register twice). Closed alone, the worker exits as if it had crashed, and its nanny starts a
+    new one, which waits for the scheduler's address to listen again and registers: a restarted
+    scheduler gets its devices back. Engines do not survive that (they live in the worker
+    process); the new worker reports empty devices and the planner starts from there. A
+    deliberate scheduler shutdown still closes the nanny, as its ``close`` message comes first.
+    Must run before the worker registers (in the preload), when it takes the stream.
+    """
+
+    async def handle_scheduler(comm) -> None:
+        try:
+            await worker.handle_stream(comm)
+        finally:
+            await worker.close(nanny=False, reason="warmserve-scheduler-lost")
+
+    worker.handle_scheduler = handle_scheduler
+
+
 def parse_tier(tier: str | int) -> Tier:
     """``"host"``, ``"device"``, ``"engine"`` (any case) or the Tier's number."""
     try:
