@@ -6,9 +6,10 @@ the load client here shares no event loop with the scheduler and front door, and
 1. warms up: one request per model, one at a time (engine starts are not load);
 2. ramps: open-loop replays of ``--step`` seconds at 1, 2, 4, ... requests/s until a step is not
    *held*; the largest held rate is the soak's base load. A step is held when at least 99.5% of
-   its requests are served and the median TTFT is at most ``--ttft-slo`` seconds (the median,
-   not the p99: with 7 models on 2 exclusive devices, a request that needs an engine of another
-   family waits for one to start, 20 to 70 s here, at any load);
+   its requests are served, none is rejected, and the last of them is done within ``--drain``
+   seconds of the step's end: the cluster keeps up instead of building a backlog. (Not a TTFT
+   bound: with 7 models on 2 exclusive devices, a request that needs an engine of another
+   family waits for one to start, 20 to 70 s here, at any load; TTFTs are reported.)
 3. soaks: ``--minutes`` at the base load, then ``--minutes`` at twice it.
 
 Every phase replays a workload synthesized for it (``warmserve.traces.synth``: the default
@@ -135,6 +136,7 @@ def tally(outcomes: list[Outcome], seconds: float, rps: float) -> dict:
 async def phase(url: str, names: list[str], rps: float, seconds: float, args, seed: int) -> dict:
     """One open-loop replay of a workload synthesized at ``rps`` for ``seconds``."""
     workload = synthesize(names, args.alpha, rps, seconds, seed=seed)
+    t0 = time.perf_counter()
     outcomes = await replay(
         workload,
         url,
@@ -144,16 +146,17 @@ async def phase(url: str, names: list[str], rps: float, seconds: float, args, se
         timeout=args.timeout,
         progress=False,
     )
-    return tally(outcomes, seconds, rps)
+    result = tally(outcomes, seconds, rps)
+    result["wall_s"] = round(time.perf_counter() - t0, 1)
+    return result
 
 
-def held(result: dict, slo: float) -> bool:
-    p50 = result["ttft_p50_s"]
+def held(result: dict, drain: float) -> bool:
     return (
         result["sent"] > 0
         and result["served"] >= HELD_SERVED * result["sent"]
-        and p50 is not None
-        and p50 <= slo
+        and result["rejected"] == 0
+        and result["wall_s"] <= result["seconds"] + drain
     )
 
 
@@ -173,7 +176,7 @@ async def soak(args, url: str, up: psutil.Process, registry: Registry) -> dict:
     rps = args.start_rps
     while rps <= args.max_rps:
         step = await phase(url, names, rps, args.step, args, seed=len(ramp))
-        step["held"] = held(step, args.ttft_slo)
+        step["held"] = held(step, args.drain)
         ramp.append(step)
         print(f"ramp {rps} rps: {json.dumps(step)}", flush=True)
         if not step["held"]:
@@ -185,9 +188,7 @@ async def soak(args, url: str, up: psutil.Process, registry: Registry) -> dict:
     phases = []
     for k, rate in enumerate((base, 2 * base)):
         before = memory(up)
-        t0 = time.perf_counter()
         result = await phase(url, names, rate, args.minutes * 60, args, seed=100 + k)
-        result["wall_s"] = round(time.perf_counter() - t0, 1)
         result["memory_start"], result["memory_end"] = before, memory(up)
         phases.append(result)
         print(f"soak {rate} rps: {json.dumps(result)}", flush=True)
@@ -197,10 +198,10 @@ async def soak(args, url: str, up: psutil.Process, registry: Registry) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="per soak phase")
-    parser.add_argument("--step", type=float, default=40.0, help="seconds per ramp step")
+    parser.add_argument("--step", type=float, default=60.0, help="seconds per ramp step")
     parser.add_argument("--start-rps", type=float, default=0.5)
     parser.add_argument("--max-rps", type=float, default=64.0)
-    parser.add_argument("--ttft-slo", type=float, default=5.0, help="median TTFT of a held step")
+    parser.add_argument("--drain", type=float, default=90.0, help="backlog a held step clears (s)")
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--max-output", type=int, default=32)
     parser.add_argument("--max-input", type=int, default=128)
@@ -227,8 +228,9 @@ def main() -> None:
         "models": list(registry),
         "largest_load_held": {
             "rps": result["base_rps"],
-            "rule": f">= {HELD_SERVED:.1%} served and median TTFT <= {args.ttft_slo} s in a "
-            f"{args.step:.0f} s open-loop step, rates doubling from {args.start_rps}",
+            "rule": f">= {HELD_SERVED:.1%} served, none rejected, all done within {args.drain:.0f} "
+            f"s of the end of a {args.step:.0f} s open-loop step; rates doubling from "
+            f"{args.start_rps}",
         },
         "outcomes": "served: 200 and a complete stream; rejected: 429/503; errored: other "
         "status or an error event; lost: no HTTP answer within the per-request timeout",
