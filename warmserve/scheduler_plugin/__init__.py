@@ -52,11 +52,11 @@ def build_extension(registry: Registry, policy_name: str):
     policy_config = PolicyConfig.from_mapping(dask.config.get("warmserve"))
     policy = make_policy(policy_name, registry, policy_config)
     window = float(config.get("forecast.window"))
-    history_dir = dask.config.get("warmserve.scheduler.history-dir", default=None)
+    history_dir = config.get("scheduler.history-dir")
     forecaster = getattr(policy, "forecaster", None)
     history = None
     if history_dir and forecaster is not None:
-        every = int(dask.config.get("warmserve.scheduler.history-every", default=1))
+        every = int(config.get("scheduler.history-every"))
         history = History(os.fspath(history_dir), forecaster, window, every)
     return WarmServeExtension(
         registry,
