@@ -89,7 +89,7 @@ def test_forecasts_continue_after_a_scheduler_restart(tmp_path):
     assert table.column("model").to_pylist() == list(MODELS)
 
 
-def test_history_written_under_other_parameters_is_ignored(tmp_path):
+def test_history_written_under_other_parameters_or_broken_is_ignored(tmp_path):
     registry_file = os.fspath(tmp_path / "registry.yaml")
     MODELS.to_yaml(registry_file)
 
@@ -110,3 +110,5 @@ def test_history_written_under_other_parameters_is_ignored(tmp_path):
     assert asyncio.run(run(WINDOW, feed=True)) == 0  # nothing yet; saved on close
     assert asyncio.run(run(WINDOW, feed=False)) == len(MODELS)
     assert asyncio.run(run(WINDOW / 2, feed=False)) == 0  # other windows: not misread
+    (tmp_path / "history" / history.FILE).write_bytes(b"not parquet")
+    assert asyncio.run(run(WINDOW, feed=False)) == 0  # a broken file: the scheduler starts

@@ -38,6 +38,7 @@ def _identity(forecaster: Forecaster, window: float) -> dict[str, str]:
 
 
 def _write(models: tuple[str, ...], state: dict[str, np.ndarray], meta: dict, path: str) -> None:
+    """Write atomically (a temporary file, then a rename): a crash keeps the last history."""
     n = len(models)
     columns = {"model": pa.array(models, pa.string())}
     shapes = {}
@@ -53,24 +54,30 @@ def _write(models: tuple[str, ...], state: dict[str, np.ndarray], meta: dict, pa
 
 
 def load(forecaster: Forecaster, path: str, window: float) -> int:
-    """Restore ``forecaster`` from ``path``; return the models restored (0: none or invalid)."""
+    """Restore ``forecaster`` from ``path``; return the models restored (0: none or invalid).
+
+    A missing, unreadable or foreign file is logged and ignored: the scheduler must start
+    anyway, only with a forecaster that learns from scratch."""
     try:
         table = pq.read_table(path)
     except FileNotFoundError:
+        return 0
+    except (OSError, pa.ArrowException) as e:
+        logger.warning("cannot read forecaster history %s (%s); ignored", path, e)
         return 0
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     want = _identity(forecaster, window)
     if any(meta.get(k) != v for k, v in want.items()):
         logger.warning("forecaster history %s was written under other parameters; ignored", path)
         return 0
-    models = tuple(table.column("model").to_pylist())
-    state = {}
-    for name, shape in json.loads(meta["shapes"]).items():
-        flat = table.column(name).combine_chunks().flatten().to_numpy()
-        state[name] = np.moveaxis(flat.reshape(len(models), *shape), 0, -1)
     try:
+        models = tuple(table.column("model").to_pylist())
+        state = {}
+        for name, shape in json.loads(meta["shapes"]).items():
+            flat = table.column(name).combine_chunks().flatten().to_numpy()
+            state[name] = np.moveaxis(flat.reshape(len(models), *shape), 0, -1)
         forecaster.restore(models, state)
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, pa.ArrowException) as e:
         logger.warning("forecaster history %s does not fit (%s); ignored", path, e)
         return 0
     return len(models)
