@@ -23,8 +23,17 @@ from warmserve.kernels.chunks import Run
 
 
 def available() -> bool:
-    """True when torch sees a CUDA device and cuda-python's driver bindings are installed."""
-    return importlib.util.find_spec("cuda.bindings") is not None and torch.cuda.is_available()
+    """True when torch sees a CUDA device and cuda-python's driver bindings are installed.
+
+    ``find_spec("cuda.bindings")`` raises rather than returning None when no ``cuda`` package
+    exists at all (a CPU-only install), so that case is caught and answered False.
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        return importlib.util.find_spec("cuda.bindings") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 class CudaMemory:
