@@ -3,4 +3,4 @@
 set -euo pipefail
 ruff check warmserve tests bench
 ruff format --check warmserve tests bench
-python -m pytest -q tests "$@"
+python -m pytest -q --durations=15 tests "$@"
