@@ -224,7 +224,8 @@ def _fail_engine_after(device_id: str, family: str, steps: int, dask_worker=None
     """Fault injection (the engine runs in the worker process, so it cannot be killed alone):
     its vLLM step raises after ``steps`` more steps, which ends the engine's thread as a crash
     inside vLLM would."""
-    engine = dask_worker.plugins["warmserve"].instances.engines[(device_id, family)].engine
+    (slot,) = dask_worker.plugins["warmserve"].instances.slots(device_id, family)
+    engine = slot.engine
     real_step, left = engine._llm.step, [steps]
 
     def step():

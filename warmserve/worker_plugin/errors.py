@@ -41,7 +41,8 @@ class DoesNotFit(WarmServeWorkerError):
 
 
 class DeviceBusy(WarmServeWorkerError):
-    """Every candidate device already serves an instance."""
+    """Every candidate device already serves an instance of the model (a device may serve
+    several models at once, but one instance of each)."""
 
     kind = "device-busy"
 

@@ -1,11 +1,12 @@
 """Engines and instances on a worker's devices: activation, in-place switching, liveness.
 
-One engine per (device, family) (``warmserve.engine.Engine``, in this process); an instance is
-an engine serving one model for the scheduler, at most one per device (the device is then
-*dedicated*). Activation starts from the warmest tier there is: an idle engine of the family
-switches in place to weights from the device pool (or host memory, or disk); otherwise an engine
-starts, after evicting prewarmed weights of other models, and then idle engines of other
-families, from that device only as far as its memory demands.
+Engines (``warmserve.engine.Engine``, in this process) run on a device, each of one family; an
+instance is an engine serving one model for the scheduler. A device hosts as many instances as
+its memory holds engines (the ``share`` baseline puts two on each), at most one per model.
+Activation starts from the warmest tier there is: an idle engine of the family switches in place
+to weights from the device pool (or host memory, or disk); otherwise an engine starts, after
+evicting prewarmed weights of other models, and then idle engines, from that device only as far
+as its memory demands. Engines serving an instance are never stopped to make room.
 
 A dead engine (its thread ended, found by the periodic check or by a failed request) is shut
 down, its instances dropped and its memory returned, and reported through ``on_death``.
@@ -34,8 +35,13 @@ logger = logging.getLogger("warmserve.worker.instances")
 
 @dataclass(eq=False)
 class EngineSlot:
-    """An engine of ``family`` up on ``device``; ``instance`` is set while it serves one."""
+    """An engine of ``family`` up on ``device``; ``instance`` is set while it serves one.
 
+    ``key`` names the engine in the worker and in the device's memory ledger: a device may run
+    several engines, of one family or of several.
+    """
+
+    key: str
     device: str
     family: str
     engine: Engine
@@ -91,7 +97,8 @@ class Instances:
         # from before a worker restart never name a new instance.
         self._token = secrets.token_hex(3)
         self._ids = itertools.count(1)
-        self.engines: dict[tuple[str, str], EngineSlot] = {}
+        self._engine_ids = itertools.count(1)
+        self.engines: dict[str, EngineSlot] = {}  # by EngineSlot.key
         self.instances: dict[str, Instance] = {}
         self._device_locks = {d: asyncio.Lock() for d in store.memory}
         # vLLM builds one engine at a time in a process (it sets process-wide state while
@@ -101,11 +108,33 @@ class Instances:
     def device_lock(self, device: str) -> asyncio.Lock:
         return self._device_locks[device]
 
+    def slots(self, device: str, family: str | None = None) -> list[EngineSlot]:
+        """The engines on ``device`` (of ``family`` if given), oldest first."""
+        return [
+            s
+            for s in self.engines.values()
+            if s.device == device and (family is None or s.family == family)
+        ]
+
+    def idle_slot(self, spec: ModelSpec, device: str) -> EngineSlot | None:
+        """An engine of ``spec``'s family on ``device`` serving no instance: one that already
+        holds ``spec`` if there is one, else the most recently used."""
+        idle = [s for s in self.slots(device, spec.family) if s.instance is None]
+        return max(idle, key=lambda s: (s.model == spec.name, s.last_used), default=None)
+
+    def serves(self, model: str, device: str) -> bool:
+        """Whether an instance of ``model`` runs on ``device``."""
+        return any(i.model == model and i.device == device for i in self.instances.values())
+
     def tier(self, spec: ModelSpec, device: str) -> Tier:
-        if any(i.model == spec.name and i.device == device for i in self.instances.values()):
+        """Where an activation of ``spec`` on ``device`` would start from. ENGINE: an idle
+        engine of the family is up there (the start is a switch in place, or nothing)."""
+        if self.serves(spec.name, device):
             return Tier.ACTIVE
+        if self.idle_slot(spec, device) is not None:
+            return Tier.ENGINE
         if spec.name in self.store.resident_on(device):
-            return Tier.ENGINE if (device, spec.family) in self.engines else Tier.DEVICE
+            return Tier.DEVICE
         if spec.name in self.store.host_models():
             return Tier.HOST
         return Tier.DISK
@@ -117,31 +146,38 @@ class Instances:
     # --- activation -------------------------------------------------------------------------
 
     def pick_device(self, spec: ModelSpec, devices: list[str]) -> str:
-        """The free device where ``spec`` is warmest (an idle engine of its family counts most)."""
-        busy = {i.device for i in self.instances.values()}
-        free = [d for d in devices if d not in busy]
+        """The device where ``spec`` is warmest and that serves no instance of it yet.
+
+        An idle engine already holding the model counts most, then an idle engine of its family,
+        then its weights in the device pool, then fewer instances, then free memory.
+        """
+        free = [d for d in devices if not self.serves(spec.name, d)]
         if not free:
-            raise DeviceBusy(f"every device of {devices} serves an instance")
+            raise DeviceBusy(f"every device of {devices} already serves {spec.name}")
 
         def warmth(d: str) -> tuple:
-            slot = self.engines.get((d, spec.family))
+            slot = self.idle_slot(spec, d)
             return (
                 slot is not None and slot.model == spec.name,
                 slot is not None,
                 spec.name in self.store.resident_on(d),
+                -sum(i.device == d for i in self.instances.values()),
                 self.store.memory[d].free_bytes,
             )
 
         return max(free, key=warmth)
 
     async def activate(self, spec: ModelSpec, device: str) -> Instance:
-        """Start an instance of ``spec`` on ``device`` (which the caller picked and locked)."""
-        if any(i.device == device for i in self.instances.values()):
-            raise DeviceBusy(f"{device} already serves an instance")
-        slot = self.engines.get((device, spec.family))
-        if slot is not None and not slot.engine.alive():
-            await self._bury(slot, "engine found dead at activation")
-            slot = None
+        """Start an instance of ``spec`` on ``device`` (which the caller picked and locked).
+
+        Other instances on the device go on serving; a new engine is started when no idle one
+        of the family is there (DoesNotFit if the device's memory cannot take it).
+        """
+        if self.serves(spec.name, device):
+            raise DeviceBusy(f"{device} already serves {spec.name}")
+        for dead in [s for s in self.slots(device, spec.family) if not s.engine.alive()]:
+            await self._bury(dead, "engine found dead at activation")
+        slot = self.idle_slot(spec, device)
         if slot is None:
             slot = await self.start_engine(spec, device, keep=spec.name)
         elif slot.model != spec.name:
@@ -157,28 +193,30 @@ class Instances:
         return instance
 
     async def start_engine(self, spec: ModelSpec, device: str, keep: str) -> EngineSlot:
-        """An engine of ``spec``'s family on ``device``, making room for it if memory demands.
+        """An idle engine of ``spec``'s family on ``device``: the one there is, else a new one,
+        making room for it if memory demands.
 
         Room comes from prewarmed weights of other models than ``keep`` (least recently used
-        first), then from idle engines of other families; if that is still not enough, nothing
-        is dropped and DoesNotFit is raised.
+        first), then from idle engines; if that is still not enough, nothing is dropped and
+        DoesNotFit is raised.
         """
-        slot = self.engines.get((device, spec.family))
+        slot = self.idle_slot(spec, device)
         if slot is not None:
             return slot
         memory = self.store.memory[device]
         need = self.engine_bytes(spec)
         await self._make_room(spec, device, need, keep)
-        memory.reserve_engine(spec.family, need)
+        key = f"{device}/{spec.family}#{next(self._engine_ids)}"
+        memory.reserve_engine(key, need)
         try:
             async with self._start_lock:
                 engine = await self._run_blocking(Engine, spec, self._engine_config)
         except BaseException:
-            memory.release_engine(spec.family)
+            memory.release_engine(key)
             raise
-        slot = EngineSlot(device, spec.family, engine)
-        self.engines[(device, spec.family)] = slot
-        logger.info("%s: engine of %s up with %s", device, spec.family, spec.name)
+        slot = EngineSlot(key, device, spec.family, engine)
+        self.engines[key] = slot
+        logger.info("%s: engine %s up with %s", device, key, spec.name)
         return slot
 
     async def _make_room(self, spec: ModelSpec, device: str, need: int, keep: str) -> None:
@@ -190,11 +228,10 @@ class Instances:
             key=lambda r: r.last_used,
         )
         idle = sorted(
-            (s for (d, f), s in self.engines.items() if d == device and s.instance is None),
-            key=lambda s: s.last_used,
+            (s for s in self.slots(device) if s.instance is None), key=lambda s: s.last_used
         )
         freeable = sum(memory._chunks(r.layout.nbytes) for r in weights)
-        freeable += sum(memory.engines[s.family] for s in idle)
+        freeable += sum(memory.engines[s.key] for s in idle)
         if memory.free_bytes + freeable < memory._chunks(need):
             raise DoesNotFit(memory._no_room(f"engine of {spec.family}", need))
         for resident in weights:
@@ -205,7 +242,7 @@ class Instances:
         for slot in idle:
             if memory.fits(need):
                 return
-            logger.info("%s: stopping idle engine of %s for %s", device, slot.family, spec.family)
+            logger.info("%s: stopping idle engine %s for %s", device, slot.key, spec.family)
             await self._stop(slot)
 
     async def deactivate(self, instance_id: str) -> Instance:
@@ -219,15 +256,15 @@ class Instances:
 
     async def _stop(self, slot: EngineSlot) -> None:
         """Forget an engine, shut it down and give back its memory."""
-        if self.engines.get((slot.device, slot.family)) is slot:
-            del self.engines[(slot.device, slot.family)]
+        if self.engines.get(slot.key) is slot:
+            del self.engines[slot.key]
         for iid in [i.id for i in self.instances.values() if i.slot is slot]:
             del self.instances[iid]
         try:
             await self._run_blocking(slot.engine.shutdown)
         except Exception:  # a dead engine may fail to shut down cleanly; it is gone either way
             logger.debug("%s: %s engine shutdown failed", slot.device, slot.family, exc_info=True)
-        self.store.memory[slot.device].release_engine(slot.family)
+        self.store.memory[slot.device].release_engine(slot.key)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -282,7 +319,7 @@ class Instances:
         return dead
 
     async def _bury(self, slot: EngineSlot, reason: str) -> None:
-        if self.engines.get((slot.device, slot.family)) is not slot:
+        if self.engines.get(slot.key) is not slot:
             return  # already buried
         lost = [i.id for i in self.instances.values() if i.slot is slot]
         logger.warning("%s: %s engine died (%s); lost %s", slot.device, slot.family, reason, lost)

@@ -220,7 +220,7 @@ class WarmServeWorker(WorkerPlugin):
                 ids,
                 key=lambda d: (
                     spec.name in mem[d].resident,
-                    (d, spec.family) in self.instances.engines,
+                    self.instances.idle_slot(spec, d) is not None,
                     mem[d].free_bytes,
                 ),
             )
@@ -276,8 +276,9 @@ class WarmServeWorker(WorkerPlugin):
         """Start an instance of ``model`` from the warmest tier there is; return its id.
 
         The ``"activated"`` event says which tier it started from and how long it took.
-        Raises DeviceBusy when every candidate device serves an instance and DoesNotFit when no
-        eviction on the device makes room for an engine.
+        A device may serve several instances (of different models) as long as its memory holds
+        their engines. Raises DeviceBusy when every candidate device already serves an instance
+        of ``model`` and DoesNotFit when no eviction on the device makes room for an engine.
         """
         spec = self.spec(model)
         if spec.tp != 1:
@@ -287,8 +288,6 @@ class WarmServeWorker(WorkerPlugin):
         chosen = self.instances.pick_device(spec, candidates)
         async with self.instances.device_lock(chosen):
             tier = self.instances.tier(spec, chosen)
-            if tier < Tier.ENGINE and (chosen, spec.family) in self.instances.engines:
-                tier = Tier.ENGINE  # an idle engine of the family: the start is a switch
             instance = await self.instances.activate(spec, chosen)
         seconds = time.perf_counter() - start
         logger.info("activated %s on %s from %s in %.3f s", model, chosen, tier.name, seconds)
@@ -314,7 +313,7 @@ class WarmServeWorker(WorkerPlugin):
         devices = []
         for d in self.devices:
             mem = self.store.memory[d.id]
-            slots = [s for (dev, _), s in self.instances.engines.items() if dev == d.id]
+            slots = self.instances.slots(d.id)
             devices.append(
                 {
                     "id": d.id,
@@ -323,7 +322,15 @@ class WarmServeWorker(WorkerPlugin):
                     "memory": d.memory,
                     "free": mem.free_bytes,
                     "resident": self.store.resident_on(d.id),
-                    "engines": {s.family: s.model for s in slots},
+                    # family -> model: an idle engine's if the family has one (what a switch
+                    # starts from), else a serving one's; every engine is in "engine_slots".
+                    "engines": {
+                        s.family: s.model for s in sorted(slots, key=lambda s: s.instance is None)
+                    },
+                    "engine_slots": [
+                        {"family": s.family, "model": s.model, "instance": s.instance}
+                        for s in slots
+                    ],
                     "instances": [s.instance for s in slots if s.instance],
                     "lent": 0,
                 }

@@ -189,7 +189,7 @@ class DeviceMemory:
             backend = "host"
         self.pool = MemorySwitcher(device.memory, backend=backend, device=device.index)
         self.resident: dict[str, Resident] = {}
-        self.engines: dict[str, int] = {}  # family -> bytes reserved for its engine
+        self.engines: dict[str, int] = {}  # engine key -> bytes reserved for it
 
     def _chunks(self, nbytes: int) -> int:
         c = self.pool.chunk_size
@@ -226,15 +226,16 @@ class DeviceMemory:
         self.pool.trim()
         return True
 
-    def reserve_engine(self, family: str, nbytes: int) -> None:
-        if family in self.engines:
-            raise ValueError(f"{self.device.id}: an engine of {family!r} is already reserved")
+    def reserve_engine(self, key: str, nbytes: int) -> None:
+        """Charge an engine (``key`` names it; a device may run several, of any families)."""
+        if key in self.engines:
+            raise ValueError(f"{self.device.id}: engine {key!r} is already reserved")
         if not self.fits(nbytes):
-            raise DoesNotFit(self._no_room(f"engine of {family}", nbytes))
-        self.engines[family] = self._chunks(nbytes)
+            raise DoesNotFit(self._no_room(f"engine {key}", nbytes))
+        self.engines[key] = self._chunks(nbytes)
 
-    def release_engine(self, family: str) -> None:
-        self.engines.pop(family, None)
+    def release_engine(self, key: str) -> None:
+        self.engines.pop(key, None)
 
     def _no_room(self, what: str, nbytes: int) -> str:
         return (
