@@ -29,7 +29,7 @@ from warmserve.report.metrics import request_metrics
 from warmserve.report.plots import device_modes, ttft_cdf
 from warmserve.sim.cluster import load_cluster
 from warmserve.sim.engine import Simulator
-from warmserve.sim.policies import build_policy, policy_config
+from warmserve.sim.policies import build_policy, live_config, policy_config
 from warmserve.sim.sweep import max_rps, measured
 from warmserve.traces.synth import synthesize
 
@@ -54,7 +54,7 @@ class Runner:
 
     def __init__(self, cluster: str, warmup: float, duration: float, seed: int) -> None:
         self.spec = load_cluster(cluster)
-        self.config = policy_config(self.spec)
+        self.config = policy_config(self.spec, live_config())
         self.warmup, self.duration, self.seed = warmup, duration, seed
         self.cache: dict[tuple[str, float, float], pa.Table] = {}
         self.devices: dict[tuple[str, float, float], pa.Table] = {}
@@ -144,7 +144,7 @@ def markdown(doc: dict) -> str:
 @click.option("--slo-ttft", default=1.0, show_default=True)
 @click.option("--target", default=0.95, show_default=True)
 @click.option("--sweep-lo", default=5.0, show_default=True, help="The paper's lowest rate.")
-@click.option("--sweep-hi", default=48.0, show_default=True)
+@click.option("--sweep-hi", default=96.0, show_default=True)
 @click.option("--sweep-tol", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="bench/results/paper_table", show_default=True)

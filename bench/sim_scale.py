@@ -20,7 +20,7 @@ import click
 
 from warmserve.sim.cluster import load_cluster
 from warmserve.sim.engine import Simulator
-from warmserve.sim.policies import build_policy, policy_config
+from warmserve.sim.policies import build_policy, live_config, policy_config
 from warmserve.traces.synth import synthesize
 
 
@@ -47,7 +47,7 @@ def main(
     t0 = time.perf_counter()
     workload = synthesize(list(spec.models), alpha, rps, hours * 3600.0, seed=seed)
     synth_s = time.perf_counter() - t0
-    config = policy_config(spec)
+    config = policy_config(spec, live_config())
     pol = build_policy(policy, spec, config)
     sim = Simulator(spec, pol, workload, config, progress=True, check_actions=check)
     t1 = time.perf_counter()

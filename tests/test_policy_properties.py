@@ -28,7 +28,8 @@ from warmserve.policy.state import (
 from warmserve.registry import ModelSpec
 
 GB = 10**9
-CONFIG = PolicyConfig(window=300.0, period=1200.0)  # 4 windows per period: seasons show quickly
+# 4 windows per period: seasons show quickly; engines take memory, so the ledger must charge it.
+CONFIG = PolicyConfig(window=300.0, period=1200.0, engine_bytes=GB)
 
 
 @st.composite
@@ -82,6 +83,8 @@ def check(snapshot: ClusterSnapshot, groups: dict) -> None:
     node = {d.id: d.node for d in snapshot.devices}
     for d in snapshot.devices:
         used = sum(math.ceil(specs[m].nbytes / specs[m].tp) for m in d.resident)
+        used += cfg.engine_bytes * len(d.engines)
+        assert len(set(d.engines)) == len(d.engines), d
         on_device = list(d.resident)
         kv = 0
         for inst in snapshot.instances:

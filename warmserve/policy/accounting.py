@@ -8,15 +8,17 @@ ledger with :func:`apply` to check and follow a list of actions.
 Semantics of the actions (what :meth:`Accounting.enact` checks and does, in list order):
 
 - Memory per device = resident weight shards (``ceil(nbytes / tp)`` each) + for each instance on
-  it its weight shard and KV shard (see :mod:`warmserve.policy.config`) - ``lent`` KV bytes. It
-  never exceeds the device's memory.
+  it its weight shard and KV shard (see :mod:`warmserve.policy.config`) + ``engine_bytes`` for
+  each model family with an engine up there - ``lent`` KV bytes. It never exceeds the device's
+  memory.
 - A *replica* is a model on a TP group: devices of one node, ``tp`` of them. Two replicas that
   share a device have nested or disjoint device sets, and a model has at most one replica on any
   device.
 - ``Prewarm(model, devices, DEVICE|ENGINE)`` makes a new resident replica (and passes the weights
   through the node's host memory, so the node's host cache gains the model); ``ENGINE`` also
-  brings up an engine of the model's family there. ``Prewarm(..., HOST)`` only stages the weights
-  in the host memory of the devices' node.
+  brings up an engine of the model's family there (charged ``engine_bytes`` per device unless
+  one is up already). An engine stays up while a replica of its family is on the device.
+  ``Prewarm(..., HOST)`` only stages the weights in the host memory of the devices' node.
 - ``Evict(model, devices)`` drops the resident replica on exactly ``devices``, crediting its
   shard back on every device of the group. The host cache keeps the model.
 - ``Start(model, devices)`` turns the resident replica on exactly ``devices`` into an instance, or
@@ -121,7 +123,8 @@ class Accounting:
         self.memory = {d.id: d.memory for d in snapshot.devices}
         self.engines = {d.id: list(d.engines) for d in snapshot.devices}
         self.lent = {d.id: d.lent for d in snapshot.devices}
-        self.used = dict.fromkeys(self.order, 0)
+        engine = self.config.engine_bytes
+        self.used = {d.id: engine * len(d.engines) for d in snapshot.devices}
         self.kv = dict.fromkeys(self.order, 0)
         self.on: dict[str, list[Replica]] = {d: [] for d in self.order}
         self.nodes: dict[str, list[str]] = {}
@@ -155,6 +158,12 @@ class Accounting:
 
     def free(self, device: str) -> int:
         return self.memory[device] - self.used[device] + self.lent[device]
+
+    def engine_need(self, model: str, device: str) -> int:
+        """Bytes an engine for ``model`` would add on ``device``: none if its family has one."""
+        if self.models[model].family in self.engines[device]:
+            return 0
+        return self.config.engine_bytes
 
     def dedicated(self, device: str) -> bool:
         return any(r.instance for r in self.on[device])
@@ -324,6 +333,13 @@ class Accounting:
             self.models[r.model].family == family for r in self.on[device]
         ):
             self.engines[device].remove(family)
+            self.used[device] -= self.config.engine_bytes
+
+    def _up_engine(self, device: str, family: str) -> None:
+        if family not in self.engines[device]:
+            self.engines[device].append(family)
+            self.used[device] += self.config.engine_bytes
+            self._refresh(device)
 
     def enact(self, action: Action) -> None:
         """Check ``action`` against the ledger and record it; raise if it does not fit."""
@@ -357,16 +373,19 @@ class Accounting:
         if self.conflicts(devices):
             raise InfeasibleAction(f"{devices} overlaps a replica without nesting")
         shard = self.shard(model)
-        short = [d for d in devices if self.free(d) < shard]
+        engine = tier == Tier.ENGINE
+        short = [
+            d
+            for d in devices
+            if self.free(d) < shard + (self.engine_need(model, d) if engine else 0)
+        ]
         if short:
             raise InfeasibleAction(f"prewarm {model!r}: no room on {short}")
+        if engine:
+            for d in devices:
+                self._up_engine(d, self.models[model].family)
         self._add(Replica(model, devices, score=score))
         self.host[node].add(model)
-        if tier == Tier.ENGINE:
-            family = self.models[model].family
-            for d in devices:
-                if family not in self.engines[d]:
-                    self.engines[d].append(family)
 
     def evict(self, model: str, devices: tuple[str, ...]) -> None:
         r = self.resident_replica(model, devices)
@@ -382,30 +401,26 @@ class Accounting:
         if self.conflicts(devices, ignore=r):
             raise InfeasibleAction(f"{devices} overlaps a replica without nesting")
         need = self.kv_shard(model) + (0 if r else self.shard(model))
-        short = [d for d in devices if self.free(d) < need]
+        short = [d for d in devices if self.free(d) < need + self.engine_need(model, d)]
         if short:
             raise InfeasibleAction(f"start {model!r}: no room on {short}")
         if r is not None:
             self._remove(r)
         instance = f"{model}@{'+'.join(devices)}"
         self._add(Replica(model, devices, instance, started=self.time))
-        self.host[self.node[devices[0]]].add(model)
-        family = self.models[model].family
         for d in devices:
-            if family not in self.engines[d]:
-                self.engines[d].append(family)
+            self._up_engine(d, self.models[model].family)
+        self.host[self.node[devices[0]]].add(model)
         return instance
 
     def stop(self, instance: str) -> None:
         r = self.instances.get(instance)
         if r is None:
             raise InfeasibleAction(f"no instance {instance!r}")
-        family = self.models[r.model].family
         self._remove(r)
         self._add(Replica(r.model, r.devices, score=r.score))
         for d in r.devices:
-            if family not in self.engines[d]:
-                self.engines[d].append(family)
+            self._up_engine(d, self.models[r.model].family)  # the engine stays up, idle
             if not self.dedicated(d):
                 self.lent[d] = 0
                 self._refresh(d)

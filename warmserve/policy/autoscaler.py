@@ -1,10 +1,21 @@
 """Reactive autoscaling on the short-average load the snapshot carries.
 
-A model whose load (plus queued requests) exceeds ``scale_up`` of its instances' capacity gets
-enough new instances to fall back under it; one whose load stays under ``scale_down`` for
-``grace`` seconds loses one instance at a time (the least loaded, newest first), down to zero
-when the load is zero. The only state kept between ticks is when each model first went below
-the threshold, so the same sequence of snapshots gives the same actions.
+Per model, with ``n`` instances of capacity ``cap`` and ``load`` the short-average concurrency
+plus the requests queued:
+
+- up: above ``scale_up * cap * n``, enough new instances to fall back under it;
+- down: below ``scale_down * cap * n`` (50% of the instances' capacity) for ``grace`` seconds,
+  one instance stops (the least loaded, newest first), provided the ``n - 1`` left stay under
+  ``scale_up`` of theirs, so a stop never triggers a start at the next tick. Below 50% the
+  rest always have room once ``n >= 3``; for ``n == 2`` the load must also be under 80% of
+  one instance;
+- the last instance has no rest to take its load, so it stops only when the model has been
+  idle (zero load, nothing queued) for ``idle`` seconds: the keep-alive of a serverless system,
+  or the same grace for a policy that keeps the stopped weights and engine warm.
+
+An instance also runs for at least ``grace`` seconds before it may stop. The only state kept
+between ticks is when each model first went below its threshold, so the same sequence of
+snapshots gives the same actions.
 """
 
 from __future__ import annotations
@@ -19,8 +30,16 @@ from warmserve.policy.state import Action, Evict, Stop
 class ReactiveAutoscaler:
     """Scale instances of every model up and down from its current load."""
 
-    def __init__(self, grace: float, *, drop_weights: bool = False, exclusive: bool = True):
-        self.grace = grace  # seconds below scale-down before an instance stops
+    def __init__(
+        self,
+        grace: float,
+        *,
+        idle: float | None = None,
+        drop_weights: bool = False,
+        exclusive: bool = True,
+    ):
+        self.grace = grace  # seconds below scale-down before one of several instances stops
+        self.idle = grace if idle is None else idle  # seconds idle before the last one stops
         self.drop_weights = drop_weights  # evict a stopped instance's weights from the devices
         self.exclusive = exclusive
         self._below_since: dict[str, float] = {}
@@ -29,9 +48,9 @@ class ReactiveAutoscaler:
         cfg = acc.config
         cap = cfg.instance_capacity
         out: list[Action] = []
-        busy = {m for m in acc.models if acc.load.get(m, 0.0) + acc.queued.get(m, 0) > 0}
+        busy = {m for m in acc.load if acc.load[m] > 0} | {m for m in acc.queued if acc.queued[m]}
         serving = {r.model for r in acc.instances.values()}
-        for model in sorted(busy | serving):
+        for model in sorted((busy & set(acc.models)) | serving):
             insts = [r for r in acc.replicas.get(model, ()) if r.instance]
             n = len(insts)
             load = acc.load.get(model, 0.0) + acc.queued.get(model, 0)
@@ -43,13 +62,17 @@ class ReactiveAutoscaler:
                         break
                     out += started
                 continue
-            can_shed = load == 0 if n == 1 else load < cfg.scale_up * cap * (n - 1)
-            if not (n and load < cfg.scale_down * cap * n and can_shed):
+            if n == 1:
+                shed, wait = load == 0, self.idle
+            else:
+                shed = load < cfg.scale_down * cap * n and load < cfg.scale_up * cap * (n - 1)
+                wait = self.grace
+            if not (n and shed):
                 self._below_since.pop(model, None)
                 continue
             since = self._below_since.setdefault(model, acc.time)
             ready = [r for r in insts if acc.time - r.started >= self.grace]
-            if acc.time - since < self.grace or not ready:
+            if acc.time - since < wait or not ready:
                 continue
             victim = min(ready, key=lambda r: (r.load, -r.started, r.instance))
             acc.stop(victim.instance)

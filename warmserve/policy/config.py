@@ -14,6 +14,10 @@ Memory model (what :class:`~warmserve.policy.accounting.Accounting` charges per 
   ``ceil(kv_fraction * nbytes / instance_capacity)``: by default a full instance's KV cache is
   half the size of its weights, which is what a 7-8B model at a few thousand tokens of context
   needs. Pass ``kv_bytes`` for models whose attention layout differs.
+- an engine up on a device (serving, or idle with prewarmed weights of its family, the ENGINE
+  tier) takes ``engine_bytes`` there besides weights and KV: its runtime context, activation
+  workspace and graphs. Zero by default (the live CPU engines' budgets leave it out); the
+  simulator's cost model sets it.
 """
 
 from __future__ import annotations
@@ -43,7 +47,6 @@ class PolicyConfig:
     instance_capacity: int = 32  # concurrent requests one instance serves
     rank_decay: float = 0.5  # score of a model's (j+1)-th wanted replica relative to its j-th
     burst_weight_cap: float = 4.0  # a burst replica's weight is peak/avg, at most this
-    scans_per_tick: int = 16  # prewarms per tick that may scan every group (a full cluster)
     disk_bw: float = 2e9  # bytes/s from the node's disk to a device (cold start)
     host_bw: float = 25e9  # bytes/s from host memory to a device
     # Reactive autoscaler.
@@ -56,6 +59,7 @@ class PolicyConfig:
     kv_fraction: float = 0.5  # KV of a full instance as a fraction of its weights (default)
     kv_bytes: Mapping[str, int] = field(default_factory=dict)  # model -> KV bytes per request
     kv_headroom: float = 1.25  # a dedicated device keeps KV for this x its expected load
+    engine_bytes: int = 0  # device memory of one engine besides weights and KV (see above)
     # MuxServe-style baseline: instances colocated on one device (a fixed memory split).
     share_slots: int = 2
 

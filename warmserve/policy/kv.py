@@ -8,7 +8,10 @@ instance's current load and its share of the model's forecast peak. Anything abo
 residents in the lent space with the lowest scores are evicted and the bytes reclaimed.
 
 Lending happens only in steps of at least a tenth of the device's KV, so a load that wobbles
-does not emit a lend/reclaim pair every tick.
+does not emit a lend/reclaim pair every tick. Between ticks, a request that finds a model's
+instances full takes their loans back at once (:func:`reclaim_for`), before any new instance
+is started: the ledger's numbers are the same, but the instance admits again at once instead
+of at the next tick.
 """
 
 from __future__ import annotations
@@ -35,6 +38,31 @@ def kv_needed(acc: Accounting, device: str, expected: Mapping[str, float]) -> in
     return need
 
 
+def _reclaim(acc: Accounting, d: str, want: int) -> list[Action]:
+    """Evict the lowest-scored residents of ``d`` until ``want`` lent bytes can come back."""
+    out: list[Action] = []
+    residents = sorted((r for r in acc.on[d] if not r.instance), key=lambda r: (r.score, r.model))
+    for r in residents:
+        if acc.free(d) >= want:
+            break
+        acc.evict(r.model, r.devices)
+        out.append(Evict(r.model, r.devices))
+    acc.reclaim(d, want)
+    out.append(ReclaimKV(d, want))
+    return out
+
+
+def reclaim_for(acc: Accounting, model: str) -> list[Action]:
+    """Take back every loan on the devices of ``model``'s instances (its requests are waiting)."""
+    out: list[Action] = []
+    for r in acc.replicas.get(model, ()):
+        if r.instance:
+            for d in r.devices:
+                if acc.lent[d] > 0:
+                    out += _reclaim(acc, d, acc.lent[d])
+    return out
+
+
 def adjust_lending(acc: Accounting, expected: Mapping[str, float]) -> list[Action]:
     """Lend spare KV of dedicated devices and reclaim what rising load needs back."""
     out: list[Action] = []
@@ -47,15 +75,5 @@ def adjust_lending(acc: Accounting, expected: Mapping[str, float]) -> list[Actio
             acc.lend(d, lendable - lent)
             out.append(LendKV(d, lendable - lent))
         elif lendable < lent:
-            want = lent - max(lendable, 0)
-            residents = sorted(
-                (r for r in acc.on[d] if not r.instance), key=lambda r: (r.score, r.model)
-            )
-            for r in residents:
-                if acc.free(d) >= want:
-                    break
-                acc.evict(r.model, r.devices)
-                out.append(Evict(r.model, r.devices))
-            acc.reclaim(d, want)
-            out.append(ReclaimKV(d, want))
+            out += _reclaim(acc, d, lent - max(lendable, 0))
     return out

@@ -11,7 +11,10 @@ overlaps (fewest valuable neighbours to compete with at activation); the fewest 
 residents with a lower score may be evicted, lowest first, and only when memory is short.
 
 Starting an instance (a request is waiting) takes the warmest group (ENGINE > DEVICE > HOST >
-DISK), then the one whose evictions cost the least score. Any resident may be evicted for it.
+DISK), then the one that costs the least score: with one instance per device (``exclusive``)
+every other resident of the group is lost to it, evicted or blocked from starting while it
+serves, so the sum of all their scores counts; otherwise that of the evicted. Any resident may
+be evicted for it.
 
 Ties go to the group that comes first in :meth:`Accounting.groups`. A full cluster has about a
 thousand groups, too many to weigh one by one in Python every tick, so both functions first
@@ -30,10 +33,14 @@ from warmserve.policy.state import Action, Evict, Prewarm, Start, Tier
 
 
 def _make_room(
-    acc: Accounting, group: tuple[str, ...], need: int, candidates: list[Replica], forced: list
+    acc: Accounting,
+    group: tuple[str, ...],
+    need: dict[str, int],
+    candidates: list[Replica],
+    forced: list,
 ) -> list[Replica] | None:
-    """Victims, ``forced`` first then ``candidates`` in order, until ``need`` bytes fit on
-    every device of ``group``; None if they cannot."""
+    """Victims, ``forced`` first then ``candidates`` in order, until ``need[d]`` bytes fit on
+    every device ``d`` of ``group``; None if they cannot."""
     victims = list(forced)
     freed = dict.fromkeys(group, 0)
     for r in victims:
@@ -42,7 +49,7 @@ def _make_room(
             if d in freed:
                 freed[d] += shard
     pending = iter(candidates)
-    while any(acc.free(d) + freed[d] < need for d in group):
+    while any(acc.free(d) + freed[d] < need[d] for d in group):
         r = next(pending, None)
         if r is None:
             return None
@@ -73,7 +80,13 @@ def _by_bound(bounds: list[np.ndarray], feasible: np.ndarray) -> list[int]:
 
 
 def _prewarm_key(
-    acc: Accounting, g: tuple[str, ...], model: str, score: float, evict: bool, dedicated: bool
+    acc: Accounting,
+    g: tuple[str, ...],
+    model: str,
+    score: float,
+    evict: bool,
+    dedicated: bool,
+    engine: bool,
 ) -> tuple[tuple, list[Replica]] | None:
     """Exact ranking key of prewarming ``model`` on ``g`` and the victims; None if it cannot."""
     over = acc.overlapping(g)
@@ -88,7 +101,9 @@ def _prewarm_key(
     lower = sorted(
         (r for r in over if not r.instance and r.score < score), key=lambda r: (r.score, r.model)
     )
-    victims = _make_room(acc, g, acc.shard(model), lower if evict else [], conflicts)
+    shard = acc.shard(model)
+    need = {d: shard + (acc.engine_need(model, d) if engine else 0) for d in g}
+    victims = _make_room(acc, g, need, lower if evict else [], conflicts)
     if victims is None:
         return None
     residents = [r for r in over if not r.instance]
@@ -108,12 +123,14 @@ def place_prewarm(
     """Prewarm one more replica of ``model``; [] if no group can take it.
 
     ``evict=False`` is first fit with no displacement (the no-placement ablation);
-    ``dedicated=False`` keeps prewarms out of lent KV space.
+    ``dedicated=False`` keeps prewarms out of lent KV space. ``tier`` ENGINE also brings an
+    engine of the model's family up there, so a start is an in-place switch.
     """
     tp = acc.models[model].tp
     shard = acc.shard(model)
+    engine = tier == Tier.ENGINE
     victims: list[Replica] = []
-    group = acc.empty_group(tp, shard)
+    group = acc.empty_group(tp, shard + (acc.config.engine_bytes if engine else 0))
     if group is None:
         groups, gi, ix = acc.groups(tp), acc.group_index(tp), acc.device_index()
         free = ix.free[gi]
@@ -136,7 +153,7 @@ def place_prewarm(
                 lb = (bool(bound[0][i]), int(bound[1][i]), float(bound[2][i]), int(bound[3][i]), i)
                 if lb > best:
                     break
-            found = _prewarm_key(acc, groups[i], model, score, evict, dedicated)
+            found = _prewarm_key(acc, groups[i], model, score, evict, dedicated, engine)
             if found is None:
                 continue
             key = (*found[0], i)
@@ -168,11 +185,16 @@ def _start_key(
     others = sorted(
         (r for r in over if not r.instance and r is not mine), key=lambda r: (r.score, r.model)
     )
-    need = acc.kv_shard(model) + (0 if mine else acc.shard(model))
+    base = acc.kv_shard(model) + (0 if mine else acc.shard(model))
+    need = {d: base + acc.engine_need(model, d) for d in g}
     victims = _make_room(acc, g, need, others, conflicts)
     if victims is None:
         return None
-    return (-int(acc.tier(model, g)), sum(r.score for r in victims), len(victims)), victims
+    # An exclusive instance blocks every other resident on its devices from starting, evicted
+    # or not: weigh what all of them are worth, so bursts of small models do not sit on the
+    # prewarmed shards of a large one.
+    lost = others if exclusive else victims
+    return (-int(acc.tier(model, g)), sum(r.score for r in lost), len(victims)), victims
 
 
 def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[Action]:
@@ -204,8 +226,11 @@ def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[
         feasible &= ~holding[gi].any(axis=1)
         cached = np.array([model in acc.host[n] for n in acc.nodes], bool)
         tier = np.where(cached[acc.node_of[gi[:, 0]]], -int(Tier.HOST), -int(Tier.DISK))
+        if exclusive:  # every resident on the group is lost: at least the largest device's sum
+            cost = ix.rsum[gi].max(axis=1) * (1 - 1e-9)
+        else:  # a victim on every device that is short
+            cost = np.where(free < need, ix.rmin[gi], 0.0).max(axis=1) * (1 - 1e-9)
         short = free < need
-        cost = np.where(short, ix.rmin[gi], 0.0).max(axis=1) * (1 - 1e-9)  # a victim per short
         bound = (tier, cost, short.any(axis=1))
         for i in _by_bound(list(bound), feasible):
             lb = (int(bound[0][i]), float(bound[1][i]), int(bound[2][i]), len(own) + i)

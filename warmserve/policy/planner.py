@@ -11,13 +11,18 @@ recording its actions in one :class:`Accounting` so later steps see what earlier
    (those beyond ``ceil(avg / capacity)``; a model with a zero average forecast counts every
    replica as burst at the cap). Existing instances take a model's first ranks, its resident
    replicas the next ones; replicas beyond the wanted count score zero;
-4. proactive prewarming of the wanted replicas not yet in place, highest score first, with
+4. proactive prewarming of the wanted replicas not yet in place, highest score first, to the
+   ENGINE tier (weights in device memory and an engine of the family up beside them, so a start
+   is a switch of tens of milliseconds rather than an engine start of tens of seconds), with
    evict-aware placement (:mod:`.placement`, which ranks the groups of a full cluster with numpy
    bounds, so every wanted replica is tried every tick). Once a group size fails for some
    bytes, replicas of lower score and no fewer bytes are skipped (they cannot fit either).
 
-``on_demand()`` starts one instance on the warmest feasible group, evicting the lowest-scored
-residents in the way, or returns [] (the request queues) when no group can take it.
+``on_demand()`` first takes back the KV its instances lent (a request found them full); if that
+leaves too little room for the queue, it starts one instance on the warmest feasible group,
+evicting the lowest-scored residents in the way. When every group is taken by instances
+(one instance per device), it stops idle instances (serving no request) where that frees the
+best group, and starts there; else it returns [] (the request queues).
 
 The ablations of the paper are switches of the same class: no prewarming (stopped instances
 drop their weights and nothing is prewarmed), no placement (first fit, never displaces), no
@@ -35,9 +40,9 @@ from warmserve.policy.accounting import Accounting
 from warmserve.policy.autoscaler import ReactiveAutoscaler
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.forecast import CSPParams, Forecaster, MixParams
-from warmserve.policy.kv import adjust_lending
+from warmserve.policy.kv import adjust_lending, reclaim_for
 from warmserve.policy.placement import place_prewarm, place_start
-from warmserve.policy.state import Action, ClusterSnapshot
+from warmserve.policy.state import Action, ClusterSnapshot, Stop, Tier
 from warmserve.registry import ModelSpec
 
 
@@ -140,7 +145,9 @@ class WarmServePolicy:
                 tp, shard = self.models[model].tp, acc.shard(model)
                 if shard >= failed.get(tp, shard + 1):
                     continue  # a lower score with as many bytes cannot fit where that did not
-                placed = place_prewarm(acc, model, score, evict=self.placement, dedicated=self.lend)
+                placed = place_prewarm(
+                    acc, model, score, evict=self.placement, dedicated=self.lend, tier=Tier.ENGINE
+                )
                 if not placed:
                     failed[tp] = shard
                 out += placed
@@ -149,4 +156,39 @@ class WarmServePolicy:
     def on_demand(self, snapshot: ClusterSnapshot, model: str) -> list[Action]:
         acc = Accounting(snapshot, self.config)
         self._score(acc, self.forecast(snapshot.time))
-        return place_start(acc, model)
+        out: list[Action] = reclaim_for(acc, model) if self.lend else []
+        if out:
+            cap = self.config.instance_capacity
+            spare = sum(cap - r.load for r in acc.replicas[model] if r.instance)
+            if acc.queued.get(model, 0) <= spare:
+                return out  # the loans back are room enough
+        started = place_start(acc, model)
+        if not started:
+            started = self._preempt(snapshot, acc, model)
+        return out + started
+
+    def _spare(self, acc: Accounting) -> list[str]:
+        """Instances that can stop at once with nothing lost: those serving no request (one
+        with requests in flight would hold its devices until they finish)."""
+        return sorted(r.instance for r in acc.instances.values() if r.instance and r.load == 0)
+
+    def _preempt(self, snapshot: ClusterSnapshot, acc: Accounting, model: str) -> list[Action]:
+        """No group is free for a waiting request: stop idle instances (:meth:`_spare`) where
+        that frees the best group, then start there."""
+        spare = [i for i in self._spare(acc) if acc.instances[i].model != model]
+        if not spare:
+            return []
+        trial = Accounting(snapshot, self.config)  # where would it go with all of them stopped?
+        self._score(trial, self.forecast(snapshot.time))
+        for i in spare:
+            trial.stop(i)
+        found = place_start(trial, model)
+        if not found:
+            return []
+        group = set(found[-1].devices)
+        out: list[Action] = []
+        for i in spare:
+            if group & set(acc.instances[i].devices):
+                acc.stop(i)
+                out.append(Stop(i))
+        return out + place_start(acc, model)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from warmserve.report.schema import devices_path
 from warmserve.sim.cluster import SimInputError, check_workload, load_cluster
 from warmserve.sim.engine import Simulator
-from warmserve.sim.policies import build_policy, policy_config
+from warmserve.sim.policies import build_policy, live_config, policy_config
 from warmserve.traces.schema import TraceError, read_workload
 
 
@@ -75,7 +75,7 @@ def command(
         spec.check()
         table = read_table(workload)
         check_workload(table, spec.models)
-        config = policy_config(spec)
+        config = policy_config(spec, live_config())
         pol = build_policy(policy, spec, config)
     except (SimInputError, KeyError, ValueError) as e:
         raise click.UsageError(str(e)) from None
@@ -133,7 +133,7 @@ def sweep(
     try:
         spec = load_cluster(cluster, registry)
         spec.check()
-        config = policy_config(spec)
+        config = policy_config(spec, live_config())
         for name in policies:
             build_policy(name, spec, config)
     except (SimInputError, ValueError) as e:

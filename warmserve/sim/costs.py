@@ -43,6 +43,7 @@ class CostModel:
     device_to_device: float
     engine_start_s: float
     activate_s: float
+    engine_bytes: float
     profiles: tuple[Profile, ...]
     instance_capacity: int
     max_queue: int
@@ -111,6 +112,7 @@ def load_costs(overrides: Mapping[str, Any] | None = None, path: str = DEFAULT_C
         device_to_device=_positive(doc, "bandwidth", "device_to_device"),
         engine_start_s=_positive(doc, "engine", "start_s"),
         activate_s=_positive(doc, "engine", "activate_s"),
+        engine_bytes=_positive(doc, "engine", "memory_bytes"),
         profiles=tuple(profiles),
         instance_capacity=int(_positive(doc, "serving", "instance_capacity")),
         max_queue=int(_positive(doc, "serving", "max_queue")),

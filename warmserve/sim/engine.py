@@ -138,6 +138,10 @@ class Simulator:
     def _enact(self, snap: ClusterSnapshot, actions: list, t: float) -> None:
         for inst in self.cluster.apply(snap, actions, t):
             self._push(inst.ready_at, _READY, inst)
+        regrown, self.cluster.regrown = self.cluster.regrown, []
+        for inst in regrown:  # KV taken back: queued requests may fit now, not at the next event
+            if inst.ready and not inst.draining and self.queues[inst.midx]:
+                self._pull(inst, t)
         self.cluster.record(t)
 
     def _tick(self, t: float) -> None:

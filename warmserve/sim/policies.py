@@ -1,7 +1,11 @@
 """The policy a simulation runs: the live system's own, built by ``make_policy``.
 
-The simulator derives the :class:`PolicyConfig` from the cluster's cost model, so the planner
-plans with the same capacity, tick, bandwidths and KV sizes that the simulator charges.
+Its :class:`PolicyConfig` starts from the one the live scheduler plugin builds (the
+``warmserve.*`` dask.config tree: ``warmserve.yaml`` defaults, YAML files in
+``~/.config/dask``, ``DASK_WARMSERVE__...`` variables), so a forecast window or autoscaler
+grace set there applies to simulations too. The numbers the cost model decides (capacity, tick,
+bandwidths, KV and engine sizes) then replace their fields, so the planner plans with what the
+simulator charges.
 """
 
 from __future__ import annotations
@@ -11,6 +15,15 @@ from dataclasses import replace
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.state import Policy
 from warmserve.sim.cluster import ClusterSpec
+
+
+def live_config() -> PolicyConfig:
+    """The policy configuration the scheduler plugin would build now, from dask.config."""
+    import dask.config
+
+    import warmserve.config  # noqa: F401  (puts warmserve.yaml's defaults into dask.config)
+
+    return PolicyConfig.from_mapping(dask.config.get("warmserve"))
 
 
 def policy_config(cluster: ClusterSpec, base: PolicyConfig | None = None) -> PolicyConfig:
@@ -27,6 +40,7 @@ def policy_config(cluster: ClusterSpec, base: PolicyConfig | None = None) -> Pol
         disk_bw=costs.disk_to_host,
         host_bw=costs.host_to_device,
         kv_bytes=kv,
+        engine_bytes=int(costs.engine_bytes),
     )
 
 

@@ -159,6 +159,7 @@ class SimCluster:
         self.accepted: Counter[str] = Counter()
         self.timeline: list[tuple] = []
         self.version = 0  # counts accepted actions and readiness: what a policy's answer sees
+        self.regrown: list[Instance] = []  # instances whose KV budget a ReclaimKV raised
         self._host_snap: dict[str, frozenset[str]] | None = None
         self._touched: set[int] = set()
         for d in self.devices:
@@ -317,6 +318,8 @@ class SimCluster:
             d.lent += a.nbytes if isinstance(a, LendKV) else -a.nbytes
             self._changed(d)
             self._rebudget([d])
+            if isinstance(a, ReclaimKV):
+                self.regrown += d.instances
         else:
             devices = [self.by_id[x] for x in a.devices]
             if isinstance(a, Prewarm):

@@ -1,0 +1,130 @@
+"""Unit behaviour of the planner, autoscaler and baselines on small hand-made clusters."""
+
+from __future__ import annotations
+
+import dask.config
+
+from warmserve.policy.accounting import apply
+from warmserve.policy.baselines import AutoscalePolicy, SharePolicy
+from warmserve.policy.config import PolicyConfig
+from warmserve.policy.factory import make_policy
+from warmserve.policy.state import (
+    ClusterSnapshot,
+    DeviceSnapshot,
+    Evict,
+    InstanceSnapshot,
+    LendKV,
+    Prewarm,
+    ReclaimKV,
+    Start,
+    Stop,
+    Tier,
+)
+from warmserve.registry import ModelSpec
+
+GB = 10**9
+CONFIG = PolicyConfig(window=300.0, period=1200.0, engine_bytes=2 * GB)
+A = ModelSpec("a", "llama", 14 * GB)
+B = ModelSpec("b", "qwen", 14 * GB)
+MODELS = {"a": A, "b": B}
+
+
+def devices(n: int, memory: int = 80 * GB) -> tuple[DeviceSnapshot, ...]:
+    return tuple(DeviceSnapshot(f"n0/d{i}", "n0", memory) for i in range(n))
+
+
+def test_planner_prewarms_to_the_engine_tier_and_charges_the_engine() -> None:
+    policy = make_policy("warmserve", MODELS, CONFIG)
+    for w in range(8):
+        policy.observe("a", w, 20.0, 60.0)  # a burst model: two replicas wanted at the peak
+    snap = ClusterSnapshot(8 * CONFIG.window, MODELS, devices(2))
+    actions = policy.plan(snap)
+    warm = [a for a in actions if isinstance(a, Prewarm)]
+    assert warm and all(a.tier == Tier.ENGINE for a in warm)
+    after = apply(snap, actions, CONFIG)
+    dev = after.device(warm[0].devices[0])
+    assert "llama" in dev.engines and after.tier("a", dev.id) == Tier.ENGINE
+    # 14 GB of weights + 2 GB of engine leave 64 GB: a 64 GB model fits beside, 65 does not.
+    for size, fits in ((64, True), (65, False)):
+        big = {**MODELS, "c": ModelSpec("c", "other", size * GB)}
+        snap_c = ClusterSnapshot(0.0, big, (dev,))
+        try:
+            apply(snap_c, [Prewarm("c", (dev.id,))], CONFIG)
+            assert fits
+        except ValueError:
+            assert not fits
+
+
+def test_on_demand_takes_lent_kv_back_before_starting_another_instance() -> None:
+    policy = make_policy("warmserve", MODELS, CONFIG)
+    inst = InstanceSnapshot("a@n0/d0", "a", ("n0/d0",), load=10.0)
+    snap = ClusterSnapshot(0.0, MODELS, devices(2), (inst,), load={"a": 10.0})
+    lent = apply(snap, [LendKV("n0/d0", 5 * GB), Prewarm("b", ("n0/d0",))], CONFIG)
+    waiting = ClusterSnapshot(1.0, MODELS, lent.devices, lent.instances, queued={"a": 3})
+    actions = policy.on_demand(waiting, "a")
+    assert ReclaimKV("n0/d0", 5 * GB) in actions
+    assert not any(isinstance(a, Start) for a in actions)  # 22 free slots hold 3 waiting
+    apply(waiting, actions, CONFIG)
+
+
+def test_on_demand_stops_an_idle_instance_when_every_device_serves() -> None:
+    policy = make_policy("warmserve", MODELS, CONFIG)
+    insts = (
+        InstanceSnapshot("b@n0/d0", "b", ("n0/d0",), load=0.0),
+        InstanceSnapshot("a@n0/d1", "a", ("n0/d1",), load=32.0),
+    )
+    snap = ClusterSnapshot(0.0, MODELS, devices(2), insts, queued={"a": 5})
+    actions = policy.on_demand(snap, "a")
+    assert actions[0] == Stop("b@n0/d0") and actions[-1] == Start("a", ("n0/d0",))
+    apply(snap, actions, CONFIG)
+
+
+def test_autoscaler_sheds_below_half_capacity_after_the_grace_period() -> None:
+    policy = AutoscalePolicy(MODELS, CONFIG)
+    insts = tuple(
+        InstanceSnapshot(f"a@n0/d{i}", "a", (f"n0/d{i}",), load=10.0, started=0.0) for i in range(3)
+    )
+    # 30 of 96 is under 50%, and two instances hold 30 under 80% of their 64.
+    stops = []
+    for t in (100.0, 102.0, 105.0):
+        snap = ClusterSnapshot(t, MODELS, devices(3), insts, load={"a": 30.0})
+        stops.append([a for a in policy.plan(snap) if isinstance(a, Stop)])
+    assert stops[0] == [] and stops[1] == [] and len(stops[2]) == 1
+    # Above 50% nothing stops however long it lasts.
+    policy = AutoscalePolicy(MODELS, CONFIG)
+    for t in (100.0, 110.0, 120.0):
+        snap = ClusterSnapshot(t, MODELS, devices(3), insts, load={"a": 50.0})
+        assert not [a for a in policy.plan(snap) if isinstance(a, Stop)]
+
+
+def test_autoscale_keeps_the_last_instance_alive_while_busy_then_for_keep_alive() -> None:
+    policy = AutoscalePolicy(MODELS, CONFIG)
+    inst = (InstanceSnapshot("a@n0/d0", "a", ("n0/d0",), load=0.0, started=0.0),)
+    snap = ClusterSnapshot(100.0, MODELS, devices(1), inst, load={"a": 3.0})
+    assert policy.plan(snap) == []  # busy below 50%: the last instance has no one to hand to
+    for t, stops in ((105.0, False), (105.0 + CONFIG.keep_alive - 1, False)):
+        assert bool(policy.plan(ClusterSnapshot(t, MODELS, devices(1), inst))) == stops
+    actions = policy.plan(ClusterSnapshot(105.0 + CONFIG.keep_alive, MODELS, devices(1), inst))
+    assert actions == [Stop("a@n0/d0"), Evict("a", ("n0/d0",))]
+
+
+def test_share_layout_is_made_again_when_devices_join() -> None:
+    policy = SharePolicy(MODELS, CONFIG)
+    assert policy.plan(ClusterSnapshot(0.0, MODELS, ())) == []  # no worker yet
+    snap = ClusterSnapshot(5.0, MODELS, devices(1))
+    first = policy.plan(snap)
+    assert sorted(a.model for a in first) == ["a", "b"]  # two parts of one device
+    snap = apply(snap, first, CONFIG)
+    grown = ClusterSnapshot(10.0, MODELS, devices(2), snap.instances)
+    more = policy.plan(grown)
+    assert more and all(a.devices == ("n0/d1",) for a in more)  # the old ones stay in place
+    assert policy.plan(apply(grown, more, CONFIG)) == []
+
+
+def test_simulate_reads_the_forecast_section_of_dask_config() -> None:
+    from warmserve.sim.policies import live_config
+
+    assert live_config().window == 300.0
+    with dask.config.set({"warmserve.forecast.window": 600, "warmserve.autoscaler.grace": 7}):
+        cfg = live_config()
+    assert cfg.window == 600.0 and cfg.grace == 7.0
