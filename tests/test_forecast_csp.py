@@ -13,6 +13,7 @@ from warmserve.policy.forecast import (
     csp,
     last_value,
     mixture,
+    mixture_pair,
     recent_quantile,
     seasonal_naive,
     seasonal_part,
@@ -126,7 +127,7 @@ def test_online_mixture_matches_batch() -> None:
     avg[rng.random((m, t)) < 0.1] = NAN
     peak = avg * rng.uniform(1.0, 3.0, (m, t))
     params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=MixParams(eta=50.0))
-    want_avg, want_peak = mixture(avg, params, 0), mixture(peak, params, 1)
+    want_avg, want_peak = mixture_pair(avg, peak, params)
     f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
     for w in range(t):
         got_avg, got_peak = f.predict(w)
@@ -135,3 +136,52 @@ def test_online_mixture_matches_batch() -> None:
         for i in range(m):
             if not np.isnan(avg[i, w]):
                 f.observe(f"m{i}", w, avg[i, w], peak[i, w])
+
+
+def test_observe_all_skips_models_whose_window_is_missing() -> None:
+    """NaN in ``observe_all`` means not observed: the same as never calling ``observe``."""
+    rng = np.random.default_rng(5)
+    period, t, m = 4, 30, 3
+    avg = rng.gamma(2.0, 3.0, (m, t))
+    avg[rng.random((m, t)) < 0.2] = NAN
+    peak = avg * 1.5
+    params = CSPParams(period, 2, 3, decay=0.8, reset=False, mix=MixParams())
+    names = tuple(f"m{i}" for i in range(m))
+    vec, one = Forecaster(params, names), Forecaster(params, names)
+    want_avg, want_peak = mixture_pair(avg, peak, params)
+    for w in range(t):
+        got_avg, got_peak = vec.predict(w)
+        assert np.allclose(got_avg, want_avg[:, w]) and np.allclose(got_peak, want_peak[:, w])
+        vec.observe_all(w, avg[:, w], peak[:, w])
+        for i in range(m):
+            if not np.isnan(avg[i, w]):
+                one.observe(names[i], w, avg[i, w], peak[i, w])
+        assert np.allclose(vec.predict(w + 1), one.predict(w + 1))
+
+
+def test_peak_forecast_is_never_below_the_average_forecast() -> None:
+    rng = np.random.default_rng(9)
+    avg = rng.gamma(2.0, 3.0, (4, 50))
+    peak = avg * rng.uniform(0.2, 1.2, avg.shape)  # peaks often below averages: bad data
+    params = CSPParams(5, 3, 4, mix=MixParams())
+    a, p = mixture_pair(avg, peak, params)
+    assert (p >= a).all()
+
+
+def test_expert_kernel_is_fast_enough_to_matter() -> None:
+    """Not a benchmark (bench/policy_bench.py is): only that one prediction for 2,000 models
+    stays far from the planner's budget, so a slow path would show here first."""
+    import time
+
+    n = 2000
+    params = CSPParams(48, 3, 10, decay=0.8, reset=False, mix=MixParams())
+    f = Forecaster(params, tuple(f"m{i}" for i in range(n)))
+    rng = np.random.default_rng(0)
+    for w in range(3 * 48 + 12):
+        a = rng.gamma(2.0, 5.0, n)
+        f.observe_all(w, a, 2 * a)
+    f.predict(200)
+    started = time.perf_counter()
+    for _ in range(5):
+        f.predict(200)
+    assert (time.perf_counter() - started) / 5 < 0.05

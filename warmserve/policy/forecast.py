@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numba
 import numpy as np
 
 
@@ -34,18 +35,26 @@ import numpy as np
 class MixParams:
     """An exponentially weighted mixture of experts over the CSP and cheap baselines.
 
-    Defaults: ``eta`` and ``discount`` make the mixture close to following the expert with the
-    least recent error (errors of the last ~30 windows count most), which is what wins on
-    series whose best expert changes between calm days and bursty ones.
+    The experts are, in this order: last value, seasonal-naive, the CSP of :class:`CSPParams`,
+    the *seasonal delta* (the seasonal part plus the newest error alone: the last value moved by
+    how the season moved), and one ``q`` quantile of the last ``n`` windows per ``(n, q)`` of
+    ``recent``. Defaults were chosen on the first part of each evaluated trace only (see
+    ``warmserve forecast eval``, which scores the rest).
     """
 
-    eta: float = 300.0  # sharpness: weights are exp(-eta * excess discounted error / level)
+    eta: float = 1000.0  # sharpness: weights are exp(-eta * excess discounted error / level)
     discount: float = 0.97  # weight of an expert's past error relative to the next window's
-    tau: tuple[float, float] = (0.5, 0.6)  # pinball quantile scoring the avg and peak experts
-    recent: int = 3  # the median of this many last windows is an expert
-    high: int = 6  # ... and the ``high_q`` quantile of this many
-    high_q: float = 0.8
-    burst: int = 2  # ... and the maximum of this many
+    tau: tuple[float, float] = (0.5, 0.65)  # pinball quantile scoring the avg and peak experts
+    recent: tuple[tuple[int, float], ...] = ((3, 0.5), (6, 0.5), (12, 0.5), (6, 0.8), (2, 1.0))
+
+    @property
+    def experts(self) -> int:
+        return 4 + len(self.recent)
+
+    @property
+    def depth(self) -> int:
+        """Windows back the recent-quantile experts look."""
+        return max((n for n, _ in self.recent), default=0)
 
 
 @dataclass(frozen=True)
@@ -171,16 +180,16 @@ def recent_quantile(history: np.ndarray, windows: int, q: float) -> np.ndarray:
 
 def experts(history: np.ndarray, params: CSPParams) -> np.ndarray:
     """One-step predictions of every expert of the mixture (experts x models x windows), in the
-    order :class:`Forecaster` computes them."""
+    order :class:`Forecaster` computes them (see :class:`MixParams`)."""
     mix = params.mix or MixParams()
+    plain = replace(params, blend=0.0)
     return np.stack(
         [
             last_value(history),
             seasonal_naive(history, params.period),
-            csp(history, replace(params, blend=0.0)),
-            recent_quantile(history, mix.recent, 0.5),
-            recent_quantile(history, mix.high, mix.high_q),
-            recent_quantile(history, mix.burst, 1.0),
+            csp(history, plain),
+            csp(history, replace(plain, correction_windows=1, reset=False)),
+            *(recent_quantile(history, n, q) for n, q in mix.recent),
         ]
     )
 
@@ -191,8 +200,12 @@ def mixture(history: np.ndarray, params: CSPParams, plane: int = 0) -> np.ndarra
     Each expert's pinball loss (quantile ``mix.tau[plane]``: 0 = average, 1 = peak) is summed
     with weights ``discount ** age`` over the windows observed so far, as is the observed load
     (the level); an expert's weight is ``exp(-eta * (its loss - the least loss) / level)``, so
-    the mixture is scale free and needs no training split: it learns online, per series, from
-    windows before the one it predicts. Missing windows teach nothing.
+    the mixture is scale free: it learns online, per series, from the windows before the one it
+    predicts. Missing windows teach nothing. A pinball quantile above one half biases a
+    forecast upward (fewer missed bursts for a larger error), which the peak plane uses.
+
+    This is the batch form (numpy, one pass over windows); :class:`Forecaster` computes the
+    same numbers online.
     """
     mix = params.mix or MixParams()
     tau = mix.tau[plane]
@@ -209,6 +222,15 @@ def mixture(history: np.ndarray, params: CSPParams, plane: int = 0) -> np.ndarra
         loss = np.where(seen, mix.discount * loss + np.nan_to_num(pin), loss)
         level = np.where(seen, mix.discount * level + np.abs(np.nan_to_num(history[:, i])), level)
     return out
+
+
+def mixture_pair(
+    avg: np.ndarray, peak: np.ndarray, params: CSPParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """What :class:`Forecaster` predicts for ``avg`` and ``peak`` histories: the mixture of
+    each, the peak raised to the average where it falls below it."""
+    a = mixture(avg, params, 0)
+    return a, np.maximum(mixture(peak, params, 1), a)
 
 
 def _weights(loss: np.ndarray, level: np.ndarray, eta: float) -> np.ndarray:
@@ -228,6 +250,173 @@ def _carry_forward(history: np.ndarray) -> np.ndarray:
     return out
 
 
+@numba.njit(cache=True, nogil=True)
+def _expert_kernel(  # pragma: no cover (compiled)
+    obs,
+    obs_win,
+    err,
+    err_win,
+    last,
+    ncols,
+    window,
+    newest,
+    period,
+    periods,
+    ncorr,
+    decay,
+    reset,
+    rn,
+    rq,
+    weights,
+    out,
+    pred,
+):
+    """Every expert's prediction of ``window`` (see :class:`MixParams`) for columns
+    ``0..ncols``, from the rings of :class:`Forecaster`, with errors up to window ``newest``.
+
+    With ``weights`` (experts x 2 x columns) the weighted sum goes to ``pred`` (2 x columns; a
+    peak is never predicted below the average);
+    otherwise each expert goes to ``out`` (experts x 2 x columns). One pass per model, so a
+    prediction reads each ring slot once instead of building every expert as a full array."""
+    span = obs.shape[0]
+    nerr = err.shape[0]
+    depth = 0
+    for n in rn:
+        depth = max(depth, n)
+    k = 4 + len(rn)
+    # Windows (and ring slots) each expert reads: the same for every model, so the modulo
+    # arithmetic is done once here and the model loop only loads and compares.
+    nrec = max(depth, 1)
+    rwin = np.empty(nrec, np.int64)
+    rslot = np.empty(nrec, np.int64)
+    for j in range(depth):
+        rwin[j] = window - 1 - j
+        rslot[j] = rwin[j] % span if rwin[j] >= 0 else 0
+    swin = np.empty(max(periods, 1), np.int64)
+    sslot = np.empty(max(periods, 1), np.int64)
+    ns = 0
+    for kk in range(1, periods + 1):
+        w = window - kk * period
+        if w < 0:
+            break
+        swin[ns] = w
+        sslot[ns] = w % span
+        ns += 1
+    nwin = window - period
+    nslot = nwin % span if nwin >= 0 else 0
+    start = window - window % period if reset else 0  # oldest error the CSP may use
+    cwin = np.empty(max(ncorr, 1), np.int64)
+    cslot = np.empty(max(ncorr, 1), np.int64)
+    cw = np.empty(max(ncorr, 1))
+    nc = 0
+    weight = 1.0
+    for j in range(ncorr):
+        w = newest - j
+        if w < start or w < 0:
+            break
+        cwin[nc] = w
+        cslot[nc] = w % nerr
+        cw[nc] = weight
+        weight *= decay
+        nc += 1
+    dslot = newest % nerr if newest >= 0 else 0
+    # Models go in blocks: first each ring slot a block needs is streamed into small local
+    # arrays (one contiguous run per slot, which memory prefetching follows), then every model
+    # of the block is computed from those. Reading model by model instead touches dozens of
+    # rows per model and waits on memory at every one of them.
+    blk = 256
+    rec = np.empty((nrec, 2, blk))
+    stot = np.empty((2, blk))
+    scnt = np.empty(blk)
+    num = np.empty((2, blk))
+    den = np.empty(blk)
+    naive = np.empty((2, blk))
+    delta = np.empty((2, blk))
+    srt = np.empty((nrec, blk))
+    recv = np.empty((max(len(rn), 1), 2, blk))
+    cnt = np.empty((max(len(rn), 1), blk))
+    vals = np.empty(k)
+    mixed = weights.shape[0] > 0
+    for c0 in range(0, ncols, blk):
+        b = min(blk, ncols - c0)
+        for j in range(depth):
+            for c in range(b):
+                ok = rwin[j] >= 0 and obs_win[rslot[j], c0 + c] == rwin[j]
+                for p in range(2):
+                    rec[j, p, c] = obs[rslot[j], p, c0 + c] if ok else np.nan
+        stot[:, :b] = 0.0
+        scnt[:b] = 0.0
+        for i in range(ns):
+            for c in range(b):
+                if obs_win[sslot[i], c0 + c] == swin[i]:
+                    stot[0, c] += obs[sslot[i], 0, c0 + c]
+                    stot[1, c] += obs[sslot[i], 1, c0 + c]
+                    scnt[c] += 1.0
+        num[:, :b] = 0.0
+        den[:b] = 0.0
+        for i in range(nc):
+            for c in range(b):
+                if err_win[cslot[i], c0 + c] == cwin[i]:
+                    num[0, c] += cw[i] * err[cslot[i], 0, c0 + c]
+                    num[1, c] += cw[i] * err[cslot[i], 1, c0 + c]
+                    den[c] += cw[i]
+        for c in range(b):
+            last_c = (last[0, c0 + c], last[1, c0 + c])
+            n_ok = nwin >= 0 and obs_win[nslot, c0 + c] == nwin
+            d_ok = newest >= 0 and err_win[dslot, c0 + c] == newest
+            for p in range(2):
+                lv = 0.0 if np.isnan(last_c[p]) else last_c[p]
+                naive[p, c] = obs[nslot, p, c0 + c] if n_ok else lv
+                delta[p, c] = err[dslot, p, c0 + c] if d_ok else 0.0
+        # The recent quantiles: an odd-even transposition sort of each expert's windows across
+        # the block (missing ones as +inf, so they sort last), branch-free and vectorised.
+        for e in range(len(rn)):
+            n = rn[e]
+            cnt[e, :b] = 0.0
+            for p in range(2):
+                for j in range(n):
+                    for c in range(b):
+                        v = rec[j, p, c]
+                        srt[j, c] = np.inf if np.isnan(v) else v
+                        if p == 0:
+                            cnt[e, c] += 0.0 if np.isnan(v) else 1.0
+                for r in range(n):
+                    for i in range(r % 2, n - 1, 2):
+                        for c in range(b):
+                            x = srt[i, c]
+                            y = srt[i + 1, c]
+                            srt[i, c] = x if x < y else y
+                            srt[i + 1, c] = y if x < y else x
+                for c in range(b):
+                    m = int(cnt[e, c])
+                    if m > 0:
+                        pos = rq[e] * (m - 1)
+                        lo = int(pos)
+                        hi = min(lo + 1, m - 1)
+                        recv[e, p, c] = srt[lo, c] + (pos - lo) * (srt[hi, c] - srt[lo, c])
+        for c in range(b):
+            for p in range(2):
+                lastv = last[p, c0 + c]
+                if np.isnan(lastv):
+                    lastv = 0.0
+                seasonal = stot[p, c] / scnt[c] if scnt[c] > 0 else 0.0
+                corr = num[p, c] / den[c] if den[c] > 0 else 0.0
+                vals[0] = lastv
+                vals[1] = naive[p, c]
+                vals[2] = max(seasonal + corr, 0.0)
+                vals[3] = max(seasonal + delta[p, c], 0.0)
+                for e in range(len(rn)):
+                    vals[4 + e] = recv[e, p, c] if cnt[e, c] > 0 else lastv
+                if mixed:
+                    acc = 0.0
+                    for e in range(k):
+                        acc += weights[e, p, c0 + c] * vals[e]
+                    pred[p, c0 + c] = acc if p == 0 else max(acc, pred[0, c0 + c])
+                else:
+                    for e in range(k):
+                        out[e, p, c0 + c] = vals[e]
+
+
 class Forecaster:
     """Online forecaster over many models: ring buffers, vectorised across models.
 
@@ -242,8 +431,7 @@ class Forecaster:
     def __init__(self, params: CSPParams, models: tuple[str, ...] = ()) -> None:
         self.params = params
         mix = params.mix
-        recent = max(mix.recent, mix.high, mix.burst) if mix else 0
-        self._span = max(params.period * params.periods, recent)  # ring of observations
+        self._span = max(params.period * params.periods, mix.depth if mix else 0, 1)  # ring
         self._nerr = max(params.correction_windows, 1)
         self._n = 0  # columns allocated
         self._rows: dict[str, int] = {}
@@ -253,10 +441,13 @@ class Forecaster:
         self._err_win = np.full((self._nerr, 0), -1, dtype=np.int64)
         self._last = np.full((2, 0), np.nan)
         self._last_win = np.full(0, -1, dtype=np.int64)
-        self._loss = np.zeros((6 if mix else 0, 2, 0))  # discounted pinball loss per expert
+        self._k = mix.experts if mix else 0
+        self._loss = np.zeros((self._k, 2, 0))  # discounted pinball loss per expert
         self._level = np.zeros((2, 0))  # discounted observed load
-        self._w = np.full((6 if mix else 0, 2, 0), 1 / 6)  # expert weights, kept with the losses
+        self._w = np.full((self._k, 2, 0), 1 / max(self._k, 1))  # expert weights, from the losses
         self._tau = np.array(mix.tau if mix else (0.5, 0.5))[:, None]
+        self._rn = np.array([n for n, _ in mix.recent] if mix else [], dtype=np.int64)
+        self._rq = np.array([q for _, q in mix.recent] if mix else [], dtype=float)
         for model in models:
             self._row(model)
 
@@ -284,7 +475,7 @@ class Forecaster:
                 more(a, -1) for a in (self._obs_win, self._err_win, self._last_win)
             )
             self._loss, self._level = more(self._loss, 0.0), more(self._level, 0.0)
-            self._w = more(self._w, 1 / 6)
+            self._w = more(self._w, 1 / max(self._k, 1))
         return row
 
     def _past(self, cols: slice, window: int) -> np.ndarray:
@@ -328,27 +519,40 @@ class Forecaster:
             weight *= p.decay
         return np.maximum(seasonal + num / np.where(den > 0, den, 1.0), 0.0)
 
+    def _kernel(self, cols: slice, window: int, newest: int, weights: np.ndarray | None):
+        """Run :func:`_expert_kernel` on ``cols``: every expert (``weights`` None) or their
+        weighted sum."""
+        p = self.params
+        n = len(range(*cols.indices(self._n)))
+        k = self._k
+        mixed = weights is not None
+        out = np.empty((0 if mixed else k, 2, n))
+        pred = np.empty((2, n if mixed else 0))
+        _expert_kernel(
+            self._obs[:, :, cols],
+            self._obs_win[:, cols],
+            self._err[:, :, cols],
+            self._err_win[:, cols],
+            self._last[:, cols],
+            n,
+            window,
+            newest,
+            p.period,
+            p.periods,
+            p.correction_windows,
+            p.decay,
+            p.reset,
+            self._rn,
+            self._rq,
+            weights if mixed else np.empty((0, 2, 0)),
+            out,
+            pred,
+        )
+        return pred if mixed else out
+
     def _experts(self, cols: slice, window: int, newest: int) -> np.ndarray:
         """Every expert's prediction (experts x 2 x cols) of ``window``; see :func:`experts`."""
-        p, mix = self.params, self.params.mix
-        assert mix is not None
-        last = np.nan_to_num(self._last[:, cols])
-        ago = self._past(cols, window - p.period)
-        deep = max(mix.recent, mix.high, mix.burst)
-        recent = np.stack([self._past(cols, window - j) for j in range(1, deep + 1)])
-        stats = [
-            quantile0(recent[: mix.recent], 0.5),
-            quantile0(recent[: mix.high], mix.high_q),
-            quantile0(recent[: mix.burst], 1.0),
-        ]
-        return np.stack(
-            [
-                last,
-                np.where(np.isnan(ago), last, ago),
-                self._csp(cols, window, newest),
-                *(np.where(np.isnan(s), last, s) for s in stats),
-            ]
-        )
+        return self._kernel(cols, window, newest, None)
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         """Record the closed window ``window`` of ``model``."""
@@ -356,7 +560,8 @@ class Forecaster:
         self._store(slice(row, row + 1), window, np.array([[avg], [peak]], dtype=float))
 
     def observe_all(self, window: int, avg: np.ndarray, peak: np.ndarray) -> None:
-        """Record ``window`` for every model of :attr:`models` at once (arrays in that order)."""
+        """Record ``window`` for every model of :attr:`models` at once (arrays in that order);
+        a model whose average or peak is NaN was not observed."""
         cols = slice(0, len(self._rows))
         self._store(cols, window, np.stack([avg, peak]).astype(float))
 
@@ -364,20 +569,32 @@ class Forecaster:
         """Score the experts on ``values`` (their one-step predictions, before the window is
         known), then write the window into the rings."""
         mix = self.params.mix
+        seen = ~np.isnan(values).any(axis=0)
+        if not seen.all():
+            values = np.where(seen, values, 0.0)
         if mix is not None:
             err = values - self._experts(cols, window, window - 1)
             pinball = np.maximum(self._tau * err, (self._tau - 1.0) * err)
-            self._loss[:, :, cols] = mix.discount * self._loss[:, :, cols] + pinball
-            self._level[:, cols] = mix.discount * self._level[:, cols] + np.abs(values)
-            self._w[:, :, cols] = _weights(self._loss[:, :, cols], self._level[:, cols], mix.eta)
+            loss = mix.discount * self._loss[:, :, cols] + pinball
+            level = mix.discount * self._level[:, cols] + np.abs(values)
+            if not seen.all():
+                loss = np.where(seen, loss, self._loss[:, :, cols])
+                level = np.where(seen, level, self._level[:, cols])
+            self._loss[:, :, cols] = loss
+            self._level[:, cols] = level
+            self._w[:, :, cols] = _weights(loss, level, mix.eta)
         seasonal = self._seasonal(cols, window)
         slot = window % self._span
-        self._obs[slot, :, cols] = values
-        self._obs_win[slot, cols] = window
         eslot = window % self._nerr
-        self._err[eslot, :, cols] = values - seasonal
-        self._err_win[eslot, cols] = window
-        newer = window >= self._last_win[cols]
+        fresh = values - seasonal
+        if not seen.all():  # keep what the slots held for the models not observed
+            values = np.where(seen, values, self._obs[slot, :, cols])
+            fresh = np.where(seen, fresh, self._err[eslot, :, cols])
+        self._obs[slot, :, cols] = values
+        self._obs_win[slot, cols] = np.where(seen, window, self._obs_win[slot, cols])
+        self._err[eslot, :, cols] = fresh
+        self._err_win[eslot, cols] = np.where(seen, window, self._err_win[eslot, cols])
+        newer = seen & (window >= self._last_win[cols])
         self._last[:, cols] = np.where(newer, values, self._last[:, cols])
         self._last_win[cols] = np.where(newer, window, self._last_win[cols])
 
@@ -389,7 +606,7 @@ class Forecaster:
         # The newest error is that of the last closed window, even when predicting further out.
         newest = min(window, int(self._last_win[:n].max()) + 1 if n else 0) - 1
         if p.mix is not None:
-            pred = (self._w[:, :, cols] * self._experts(cols, window, newest)).sum(axis=0)
+            pred = self._kernel(cols, window, newest, self._w[:, :, cols])
         else:
             pred = self._csp(cols, window, newest)
             if p.blend:
