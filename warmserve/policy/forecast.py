@@ -37,8 +37,11 @@ class MixParams:
 
     The experts are, in this order: last value, seasonal-naive, the CSP of :class:`CSPParams`,
     the *seasonal delta* (the seasonal part plus the newest error alone: the last value moved by
-    how the season moved), and one ``q`` quantile of the last ``n`` windows per ``(n, q)`` of
-    ``recent``. Defaults were chosen on the first part of each evaluated trace only (see
+    how the season moved), one ``q`` quantile of the last ``n`` windows per ``(n, q)`` of
+    ``recent``, an exponentially weighted mean of the last ``ewma[1]`` windows (weight
+    ``ewma[0] * (1 - ewma[0]) ** age``), and the plain mean of all the experts before it (which
+    wins where following any one expert costs more than it gains: noisy, sparse series).
+    Defaults were chosen on the first part of each evaluated trace only (see
     ``warmserve forecast eval``, which scores the rest).
     """
 
@@ -46,15 +49,16 @@ class MixParams:
     discount: float = 0.97  # weight of an expert's past error relative to the next window's
     tau: tuple[float, float] = (0.5, 0.65)  # pinball quantile scoring the avg and peak experts
     recent: tuple[tuple[int, float], ...] = ((3, 0.5), (6, 0.5), (12, 0.5), (6, 0.8), (2, 1.0))
+    ewma: tuple[float, int] = (0.3, 12)
 
     @property
     def experts(self) -> int:
-        return 4 + len(self.recent)
+        return 6 + len(self.recent)
 
     @property
     def depth(self) -> int:
-        """Windows back the recent-quantile experts look."""
-        return max((n for n, _ in self.recent), default=0)
+        """Windows back the recent-window experts look."""
+        return max(max((n for n, _ in self.recent), default=0), self.ewma[1])
 
 
 @dataclass(frozen=True)
@@ -178,20 +182,37 @@ def recent_quantile(history: np.ndarray, windows: int, q: float) -> np.ndarray:
     return np.where(np.isnan(out), last_value(history), out)
 
 
+def recent_ewma(history: np.ndarray, alpha: float, windows: int) -> np.ndarray:
+    """Predict each window as the mean of the ``windows`` windows before it, weighted
+    ``alpha * (1 - alpha) ** age`` over those observed; last value where none was."""
+    m, t = history.shape
+    num = np.zeros((m, t))
+    den = np.zeros((m, t))
+    for j in range(1, windows + 1):
+        past = np.full((m, t), np.nan)
+        past[:, j:] = history[:, : t - j]
+        ok = ~np.isnan(past)
+        w = alpha * (1.0 - alpha) ** (j - 1)
+        num += np.where(ok, w * past, 0.0)
+        den += ok * w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / den, last_value(history))
+
+
 def experts(history: np.ndarray, params: CSPParams) -> np.ndarray:
     """One-step predictions of every expert of the mixture (experts x models x windows), in the
     order :class:`Forecaster` computes them (see :class:`MixParams`)."""
     mix = params.mix or MixParams()
     plain = replace(params, blend=0.0)
-    return np.stack(
-        [
-            last_value(history),
-            seasonal_naive(history, params.period),
-            csp(history, plain),
-            csp(history, replace(plain, correction_windows=1, reset=False)),
-            *(recent_quantile(history, n, q) for n, q in mix.recent),
-        ]
-    )
+    e = [
+        last_value(history),
+        seasonal_naive(history, params.period),
+        csp(history, plain),
+        csp(history, replace(plain, correction_windows=1, reset=False)),
+        *(recent_quantile(history, n, q) for n, q in mix.recent),
+        recent_ewma(history, *mix.ewma),
+    ]
+    return np.stack([*e, np.mean(e, axis=0)])
 
 
 def mixture(history: np.ndarray, params: CSPParams, plane: int = 0) -> np.ndarray:
@@ -267,6 +288,8 @@ def _expert_kernel(  # pragma: no cover (compiled)
     reset,
     rn,
     rq,
+    alpha,
+    newma,
     weights,
     out,
     pred,
@@ -283,7 +306,11 @@ def _expert_kernel(  # pragma: no cover (compiled)
     depth = 0
     for n in rn:
         depth = max(depth, n)
-    k = 4 + len(rn)
+    depth = max(depth, newma)
+    k = 6 + len(rn)
+    ew = np.empty(max(newma, 1))  # weights of the exponentially weighted mean, newest first
+    for j in range(newma):
+        ew[j] = alpha * (1.0 - alpha) ** j
     # Windows (and ring slots) each expert reads: the same for every model, so the modulo
     # arithmetic is done once here and the model loop only loads and compares.
     nrec = max(depth, 1)
@@ -407,6 +434,18 @@ def _expert_kernel(  # pragma: no cover (compiled)
                 vals[3] = max(seasonal + delta[p, c], 0.0)
                 for e in range(len(rn)):
                     vals[4 + e] = recv[e, p, c] if cnt[e, c] > 0 else lastv
+                num_e = 0.0
+                den_e = 0.0
+                for j in range(newma):
+                    v = rec[j, p, c]
+                    if not np.isnan(v):
+                        num_e += ew[j] * v
+                        den_e += ew[j]
+                vals[k - 2] = num_e / den_e if den_e > 0 else lastv
+                total = 0.0
+                for e in range(k - 1):
+                    total += vals[e]
+                vals[k - 1] = total / (k - 1)
                 if mixed:
                     acc = 0.0
                     for e in range(k):
@@ -448,6 +487,7 @@ class Forecaster:
         self._tau = np.array(mix.tau if mix else (0.5, 0.5))[:, None]
         self._rn = np.array([n for n, _ in mix.recent] if mix else [], dtype=np.int64)
         self._rq = np.array([q for _, q in mix.recent] if mix else [], dtype=float)
+        self._alpha, self._newma = (float(mix.ewma[0]), int(mix.ewma[1])) if mix else (0.0, 0)
         for model in models:
             self._row(model)
 
@@ -544,6 +584,8 @@ class Forecaster:
             p.reset,
             self._rn,
             self._rq,
+            self._alpha,
+            self._newma,
             weights if mixed else np.empty((0, 2, 0)),
             out,
             pred,
