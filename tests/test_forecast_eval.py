@@ -1,0 +1,55 @@
+"""``warmserve forecast eval`` pieces that do not need the raw traces: the sampled ServeGen
+concurrency, scoring with missing windows, the split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from warmserve import forecast_eval as fe
+
+
+def _one_client(rate: float, dist: str, shape: float, t: int = 6):
+    win = np.arange(t, dtype=np.int64)
+    return win, np.full(t, rate), np.array([dist] * t, dtype=object), np.full(t, shape)
+
+
+def test_sampled_poisson_client_has_littles_law_average_and_a_modest_peak() -> None:
+    win, rate, dist, shape = _one_client(20.0, "Gamma", 1.0)  # exponential gaps: Poisson
+    avg, peak = fe.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=1)
+    mean = 20.0 * fe.LATENCY
+    assert avg[1:] == pytest.approx(np.full(5, mean), rel=0.05)  # window 0 starts empty
+    # The most in flight over 6,000 looks at a Poisson count of mean 40: some 3 to 5 sd above.
+    assert ((peak > mean + 2 * np.sqrt(mean)) & (peak < mean + 7 * np.sqrt(mean))).all()
+
+
+def test_bursty_fit_gives_higher_peaks_than_poisson_at_the_same_rate() -> None:
+    calm = fe.sampled_concurrency(*_one_client(20.0, "Gamma", 1.0), 6, 600.0, seed=1)
+    bursty = fe.sampled_concurrency(*_one_client(20.0, "Weibull", 0.3), 6, 600.0, seed=1)
+    assert bursty[1][1:].mean() > 1.5 * calm[1][1:].mean()
+    assert bursty[0][1:] == pytest.approx(calm[0][1:], rel=0.1)  # the same average
+
+
+def test_sampling_is_deterministic_and_unfitted_windows_are_empty() -> None:
+    win, rate, dist, shape = _one_client(5.0, "Weibull", 0.6)
+    dist[2] = ""  # ServeGen leaves windows without requests unfitted
+    a = fe.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=3)
+    b = fe.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=3)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert a[0][2] < 5.0 * fe.LATENCY * 0.01  # only the tail of window 1's requests
+
+
+def test_scores_skip_missing_windows() -> None:
+    actual = np.array([[10.0, np.nan, 10.0]])
+    pred = np.array([[12.0, 1000.0, 8.0]])
+    peak = actual * 2
+    sc = fe._scores(pred, actual, pred * 2, peak)
+    assert sc["wape_avg"] == pytest.approx(4.0 / 20.0)
+    assert sc["windows"] == 2
+    assert sc["missed_burst"] == 0.0
+
+
+def test_held_out_part_follows_the_tune_part() -> None:
+    s = fe.Series("servegen", ["m"], np.ones((1, 2016)), np.ones((1, 2016)), 600.0, 144, 432)
+    assert fe._part(s, "tune") == slice(432, 432 + 4 * 144)
+    assert fe._part(s, "held_out") == slice(432 + 4 * 144, 2016)
