@@ -76,7 +76,7 @@ PEAK_Z = 3.0  # standard deviations from mean to peak, for --servegen-peak gauss
 TTFT = 0.5  # s, assumed time to first token of a BurstGPT request
 TPOT = 0.02  # s, assumed time per output token
 CAPACITY = 32  # concurrent requests per instance
-STATS_ORIGINS = 48  # statsforecast origins per series, all in the held-out part
+STATS_ORIGINS = 144  # statsforecast origins per series, all in the held-out part
 STATS_DAYS = 4  # days of history each statsforecast fit sees
 SCALE_INSTANCES = 4.0  # mean average concurrency of every series, in instances
 TOP_CLIENTS = 4  # ServeGen clients with the highest total rate, evaluated on their own
@@ -84,8 +84,8 @@ SAMPLE_DT = 0.1  # s, resolution of the sampled ServeGen arrivals
 SEED = 0  # of the sampled ServeGen arrivals (one realisation; series i uses SEED + i)
 TUNE_DAYS = {"servegen": 4, "burstgpt": 2}  # after the warmup; the rest is held out
 GRID = {  # the mixture's hyper-parameters searched on the tune part
-    "eta": (30.0, 100.0, 300.0, 1000.0),
-    "discount": (0.97, 0.99, 0.995),
+    "eta": (100.0, 300.0, 1000.0, 3000.0, 10_000.0, 30_000.0),
+    "discount": (0.9, 0.95, 0.97, 0.99),
     "tau_peak": (0.5, 0.55, 0.6, 0.65, 0.7),
 }
 TRADEOFF_TAU = (0.5, 0.55, 0.6, 0.65, 0.7, 0.8)

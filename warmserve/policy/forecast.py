@@ -45,9 +45,9 @@ class MixParams:
     ``warmserve forecast eval``, which scores the rest).
     """
 
-    eta: float = 1000.0  # sharpness: weights are exp(-eta * excess discounted error / level)
-    discount: float = 0.97  # weight of an expert's past error relative to the next window's
-    tau: tuple[float, float] = (0.5, 0.65)  # pinball quantile scoring the avg and peak experts
+    eta: float = 10_000.0  # sharpness: weights are exp(-eta * excess discounted error / level)
+    discount: float = 0.95  # weight of an expert's past error relative to the next window's
+    tau: tuple[float, float] = (0.5, 0.6)  # pinball quantile scoring the avg and peak experts
     recent: tuple[tuple[int, float], ...] = ((3, 0.5), (6, 0.5), (12, 0.5), (6, 0.8), (2, 1.0))
     ewma: tuple[float, int] = (0.3, 12)
 
@@ -456,6 +456,56 @@ def _expert_kernel(  # pragma: no cover (compiled)
                         out[e, p, c0 + c] = vals[e]
 
 
+@numba.njit(cache=True, nogil=True)
+def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma: no cover
+    """Score every expert's prediction on ``values`` (what :func:`mixture` does per window) and
+    update, in place, the discounted losses, levels and weights of the models ``seen``.
+
+    Loops run expert by expert over contiguous model rows (memory streams, not strides), and a
+    weight below ``exp(-60)`` of the best one is taken as zero (its ``exp`` would be subnormal,
+    which is slow, and changes no sum)."""
+    k = experts.shape[0]
+    n = values.shape[1]
+    least = np.empty(n)
+    total = np.empty(n)
+    for p in range(2):
+        least[:] = np.inf
+        for e in range(k):
+            for c in range(n):
+                if seen[c]:
+                    err = values[p, c] - experts[e, p, c]
+                    pin = max(tau[p] * err, (tau[p] - 1.0) * err)
+                    loss[e, p, c] = discount * loss[e, p, c] + pin
+                    least[c] = min(least[c], loss[e, p, c])
+        for c in range(n):
+            if seen[c]:
+                level[p, c] = discount * level[p, c] + abs(values[p, c])
+                least[c] = -eta / max(level[p, c], 1e-12)  # from here on: the exponent's factor
+        total[:] = 0.0
+        for e in range(k):
+            for c in range(n):
+                if seen[c]:
+                    x = least[c] * loss[e, p, c]
+                    w[e, p, c] = x
+        for c in range(n):  # shift the exponents so the best expert's is 0
+            if seen[c]:
+                top = -np.inf
+                for e in range(k):
+                    top = max(top, w[e, p, c])
+                least[c] = top
+        for e in range(k):
+            for c in range(n):
+                if seen[c]:
+                    x = w[e, p, c] - least[c]
+                    v = np.exp(x) if x > -60.0 else 0.0
+                    w[e, p, c] = v
+                    total[c] += v
+        for e in range(k):
+            for c in range(n):
+                if seen[c]:
+                    w[e, p, c] /= total[c]
+
+
 class Forecaster:
     """Online forecaster over many models: ring buffers, vectorised across models.
 
@@ -615,16 +665,17 @@ class Forecaster:
         if not seen.all():
             values = np.where(seen, values, 0.0)
         if mix is not None:
-            err = values - self._experts(cols, window, window - 1)
-            pinball = np.maximum(self._tau * err, (self._tau - 1.0) * err)
-            loss = mix.discount * self._loss[:, :, cols] + pinball
-            level = mix.discount * self._level[:, cols] + np.abs(values)
-            if not seen.all():
-                loss = np.where(seen, loss, self._loss[:, :, cols])
-                level = np.where(seen, level, self._level[:, cols])
-            self._loss[:, :, cols] = loss
-            self._level[:, cols] = level
-            self._w[:, :, cols] = _weights(loss, level, mix.eta)
+            _learn(
+                self._experts(cols, window, window - 1),
+                values,
+                seen,
+                self._tau[:, 0],
+                mix.discount,
+                mix.eta,
+                self._loss[:, :, cols],
+                self._level[:, cols],
+                self._w[:, :, cols],
+            )
         seasonal = self._seasonal(cols, window)
         slot = window % self._span
         eslot = window % self._nerr
