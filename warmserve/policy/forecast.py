@@ -1,4 +1,5 @@
-"""Load forecasting: the Corrective Seasonal Predictor (CSP), its baselines and a tuned blend.
+"""Load forecasting: the Corrective Seasonal Predictor (CSP), its baselines, and the expert
+mixture the planner runs.
 
 LLM load repeats daily, so the prediction for window ``i`` of period ``k`` starts from the mean of
 the same window over the previous ``D`` periods (the *seasonal part*). Days differ in level, so a
@@ -10,17 +11,21 @@ Missing windows are NaN: they drop out of the seasonal mean and of the correctio
 the remaining errors are renormalised). A window with no seasonal history (the first period, a new
 model) has a seasonal part of zero, so its correction is the recent level itself.
 
+On real traces (``warmserve forecast eval``) the plain CSP loses to last-value: at 600 s the
+seasonal part carries day-to-day noise straight into the prediction. What the planner runs is an
+online mixture (:class:`MixParams`, :func:`mixture`) in which the CSP is one expert beside
+last-value, seasonal-naive, the seasonal delta, recent quantiles and means: each model's
+weights follow the experts' recent pinball losses, and the peak plane is scored at a quantile
+above the median, which predicts peaks a little high to miss fewer bursts.
+
 Two forms share the same arithmetic:
 
 - batch functions over a ``models x windows`` array give the one-step-ahead prediction of every
   window from the windows before it (``warmserve forecast eval`` scores them);
 - :class:`Forecaster` keeps ring buffers and predicts one window for all models at once, which
-  is what the planner calls every tick (vectorised across models: 10,000 models in well under a
-  millisecond, see ``bench/policy_bench.py``).
-
-The tuned variant (``reset=False``, ``blend``) lets the correction run across period boundaries
-and mixes in the last observed value: on 600 s ServeGen windows the seasonal part carries
-day-to-day noise that the plain CSP passes straight into its prediction.
+  is what the planner calls every tick; the mixture runs as two numba kernels (experts and
+  their weighted sum per block of models; scoring and weights when a window closes), so
+  10,000 models take a few milliseconds (``bench/policy_bench.py``).
 """
 
 from __future__ import annotations
@@ -507,14 +512,14 @@ def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma
 
 
 class Forecaster:
-    """Online forecaster over many models: ring buffers, vectorised across models.
+    """Online forecaster over many models: ring buffers, computed for all models at once.
 
     Models are columns (added as they are first observed, so new models need no registration);
     two planes hold average (0) and peak (1) concurrency. Buffers are laid out time-major
     (``ring x plane x models``), so each step reads a few contiguous ``2 x models`` slices.
     :meth:`predict` forecasts any window from what was observed before it, so the planner can
     ask for the window now open and the next one. With ``params.mix`` it predicts the expert
-    mixture (equal to :func:`mixture`), otherwise the CSP (equal to :func:`csp`).
+    mixture (equal to :func:`mixture_pair`), otherwise the CSP (equal to :func:`csp`).
     """
 
     def __init__(self, params: CSPParams, models: tuple[str, ...] = ()) -> None:
