@@ -1,23 +1,27 @@
 """Activation through the worker plugin, and what a streamed chunk costs over Dask.
 
-1. Activate-to-first-token per starting tier, through the handlers as the scheduler plugin
-   calls them: ``warmserve_activate`` then the first chunk of ``stream_generate``. Tiers disk,
-   host and device each start an engine on a fresh CPU slot; tier engine switches an idle engine
-   of the family in place. A first engine is started and stopped before measuring: the first
-   engine in a process also pays for importing and initializing vLLM.
+1. Activate-to-first-token per starting tier and family, through the handlers as the scheduler
+   plugin calls them: ``warmserve_activate`` then the first chunk of ``stream_generate`` (the
+   prompt of bench/activation_bench.py, one token). Tiers disk, host and device each start an
+   engine on a fresh CPU slot; tier engine switches an idle engine of the family in place. A
+   first engine is started and stopped before measuring: the first engine in a process also
+   pays for initializing vLLM (and waits for the import the plugin starts at setup).
 2. Per-chunk transport cost, without an engine: a worker handler writing N chunk messages on one
    comm (what ``stream_generate`` uses) against a task feeding a ``distributed.Queue`` read by
    the client (the obvious alternative).
 
-Run: ``python -m bench.activation_worker [--models DIR]`` -> bench/results/worker_activation.json
+Run: ``python -m bench.activation_worker [--models DIR] [--sizes tiny small]``
+-> bench/results/worker_activation.json
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import sys
 import time
 
 import dask
@@ -25,6 +29,7 @@ from distributed import Client, LocalCluster, Queue
 from distributed.comm import connect
 from distributed.core import rpc
 
+from bench.activation_bench import PROMPT
 from warmserve.models.make import make_family
 from warmserve.protocol import GenerateRequest
 from warmserve.worker_plugin.client import stream_generate
@@ -55,7 +60,7 @@ async def first_token(address: str, model: str, device: str) -> dict:
     async with rpc(address) as worker:
         iid = await worker.warmserve_activate(model=model, device=device)
     activated = time.perf_counter()
-    req = GenerateRequest(f"bench-{model}", model, prompt="hello", max_tokens=4, temperature=0.0)
+    req = GenerateRequest(f"bench-{model}", model, prompt=PROMPT, max_tokens=1, temperature=0.0)
     stream = stream_generate(address, req)
     await anext(stream)
     first = time.perf_counter()
@@ -79,11 +84,13 @@ async def echo_per_chunk(address: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="models")
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"])
     parser.add_argument("--out", default="bench/results/worker_activation.json")
     args = parser.parse_args()
-    registry = make_family("tiny", "tiny", replicas=4, out=args.models)
+    registries = {size: make_family(size, size, replicas=4, out=args.models) for size in args.sizes}
     registry_file = os.path.join(os.path.abspath(args.models), "registry.yaml")
-    devices = ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    devices = [f"cpu:{i}" for i in range(4 * len(args.sizes))]  # four fresh slots per family
+    load_before = os.getloadavg()[0]
     with (
         dask.config.set({"warmserve.worker.engine-kv": "64MiB"}),
         LocalCluster(
@@ -94,27 +101,37 @@ def main() -> None:
             preload=["warmserve.worker_plugin"],
             preload_argv=[
                 *("--warmserve-devices", ",".join(devices), "--warmserve-node", "bench"),
-                *("--warmserve-device-memory", "512MiB", "--warmserve-registry", registry_file),
+                *("--warmserve-device-memory", "1GiB", "--warmserve-registry", registry_file),
             ],
         ) as cluster,
         Client(cluster) as client,
     ):
         address = next(iter(client.scheduler_info()["workers"]))
-        ids = [f"bench/{d}" for d in devices]
 
         async def handler(op: str, **kwargs):
             async with rpc(address) as worker:
                 return await getattr(worker, op)(**kwargs)
 
         call = client.sync
-        tiers = {"first_engine_in_process": call(first_token, address, "tiny-3", ids[3])}
-        tiers["disk"] = call(first_token, address, "tiny-0", ids[0])
-        call(handler, "warmserve_prewarm", model="tiny-1", tier="host", wait=True)
-        tiers["host"] = call(first_token, address, "tiny-1", ids[1])
-        call(handler, "warmserve_prewarm", model="tiny-2", devices=[ids[2]], wait=True)
-        tiers["device"] = call(first_token, address, "tiny-2", ids[2])
-        call(handler, "warmserve_prewarm", model="tiny-3", devices=[ids[0]], wait=True)
-        tiers["engine"] = call(first_token, address, "tiny-3", ids[0])
+        tiers: dict[str, dict] = {}
+        for n, size in enumerate(args.sizes):
+            ids = [f"bench/{d}" for d in devices[4 * n : 4 * n + 4]]
+            m = [f"{size}-{i}" for i in range(4)]
+            t: dict[str, dict] = {}
+            if n == 0:
+                t["first_engine_in_process"] = call(first_token, address, m[3], ids[3])
+            t["disk"] = call(first_token, address, m[0], ids[0])
+            call(handler, "warmserve_prewarm", model=m[1], tier="host", wait=True)
+            t["host"] = call(first_token, address, m[1], ids[1])
+            call(handler, "warmserve_prewarm", model=m[2], devices=[ids[2]], wait=True)
+            t["device"] = call(first_token, address, m[2], ids[2])
+            call(handler, "warmserve_prewarm", model=m[3], devices=[ids[0]], wait=True)
+            t["engine"] = call(first_token, address, m[3], ids[0])
+            call(handler, "warmserve_prewarm", model=m[1], devices=[ids[0]], wait=True)
+            t["engine_again"] = call(first_token, address, m[1], ids[0])
+            tiers[size] = t
+            for model in m:  # give the host tier back before the next family
+                call(handler, "warmserve_evict", model=model, tier="disk")
 
         client.run(add_echo_handler, workers=[address])
         comm_chunk = min(call(echo_per_chunk, address) for _ in range(3))
@@ -129,8 +146,23 @@ def main() -> None:
             queue_times.append((time.perf_counter() - start) / CHUNKS)
 
     result = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "model": {"name": "tiny-*", "bytes": registry["tiny-0"].nbytes},
+        "command": " ".join(["python", "-m", "bench.activation_worker", *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_1m_before": load_before,
+            "loadavg_1m_after": os.getloadavg()[0],
+        },
+        "models": {size: {"bytes": r[f"{size}-0"].nbytes} for size, r in registries.items()},
+        "tiers": {
+            "first_engine_in_process": "disk, the worker's first engine (vLLM set up then)",
+            "disk": "a new engine on a fresh slot, weights from the file",
+            "host": "a new engine on a fresh slot, weights staged in host memory",
+            "device": "a new engine on a fresh slot, weights in its device pool",
+            "engine": "an idle engine of the family switches in place (weights in its pool)",
+            "engine_again": "the same, a second time",
+        },
         "activate_to_first_token": tiers,
         "stream_per_chunk_s": {"comm_messages": comm_chunk, "dask_queue": min(queue_times)},
         "chunks": CHUNKS,

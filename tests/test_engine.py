@@ -13,7 +13,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from warmserve.engine.engine import Engine, EngineBusy, EngineConfig, EngineError
+from warmserve.engine.engine import (
+    Engine,
+    EngineBusy,
+    EngineConfig,
+    EngineError,
+    compute_dtype,
+    weight_bytes,
+)
 from warmserve.models.weights import load_weights
 from warmserve.protocol import GenerateRequest
 from warmserve.registry import Registry
@@ -142,6 +149,15 @@ def test_cancel_mid_stream_frees_slot(tiny_engine: Engine) -> None:
     assert tiny_engine.alive()
 
 
+def test_bf16_checkpoint_runs_in_float32_on_a_cpu_without_native_bf16() -> None:
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert compute_dtype("auto", "bfloat16") == ("bfloat16" if native else "float32")
+    assert compute_dtype("auto", "float32") == "auto"  # the checkpoint's own dtype
+    assert compute_dtype("bfloat16", "bfloat16") == "bfloat16"
+
+
 def test_switch_equals_fresh_engine_small(small_registry: Registry) -> None:
     fresh = Engine(small_registry["small-1"])
     expected = greedy(fresh, "small-1")
@@ -153,6 +169,10 @@ def test_switch_equals_fresh_engine_small(small_registry: Registry) -> None:
         assert greedy(engine, "small-1") == expected
         engine.switch(small_registry["small-0"])
         assert greedy(engine, "small-0") == on_a != expected
-        assert engine.weight_bytes() == small_registry["small-0"].nbytes
+        # Torch sees the embedding, norms and head in float32; oneDNN holds the projections,
+        # repacked, outside the module's parameters.
+        spec = small_registry["small-0"]
+        assert engine.weight_bytes() <= weight_bytes(spec.nbytes, spec.path)
+        assert engine.weight_bytes() >= 2 * 8192 * 1024 * 4  # embedding and head, float32
     finally:
         engine.shutdown()

@@ -1,8 +1,9 @@
 """The worker plugin in a real LocalCluster (one worker process, two CPU slots) with real engines.
 
-Budgets are small so that memory pressure is reachable with tiny models: each slot has 20 MiB,
-an engine takes its 8 MiB KV cache plus its weights (12 MiB in 2 MiB chunks) and a tiny model's
-weights take 4 MiB, so a slot with an engine holds two prewarmed models and no more.
+Budgets are small so that memory pressure is reachable with tiny models: each slot has 22 MiB,
+an engine takes its 8 MiB KV cache plus its weights, widened to float32 on this CPU (14 MiB in
+2 MiB chunks), and a tiny model's weights take 4 MiB, so a slot with an engine holds two
+prewarmed models and no more.
 Tests run in order and share the cluster; each says what it starts from.
 """
 
@@ -43,7 +44,7 @@ def cluster(tiny_registry: Registry, models_dir: str):
                 "--warmserve-devices",
                 "cpu:0,cpu:1",
                 "--warmserve-device-memory",
-                "20MiB",
+                "22MiB",
                 "--warmserve-node",
                 "node-a",
                 "--warmserve-registry",
@@ -131,7 +132,7 @@ def test_status_reports_devices(cluster):
     client, address = cluster
     status = call(cluster, "warmserve_status")
     assert [d["id"] for d in status["devices"]] == [A, B]
-    assert all(d["memory"] == 20 * MiB and d["node"] == "node-a" for d in status["devices"])
+    assert all(d["memory"] == 22 * MiB and d["node"] == "node-a" for d in status["devices"])
     assert status["instances"] == [] and status["host_cache"] == []
     assert client.scheduler_info()["workers"][address]["resources"] == {"warmserve-device": 2}
 
@@ -147,7 +148,7 @@ def test_prewarm_to_host_then_device(cluster):
     assert done["state"] == "done", done
     status = call(cluster, "warmserve_status")
     assert device(status, A)["resident"] == ["tiny-0"]
-    assert device(status, A)["free"] == 16 * MiB
+    assert device(status, A)["free"] == 18 * MiB
 
 
 def test_activate_prewarmed_and_generate(cluster):
@@ -199,7 +200,7 @@ def test_request_without_instance_is_a_clear_error(cluster):
 
 
 def test_prewarm_that_does_not_fit_leaves_residents(cluster):
-    # A: engine (12 MiB) + tiny-0 + tiny-1 (4 MiB each) = 20 MiB, full.
+    # A: engine (14 MiB) + tiny-0 + tiny-1 (4 MiB each) = 22 MiB, full.
     before = device(call(cluster, "warmserve_status"), A)
     assert sorted(before["resident"]) == ["tiny-0", "tiny-1"] and before["free"] == 0
     failed = call(cluster, "warmserve_prewarm", model="tiny-2", devices=[A], wait=True)
@@ -246,7 +247,7 @@ def test_engine_death_is_reported_and_frees_device(cluster):
     assert 0 < len(chunks) < 64
     status = call(cluster, "warmserve_status")
     assert status["instances"] == [] and device(status, A)["engines"] == {}
-    assert device(status, A)["free"] == free_before + 12 * MiB
+    assert device(status, A)["free"] == free_before + 14 * MiB
     assert status["deaths"][-1]["device"] == A and status["deaths"][-1]["instances"]
     assert event(client, "engine-died", device=A)["family"] == "tiny"
     with pytest.raises(NoInstance):
@@ -259,9 +260,9 @@ def test_activation_evicts_only_what_memory_demands(cluster):
             call(cluster, "warmserve_prewarm", model=model, devices=[B], wait=True)["state"]
             == "done"
         )
-    assert device(call(cluster, "warmserve_status"), B)["free"] == 8 * MiB
+    assert device(call(cluster, "warmserve_status"), B)["free"] == 10 * MiB
     iid = call(cluster, "warmserve_activate", model="tiny-2", device=B)
-    # The engine needs 12 MiB: evicting tiny-0 alone makes room; tiny-1 stays.
+    # The engine needs 14 MiB: evicting tiny-0 alone makes room; tiny-1 stays.
     status = call(cluster, "warmserve_status")
     assert sorted(device(status, B)["resident"]) == ["tiny-1", "tiny-2"]
     assert device(status, B)["instances"] == [iid]

@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from warmserve import config
-from warmserve.engine.engine import Engine, EngineConfig, EngineError
+from warmserve.engine.engine import Engine, EngineConfig, EngineError, weight_bytes
+from warmserve.engine.engine import preload as preload_engine
 from warmserve.policy.state import Tier
 from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.registry import ModelSpec
@@ -74,6 +75,15 @@ class Instance:
         }
 
 
+def _log_preload(future: asyncio.Future) -> None:
+    if future.cancelled():
+        return
+    if future.exception() is not None:
+        logger.error("importing vLLM failed", exc_info=future.exception())
+    else:
+        logger.debug("vLLM imported")
+
+
 class Instances:
     """The engines and instances of one worker. Runs on the worker's event loop."""
 
@@ -104,6 +114,14 @@ class Instances:
         # vLLM builds one engine at a time in a process (it sets process-wide state while
         # it does); switches on other engines go on meanwhile.
         self._start_lock = asyncio.Lock()
+        self._preloaded: asyncio.Future | None = None
+
+    def preload(self) -> None:
+        """Start importing vLLM in the background (``warmserve.engine.engine.preload``), so the
+        first engine of this worker does not pay for it; engine starts wait for it."""
+        if self._preloaded is None:
+            self._preloaded = asyncio.ensure_future(self._run_blocking(preload_engine))
+            self._preloaded.add_done_callback(_log_preload)
 
     def device_lock(self, device: str) -> asyncio.Lock:
         return self._device_locks[device]
@@ -140,8 +158,11 @@ class Instances:
         return Tier.DISK
 
     def engine_bytes(self, spec: ModelSpec) -> int:
-        """What an engine of ``spec``'s family takes on its device: its weights and KV cache."""
-        return spec.nbytes + self._engine_config.kv_cache_bytes
+        """What an engine of ``spec``'s family takes on its device: its weights as it computes
+        with them (a bf16 checkpoint run in float32 on a CPU takes twice its file) and its KV
+        cache."""
+        weights = weight_bytes(spec.nbytes, spec.path, self._engine_config.dtype)
+        return weights + self._engine_config.kv_cache_bytes
 
     # --- activation -------------------------------------------------------------------------
 
@@ -210,6 +231,8 @@ class Instances:
         memory.reserve_engine(key, need)
         try:
             async with self._start_lock:
+                if self._preloaded is not None:
+                    await asyncio.wait([self._preloaded])  # a failed preload: the start says why
                 engine = await self._run_blocking(Engine, spec, self._engine_config)
         except BaseException:
             memory.release_engine(key)

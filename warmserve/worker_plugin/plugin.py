@@ -116,6 +116,7 @@ class WarmServeWorker(WorkerPlugin):
             settings.get_seconds("liveness-interval"),
             self._engine_died,
         )
+        self.instances.preload()
         self.jobs = Jobs(self._job_finished)
         self.deaths: list[dict] = []
         self._handlers = {
