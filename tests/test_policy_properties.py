@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from warmserve.policy.accounting import InfeasibleAction, apply
+from warmserve.policy.accounting import Accounting, InfeasibleAction, LedgerCache, apply
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.factory import POLICIES, make_policy
 from warmserve.policy.state import (
@@ -120,8 +120,29 @@ def track(groups: dict, actions) -> None:
                 pass  # the weights stay where the instance was
 
 
-def run(name: str, snapshot: ClusterSnapshot, history, ticks):
-    """Plan and serve demand tick by tick; return every action list and the last snapshot."""
+def same_ledger(a: Accounting, b: Accounting) -> None:
+    """Two ledgers hold the same cluster (replica lists per model in any order)."""
+    assert (a.used, a.kv, a.lent, a.memory) == (b.used, b.kv, b.lent, b.memory)
+    assert {d: sorted(e) for d, e in a.engines.items()} == {
+        d: sorted(e) for d, e in b.engines.items()
+    }
+    assert a.host == b.host
+    key = lambda r: (r.model, r.devices, r.instance, r.load, r.started)  # noqa: E731
+    assert {d: [key(r) for r in rs] for d, rs in a.on.items()} == {
+        d: [key(r) for r in rs] for d, rs in b.on.items()
+    }
+    assert sorted(a.instances) == sorted(b.instances)
+    assert {m: sorted(map(key, rs)) for m, rs in a.replicas.items() if rs} == {
+        m: sorted(map(key, rs)) for m, rs in b.replicas.items() if rs
+    }
+    ia, ib = a.device_index(), b.device_index()
+    for f in ("free", "count", "inst", "rbytes"):
+        assert (getattr(ia, f) == getattr(ib, f)).all(), f
+
+
+def run(name: str, snapshot: ClusterSnapshot, history, ticks, cache: LedgerCache | None = None):
+    """Plan and serve demand tick by tick; return every action list and the last snapshot.
+    With ``cache``, also check that its ledger follows each snapshot as a fresh one would."""
     policy = make_policy(name, snapshot.models, CONFIG)
     feed(policy, snapshot, history)
     names = list(snapshot.models)
@@ -146,7 +167,13 @@ def run(name: str, snapshot: ClusterSnapshot, history, ticks):
             if actions is None:
                 actions = policy.on_demand(snapshot, names[wanted])
             log.append(actions)
+            if cache is not None:  # record the actions in the cached ledger, as a policy does
+                acc = cache.ledger(snapshot)
+                for a in actions:
+                    acc.enact(a)
             snapshot = apply(snapshot, actions, CONFIG)
+            if cache is not None:
+                same_ledger(cache.ledger(snapshot), Accounting(snapshot, CONFIG))
             track(groups, actions)
             check(snapshot, groups)
     return log, snapshot
@@ -160,6 +187,13 @@ def test_actions_keep_invariants_and_are_deterministic(name: str, case) -> None:
     log, _ = run(name, snapshot, history, ticks)
     again, _ = run(name, snapshot, history, ticks)
     assert log == again
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=clusters())
+def test_cached_ledger_follows_snapshots_like_a_fresh_one(case) -> None:
+    snapshot, history, ticks = case
+    run("warmserve", snapshot, history, ticks, LedgerCache(CONFIG))
 
 
 def test_apply_rejects_overcommit_and_duplicates() -> None:

@@ -36,6 +36,7 @@ Infeasible actions raise :class:`InfeasibleAction`; nothing is changed then.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -108,11 +109,17 @@ def aligned_groups(devices: list[str], tp: int) -> list[tuple[str, ...]]:
     return [tuple(devices[s : s + tp]) for s in range(0, len(devices) - block + 1, block)]
 
 
+_LEDGERS = itertools.count()  # tells ledgers apart for caches keyed by ledger (never in output)
+
+
 class Accounting:
     """Mutable view of a snapshot: memory use, replicas, host caches, per device and node."""
 
     def __init__(self, snapshot: ClusterSnapshot, config: PolicyConfig | None = None) -> None:
         self.config = config or PolicyConfig()
+        self.ledger_id = next(_LEDGERS)
+        self.touched: set[str] = set()  # nodes changed since the snapshot (see :meth:`sync`)
+        self.version: dict[str, int] = {}  # model -> count of changes to its replica list
         self.time = snapshot.time
         self.models: Mapping[str, ModelSpec] = snapshot.models
         self.load = dict(snapshot.load)
@@ -145,6 +152,9 @@ class Accounting:
             self._add(r)
         for model, devs in self._resident_groups(snapshot):
             self._add(Replica(model, devs))
+        self.touched.clear()
+        self._source = snapshot
+        self._source_instances = {i.id: i for i in snapshot.instances}
 
     # ----------------------------------------------------------------------------- queries
 
@@ -211,6 +221,13 @@ class Accounting:
     def rescored(self) -> None:
         """Replica scores changed outside the ledger: rebuild the device index on next use."""
         self._index = None
+
+    def set_score(self, r: Replica, score: float) -> None:
+        """Give ``r`` a new score, keeping the device index in step."""
+        if r.score != score:
+            r.score = score
+            for d in r.devices:
+                self._refresh(d)
 
     def _refresh(self, device: str) -> None:
         """Recompute one device's row of the index (a handful of replicas at most)."""
@@ -305,6 +322,8 @@ class Accounting:
     def _add(self, r: Replica) -> None:
         shard = self.shard(r.model)
         kv = self.kv_shard(r.model) if r.instance else 0
+        self.version[r.model] = self.version.get(r.model, 0) + 1
+        self.touched.add(self.node[r.devices[0]])
         for d in r.devices:
             self.on[d].append(r)
             self.used[d] += shard + kv
@@ -317,6 +336,8 @@ class Accounting:
     def _remove(self, r: Replica) -> None:
         shard = self.shard(r.model)
         kv = self.kv_shard(r.model) if r.instance else 0
+        self.version[r.model] = self.version.get(r.model, 0) + 1
+        self.touched.add(self.node[r.devices[0]])
         for d in r.devices:
             self.on[d].remove(r)
             self.used[d] -= shard + kv
@@ -364,6 +385,7 @@ class Accounting:
         node = self.node[devices[0]]
         if tier <= Tier.HOST:
             self.host[node].add(model)
+            self.touched.add(node)
             return
         if tier == Tier.ACTIVE:
             raise InfeasibleAction("Prewarm cannot make an instance; use Start")
@@ -431,6 +453,7 @@ class Accounting:
         if self.lent[device] + nbytes > self.kv[device]:
             raise InfeasibleAction(f"{device} reserves only {self.kv[device]} bytes of KV")
         self.lent[device] += nbytes
+        self.touched.add(self.node[device])
         self._refresh(device)
 
     def reclaim(self, device: str, nbytes: int) -> None:
@@ -439,6 +462,7 @@ class Accounting:
         if self.free(device) < nbytes:
             raise InfeasibleAction(f"reclaim on {device}: evict the weights in lent space first")
         self.lent[device] -= nbytes
+        self.touched.add(self.node[device])
         self._refresh(device)
 
     # --------------------------------------------------------------------------- snapshots
@@ -448,20 +472,148 @@ class Accounting:
         whatever is left chunked in device order (a snapshot lists residency per device only)."""
         resident = {d.id: d.resident for d in snapshot.devices}
         for devs in self.nodes.values():
-            holding: dict[str, list[str]] = {}
-            for d in devs:
-                for model in resident[d]:
-                    holding.setdefault(model, []).append(d)
-            for model, held in holding.items():
-                tp = self.models[model].tp
-                free = set(held)
-                for g in aligned_groups(devs, tp):
-                    if free.issuperset(g):
-                        yield model, g
-                        free.difference_update(g)
-                left = [d for d in held if d in free]
-                for i in range(0, len(left) - tp + 1, tp):
-                    yield model, tuple(left[i : i + tp])
+            yield from self._node_groups(devs, resident)
+
+    def _node_groups(self, devs: list[str], resident: Mapping) -> Iterable[tuple[str, tuple]]:
+        holding: dict[str, list[str]] = {}
+        for d in devs:
+            for model in resident[d]:
+                holding.setdefault(model, []).append(d)
+        for model, held in holding.items():
+            tp = self.models[model].tp
+            free = set(held)
+            for g in aligned_groups(devs, tp):
+                if free.issuperset(g):
+                    yield model, g
+                    free.difference_update(g)
+            left = [d for d in held if d in free]
+            for i in range(0, len(left) - tp + 1, tp):
+                yield model, tuple(left[i : i + tp])
+
+    # ----------------------------------------------------------------------- incremental
+
+    def sync(self, snapshot: ClusterSnapshot) -> bool:
+        """Make this ledger what ``Accounting(snapshot)`` would be, rebuilding only the nodes
+        whose devices or instances differ from the snapshot it was last made from, or that the
+        actions recorded since changed. False (and the ledger is to be dropped) when the
+        devices themselves differ: then only a new ledger will do.
+
+        Lists keep the order a fresh ledger has per device; a model's replica list may be in
+        another order, which no policy decision depends on. Replica objects of unchanged nodes
+        are kept, with their scores (the planner sets every score anew each call).
+        """
+        last = self._source
+        if snapshot.models is not self.models or len(snapshot.devices) != len(self.order):
+            return False
+        dirty = set(self.touched)
+        for o, n in zip(last.devices, snapshot.devices, strict=True):
+            if o is not n:
+                if o.id != n.id or o.node != n.node:
+                    return False
+                if o != n:
+                    dirty.add(n.node)
+        old = self._source_instances
+        new = {i.id: i for i in snapshot.instances}
+        reload: list = []
+        for iid, i in new.items():
+            o = old.get(iid)
+            if o is i:
+                continue
+            node = self.node.get(i.devices[0]) if i.devices else None
+            if node is None:
+                return False
+            if o is None or o.model != i.model or o.devices != i.devices:
+                dirty.add(node)
+            else:
+                reload.append((node, i))
+        for iid, o in old.items():
+            if iid not in new:
+                dirty.add(self.node[o.devices[0]])
+        if snapshot.host_cache is not last.host_cache:
+            if set(snapshot.host_cache) - set(self.nodes):
+                return False
+            for n in self.nodes:
+                cached = snapshot.host_cache.get(n, ())
+                if self.host[n] != cached:
+                    self.host[n] = set(cached)
+        if dirty:
+            by_node: dict[str, list] = {n: [] for n in dirty}
+            for i in snapshot.instances:
+                node = self.node[i.devices[0]]
+                if node in by_node:
+                    by_node[node].append(i)
+            for node in sorted(dirty, key=lambda n: self.position[self.nodes[n][0]]):
+                if not self._rebuild_node(node, snapshot, by_node[node]):
+                    return False
+        for node, i in reload:
+            if node not in dirty:
+                r = self.instances[i.id]
+                r.load, r.started = i.load, i.started
+        self.time = snapshot.time
+        self.load = dict(snapshot.load)
+        self.queued = dict(snapshot.queued)
+        self.touched.clear()
+        self._source = snapshot
+        self._source_instances = new
+        return True
+
+    def _rebuild_node(self, node: str, snapshot: ClusterSnapshot, instances: list) -> bool:
+        """Charge ``node``'s devices anew from ``snapshot``. A replica that is still there
+        (same model, devices and instance) keeps its object, and its model's replica list and
+        version stay as they are."""
+        devs = self.nodes[node]
+        here = set(devs)
+        old: dict[tuple, Replica] = {}
+        for d in devs:
+            for r in self.on[d]:
+                if not here.issuperset(r.devices):
+                    return False
+                old[(r.model, r.devices, r.instance)] = r
+        engine = self.config.engine_bytes
+        resident = {}
+        for d in devs:
+            ds = snapshot.devices[self.position[d]]
+            self.memory[d] = ds.memory
+            self.engines[d] = list(ds.engines)
+            self.lent[d] = ds.lent
+            self.used[d] = engine * len(ds.engines)
+            self.kv[d] = 0
+            self.on[d] = []
+            resident[d] = ds.resident
+        self.host[node] = set(snapshot.host_cache.get(node, ()))
+        for inst in instances:
+            if not here.issuperset(inst.devices):
+                return False
+            r = old.pop((inst.model, tuple(inst.devices), inst.id), None)
+            if r is None:
+                r = Replica(inst.model, inst.devices, inst.id, load=inst.load, started=inst.started)
+                self._add(r)
+            else:
+                r.load, r.started = inst.load, inst.started
+                self._charge(r)
+        for model, g in self._node_groups(devs, resident):
+            r = old.pop((model, g, None), None)
+            if r is None:
+                self._add(Replica(model, g))
+            else:
+                self._charge(r)
+        for r in old.values():  # gone from the node
+            self.replicas[r.model].remove(r)
+            self.version[r.model] = self.version.get(r.model, 0) + 1
+            if r.instance:
+                del self.instances[r.instance]
+        for d in devs:
+            self._refresh(d)
+        return True
+
+    def _charge(self, r: Replica) -> None:
+        """Put a replica the ledger already lists back on its devices (see :meth:`sync`)."""
+        shard = self.shard(r.model)
+        kv = self.kv_shard(r.model) if r.instance else 0
+        for d in r.devices:
+            self.on[d].append(r)
+            self.used[d] += shard + kv
+            self.kv[d] += kv
 
     def snapshot(self) -> ClusterSnapshot:
         """The cluster after the accepted actions."""
@@ -490,6 +642,28 @@ class Accounting:
             load=dict(self.load),
             queued=dict(self.queued),
         )
+
+
+class LedgerCache:
+    """One ledger kept in step with the snapshots a policy is called with.
+
+    Building a ledger for a thousand devices costs tens of milliseconds in Python, and the
+    simulator calls a policy hundreds of thousands of times a day, each time with a snapshot
+    that differs from the last on a few nodes. :meth:`ledger` rebuilds only those (see
+    :meth:`Accounting.sync`). The ledger it returns is the cache's own: use it for one call
+    and drop it; the next call re-syncs whatever that call recorded.
+    """
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+        self._acc: Accounting | None = None
+
+    def ledger(self, snapshot: ClusterSnapshot) -> Accounting:
+        acc = self._acc
+        if acc is None or not acc.sync(snapshot):
+            acc = self._acc = Accounting(snapshot, self.config)
+            acc.device_index()
+        return acc
 
 
 def apply(

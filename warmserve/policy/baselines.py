@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from warmserve.policy.accounting import Accounting, InfeasibleAction
+from warmserve.policy.accounting import Accounting, InfeasibleAction, LedgerCache
 from warmserve.policy.autoscaler import ReactiveAutoscaler
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.placement import place_start
@@ -38,15 +38,16 @@ class AutoscalePolicy:
         self.autoscaler = ReactiveAutoscaler(
             self.config.grace, idle=self.config.keep_alive, drop_weights=True
         )
+        self._ledgers = LedgerCache(self.config)
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         """Nothing to learn: this baseline does not forecast."""
 
     def plan(self, snapshot: ClusterSnapshot) -> list[Action]:
-        return self.autoscaler.scale(Accounting(snapshot, self.config))
+        return self.autoscaler.scale(self._ledgers.ledger(snapshot))
 
     def on_demand(self, snapshot: ClusterSnapshot, model: str) -> list[Action]:
-        return place_start(Accounting(snapshot, self.config), model)
+        return place_start(self._ledgers.ledger(snapshot), model)
 
 
 class SharePolicy:

@@ -55,11 +55,13 @@ def _reclaim(acc: Accounting, d: str, want: int) -> list[Action]:
 def reclaim_for(acc: Accounting, model: str) -> list[Action]:
     """Take back every loan on the devices of ``model``'s instances (its requests are waiting)."""
     out: list[Action] = []
-    for r in acc.replicas.get(model, ()):
-        if r.instance:
-            for d in r.devices:
-                if acc.lent[d] > 0:
-                    out += _reclaim(acc, d, acc.lent[d])
+    mine = sorted(
+        (d for r in acc.replicas.get(model, ()) if r.instance for d in r.devices),
+        key=acc.position.__getitem__,
+    )
+    for d in mine:
+        if acc.lent[d] > 0:
+            out += _reclaim(acc, d, acc.lent[d])
     return out
 
 

@@ -209,7 +209,10 @@ def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[
     best: tuple | None = None
     best_group: tuple[str, ...] | None = None
     best_victims: list[Replica] = []
-    own = [r.devices for r in acc.replicas.get(model, ()) if r.instance is None]
+    own = sorted(
+        (r.devices for r in acc.replicas.get(model, ()) if r.instance is None),
+        key=lambda g: acc.position[g[0]],
+    )
     for k, g in enumerate(own):
         found = _start_key(acc, g, model, exclusive)
         if found is not None and (best is None or (*found[0], k) < best):

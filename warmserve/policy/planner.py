@@ -36,7 +36,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from warmserve.policy.accounting import Accounting
+from warmserve.policy.accounting import Accounting, LedgerCache
 from warmserve.policy.autoscaler import ReactiveAutoscaler
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.forecast import CSPParams, Forecaster, MixParams
@@ -95,15 +95,25 @@ class WarmServePolicy:
         self.lend = lend
         self.forecaster = Forecaster(csp_params(self.config), tuple(models))
         self.autoscaler = ReactiveAutoscaler(self.config.grace, drop_weights=not prewarm)
+        # Caches of what the same inputs always give (pure functions of them, never state):
+        self._ledgers = LedgerCache(self.config)
+        self._observed = 0  # windows observed: with the window, what a forecast depends on
+        self._forecast: tuple[tuple[int, int], dict[str, tuple[float, float]]] | None = None
+        self._scored: dict[str, tuple[tuple, list[tuple[float, str]]]] = {}
+        self._scored_ledger = -1
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         self.forecaster.observe(model, window, avg, peak)
+        self._observed += 1
 
     def forecast(self, time: float) -> dict[str, tuple[float, float]]:
         """(average, peak) to plan for: the larger of the open window's and the next one's.
 
         Without proactive prewarming the planner only knows the last closed window."""
         window = math.floor(time / self.config.window)
+        key = (window, self._observed)
+        if self._forecast is not None and self._forecast[0] == key:
+            return self._forecast[1]
         if self.proactive:
             now_avg, now_peak = self.forecaster.predict(window)
             next_avg, next_peak = self.forecaster.predict(window + 1)
@@ -111,29 +121,38 @@ class WarmServePolicy:
             peak = np.maximum(now_peak, next_peak)
         else:
             avg, peak = self.forecaster.last()
-        return {m: (float(avg[i]), float(peak[i])) for i, m in enumerate(self.forecaster.models)}
+        fc = {m: (float(avg[i]), float(peak[i])) for i, m in enumerate(self.forecaster.models)}
+        self._forecast = (key, fc)
+        return fc
 
     def _score(self, acc: Accounting, fc: Mapping[str, tuple[float, float]]) -> list:
-        """Give existing replicas their scores; return the wanted replicas not yet in place."""
+        """Give existing replicas their scores; return the wanted replicas not yet in place.
+
+        A model whose forecast, load and replica list are what they were at the last call on
+        the same ledger keeps the scores that call gave (they would come out the same)."""
+        if self._scored_ledger != acc.ledger_id:
+            self._scored, self._scored_ledger = {}, acc.ledger_id
         missing: list[tuple[float, str]] = []
         for model in sorted(self.models):
-            spec = self.models[model]
             avg, peak = fc.get(model, (0.0, 0.0))
             peak = max(peak, acc.load.get(model, 0.0))
-            scores = replica_scores(self.config, spec, avg, peak)
-            have = sorted(
-                acc.replicas.get(model, ()),
-                key=lambda r: (r.instance is None, acc.position[r.devices[0]]),
-            )
-            for j, r in enumerate(have):
-                r.score = scores[j] if j < len(scores) else 0.0
-            missing += [(s, model) for s in scores[len(have) :]]
-        acc.rescored()
+            key = (avg, peak, acc.version.get(model, 0))
+            done = self._scored.get(model)
+            if done is None or done[0] != key:
+                scores = replica_scores(self.config, self.models[model], avg, peak)
+                have = sorted(
+                    acc.replicas.get(model, ()),
+                    key=lambda r: (r.instance is None, acc.position[r.devices[0]]),
+                )
+                for j, r in enumerate(have):
+                    acc.set_score(r, scores[j] if j < len(scores) else 0.0)
+                done = self._scored[model] = (key, [(s, model) for s in scores[len(have) :]])
+            missing += done[1]
         missing.sort(key=lambda x: (-x[0], x[1]))
         return missing
 
     def plan(self, snapshot: ClusterSnapshot) -> list[Action]:
-        acc = Accounting(snapshot, self.config)
+        acc = self._ledgers.ledger(snapshot)
         fc = self.forecast(snapshot.time)
         missing = self._score(acc, fc)
         out: list[Action] = self.autoscaler.scale(acc)
@@ -154,12 +173,12 @@ class WarmServePolicy:
         return out
 
     def on_demand(self, snapshot: ClusterSnapshot, model: str) -> list[Action]:
-        acc = Accounting(snapshot, self.config)
+        acc = self._ledgers.ledger(snapshot)
         self._score(acc, self.forecast(snapshot.time))
         out: list[Action] = reclaim_for(acc, model) if self.lend else []
         if out:
             cap = self.config.instance_capacity
-            spare = sum(cap - r.load for r in acc.replicas[model] if r.instance)
+            spare = math.fsum(cap - r.load for r in acc.replicas[model] if r.instance)
             if acc.queued.get(model, 0) <= spare:
                 return out  # the loans back are room enough
         started = place_start(acc, model)

@@ -94,6 +94,7 @@ class Simulator:
         self.level = [0] * nm  # requests of each model in flight (queued or admitted)
         self.area = [0.0] * nm  # integral of level since the last tick
         self.since = [0.0] * nm
+        self.moved: set[int] = set()  # models with requests in flight or moving since the tick
         self.next_demand = [-math.inf] * nm
         self.demand_version = [-1] * nm  # cluster version of a call that changed nothing
         self.heap: list[tuple] = []
@@ -106,12 +107,14 @@ class Simulator:
     # -- load bookkeeping ------------------------------------------------------------------
 
     def _arrive_load(self, m: int, t: float) -> None:
+        self.moved.add(m)
         self.area[m] += self.level[m] * (t - self.since[m])
         self.since[m] = t
         self.level[m] += 1
         self.meter.arrive(self.names[m], t)
 
     def _depart_load(self, m: int, t: float) -> None:
+        self.moved.add(m)
         self.area[m] += self.level[m] * (t - self.since[m])
         self.since[m] = t
         self.level[m] -= 1
@@ -120,7 +123,8 @@ class Simulator:
     def _short_load(self, t: float) -> dict[str, float]:
         span = t - self.last_tick
         out = {}
-        for m, name in enumerate(self.names):
+        for m in sorted(self.moved):  # the others had no request since the last tick
+            name = self.names[m]
             area = self.area[m] + self.level[m] * (t - self.since[m])
             if area > 0 or self.level[m]:
                 out[name] = area / span if span > 0 else float(self.level[m])
@@ -157,6 +161,7 @@ class Simulator:
         for m in range(len(self.names)):
             self.area[m] = 0.0
             self.since[m] = t
+        self.moved = {m for m in self.moved if self.level[m]}
         self.last_tick = t
 
     def _on_demand(self, m: int, t: float) -> None:

@@ -161,6 +161,7 @@ class SimCluster:
         self.version = 0  # counts accepted actions and readiness: what a policy's answer sees
         self.regrown: list[Instance] = []  # instances whose KV budget a ReclaimKV raised
         self._host_snap: dict[str, frozenset[str]] | None = None
+        self._dev_snap: tuple[DeviceSnapshot, ...] | None = None  # None after any change
         self._touched: set[int] = set()
         for d in self.devices:
             self._touched.add(d.idx)
@@ -170,21 +171,22 @@ class SimCluster:
     def snapshot(
         self, t: float, load: Mapping[str, float], queued: Mapping[str, int]
     ) -> ClusterSnapshot:
-        devices = []
-        for d in self.devices:
-            if d.snap is None:
-                d.snap = DeviceSnapshot(
-                    id=d.id,
-                    node=d.node,
-                    memory=d.memory,
-                    resident=tuple(d.resident),
-                    engines=tuple(d.engines),
-                    lent=d.lent,
-                )
-            devices.append(d.snap)
+        devices = self._dev_snap
+        if devices is None:
+            for d in self.devices:
+                if d.snap is None:
+                    d.snap = DeviceSnapshot(
+                        id=d.id,
+                        node=d.node,
+                        memory=d.memory,
+                        resident=tuple(d.resident),
+                        engines=tuple(d.engines),
+                        lent=d.lent,
+                    )
+            devices = self._dev_snap = tuple(d.snap for d in self.devices)
         instances = []
         for i in self.instances.values():
-            if i.snap is None or i.snap.load != i.count:
+            if i.snap is None:
                 i.snap = InstanceSnapshot(
                     id=i.id,
                     model=i.model,
@@ -192,13 +194,16 @@ class SimCluster:
                     load=float(i.count),
                     started=i.ready_at,
                 )
+            elif i.snap.load != i.count:
+                s = i.snap
+                i.snap = InstanceSnapshot(s.id, s.model, s.devices, float(i.count), s.started)
             instances.append(i.snap)
         if self._host_snap is None:
             self._host_snap = {n: frozenset(c) for n, c in self.host.items()}
         return ClusterSnapshot(
             time=t,
             models=self.models,
-            devices=tuple(devices),
+            devices=devices,
             instances=tuple(instances),
             host_cache=self._host_snap,
             load=load,
@@ -212,6 +217,7 @@ class SimCluster:
 
     def _changed(self, d: Device) -> None:
         d.snap = None
+        self._dev_snap = None
         self._touched.add(d.idx)
 
     def _rebudget(self, devices: list[Device]) -> None:
