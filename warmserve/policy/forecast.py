@@ -303,9 +303,9 @@ def _expert_kernel(  # pragma: no cover (compiled)
     ``0..ncols``, from the rings of :class:`Forecaster`, with errors up to window ``newest``.
 
     With ``weights`` (experts x 2 x columns) the weighted sum goes to ``pred`` (2 x columns; a
-    peak is never predicted below the average);
-    otherwise each expert goes to ``out`` (experts x 2 x columns). One pass per model, so a
-    prediction reads each ring slot once instead of building every expert as a full array."""
+    peak is never predicted below the average); otherwise each expert goes to ``out``
+    (experts x 2 x columns). Every expert is built in the same pass, block by block, so a
+    prediction reads each ring slot once and never materialises a full expert array."""
     span = obs.shape[0]
     nerr = err.shape[0]
     depth = 0
@@ -471,40 +471,33 @@ def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma
     which is slow, and changes no sum)."""
     k = experts.shape[0]
     n = values.shape[1]
-    least = np.empty(n)
+    factor = np.empty(n)
+    top = np.empty(n)
     total = np.empty(n)
     for p in range(2):
-        least[:] = np.inf
         for e in range(k):
             for c in range(n):
                 if seen[c]:
                     err = values[p, c] - experts[e, p, c]
                     pin = max(tau[p] * err, (tau[p] - 1.0) * err)
                     loss[e, p, c] = discount * loss[e, p, c] + pin
-                    least[c] = min(least[c], loss[e, p, c])
         for c in range(n):
             if seen[c]:
                 level[p, c] = discount * level[p, c] + abs(values[p, c])
-                least[c] = -eta / max(level[p, c], 1e-12)  # from here on: the exponent's factor
+                factor[c] = -eta / max(level[p, c], 1e-12)
+        top[:] = -np.inf
+        for e in range(k):  # exponents, and the largest (the least loss) to shift them by
+            for c in range(n):
+                if seen[c]:
+                    w[e, p, c] = factor[c] * loss[e, p, c]
+                    top[c] = max(top[c], w[e, p, c])
         total[:] = 0.0
         for e in range(k):
             for c in range(n):
                 if seen[c]:
-                    x = least[c] * loss[e, p, c]
-                    w[e, p, c] = x
-        for c in range(n):  # shift the exponents so the best expert's is 0
-            if seen[c]:
-                top = -np.inf
-                for e in range(k):
-                    top = max(top, w[e, p, c])
-                least[c] = top
-        for e in range(k):
-            for c in range(n):
-                if seen[c]:
-                    x = w[e, p, c] - least[c]
-                    v = np.exp(x) if x > -60.0 else 0.0
-                    w[e, p, c] = v
-                    total[c] += v
+                    x = w[e, p, c] - top[c]
+                    w[e, p, c] = np.exp(x) if x > -60.0 else 0.0
+                    total[c] += w[e, p, c]
         for e in range(k):
             for c in range(n):
                 if seen[c]:
