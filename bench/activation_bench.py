@@ -6,8 +6,8 @@ Tiers, coldest first (DESIGN.md "Warmth tiers"):
   process per sample, after :func:`warmserve.engine.engine.preload` (what a worker runs once at
   setup; reported apart as ``import_s``). ``import vllm`` alone is lazy, so before that preload
   the sample also counted most of vLLM's imports as engine start (10 to 40 s on 2 shared cores).
-- ``cold_next_engine``: the same in a process that has already run an engine (a worker after its
-  first engine): per-process setup of vLLM is not paid again.
+- ``cold_next_engine``: the same in a process where an engine is up (a worker after its first
+  engine): vLLM's per-process setup is not paid again.
 - ``engine_up_disk``: an engine of M's family serves another model; switch to M from its
   safetensors file (page cache dropped first, so the file is read from disk).
 - ``engine_up_host``: as above, with M's tensors already in host memory (the weight store's host
@@ -52,7 +52,7 @@ from warmserve.registry import ModelSpec, Registry
 TIERS = ("cold", "cold_next_engine", "engine_up_disk", "engine_up_host", "resident")
 TIER_TEXT = {
     "cold": "fresh process, vLLM imported (preload); engine start + disk + first token",
-    "cold_next_engine": "as cold, in a process that has run an engine before",
+    "cold_next_engine": "as cold, in a process where another engine is up (a running worker)",
     "engine_up_disk": "switch in place from the safetensors file (page cache dropped)",
     "engine_up_host": "switch in place from tensors in host memory",
     "resident": "engine already serves the model: first token only",
@@ -152,9 +152,10 @@ def bench_family(models_dir: str, size: str, repeats: int, cold_repeats: int) ->
             samples["engine_up_host"].append(measure_switch(engine, spec, host[spec.name]))
         for _ in range(repeats):
             samples["resident"].append(measure_resident(engine))
+        # With this engine still up, as in a worker, whose engines stay up.
+        next_engine = [measure_engine_start(b) for _ in range(cold_repeats)]
     finally:
         engine.shutdown()
-    next_engine = [measure_engine_start(b) for _ in range(cold_repeats)]
     samples["cold_next_engine"] = [c["seconds"] for c in next_engine]
     medians = {tier: statistics.median(s) for tier, s in samples.items()}
     # Every tier ends with the same first forward pass; what activation adds is the rest.
