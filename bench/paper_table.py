@@ -132,7 +132,24 @@ def markdown(doc: dict) -> str:
     lines += ["", "## Targets", ""]
     for k, v in doc["targets"].items():
         lines.append(f"- {k}: {v}")
+    if doc.get("notes"):
+        lines += ["", "## Notes", ""]
+        lines += [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def rewrite_markdown(out: str, notes: str | None) -> None:
+    """Rewrite ``out``.md from ``out``.json, with the notes of the file ``notes`` (one per
+    paragraph) stored in the JSON: notes on a run are written once its numbers are known."""
+    with open(f"{out}.json") as f:
+        doc = json.load(f)
+    if notes:
+        with open(notes) as f:
+            doc["notes"] = [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
+        with open(f"{out}.json", "w") as f:
+            json.dump(doc, f, indent=1)
+    with open(f"{out}.md", "w") as f:
+        f.write(markdown(doc))
 
 
 @click.command()
@@ -148,6 +165,8 @@ def markdown(doc: dict) -> str:
 @click.option("--sweep-tol", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", default="bench/results/paper_table", show_default=True)
+@click.option("--markdown-only", is_flag=True, help="Only rewrite OUT.md from OUT.json.")
+@click.option("--notes", type=click.Path(exists=True, dir_okay=False), help="With --markdown-only.")
 def main(
     cluster: str,
     rates: str,
@@ -161,7 +180,12 @@ def main(
     sweep_tol: float,
     seed: int,
     out: str,
+    markdown_only: bool,
+    notes: str | None,
 ) -> None:
+    if markdown_only:
+        rewrite_markdown(out, notes)
+        return
     t0 = time.perf_counter()
     runner = Runner(cluster, warmup, duration, seed)
     rate_list = [float(x) for x in rates.split(",")]
