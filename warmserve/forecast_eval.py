@@ -38,11 +38,12 @@ Evaluation is rolling-origin one step ahead: each window is predicted from the w
 The first ``warmup`` days are not scored (seasonal methods need history). The rest is split in
 time: the *tune* part (``TUNE_DAYS`` days after the warmup) is where the mixture's
 hyper-parameters were chosen (``tuning`` in the JSON: the grid, and the best by the worst ratio
-to last-value over the three measures of both traces); the *held-out* part after it is scored
-with those parameters fixed, and is the result. statsforecast's AutoETS and MSTL refit at every
-origin, so they are scored on ``STATS_ORIGINS`` evenly spaced held-out origins per series,
-fitted on the ``STATS_DAYS`` days before each (gaps carried forward); every method is scored on
-exactly those origins too, for a like-for-like table.
+to last-value, on every tune window, and to AutoETS, on tune origins, over the three measures of
+both traces); the *held-out* part after it is scored with those parameters fixed, and is the
+result. statsforecast's AutoETS and MSTL refit at every origin, so they are scored on
+``STATS_ORIGINS`` evenly spaced held-out origins per series, fitted on the ``STATS_DAYS`` days
+before each (gaps carried forward); every method is scored on exactly those origins too, for a
+like-for-like table. Fits are cached by a hash of their inputs (``STATS_CACHE``).
 
 Methods: ``csp`` (the paper's plain CSP), ``last-value``, ``seasonal-naive``, ``blend`` (a CSP
 with corrections across period boundaries, decay 0.8 over 10 windows, 70% last value),
@@ -56,6 +57,7 @@ one predicts higher peaks, so fewer missed bursts for a larger WAPE.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -88,6 +90,7 @@ GRID = {  # the mixture's hyper-parameters searched on the tune part
     "discount": (0.9, 0.95, 0.97, 0.99),
     "tau_peak": (0.5, 0.55, 0.6, 0.65, 0.7),
 }
+STATS_CACHE = os.path.expanduser("~/.cache/warmserve/forecast-stats")
 TRADEOFF_TAU = (0.5, 0.55, 0.6, 0.65, 0.7, 0.8)
 
 
@@ -312,14 +315,25 @@ def _scores(pred: np.ndarray, actual: np.ndarray, pred_peak, actual_peak) -> dic
 MEASURES = ("wape_avg", "wape_peak", "missed_burst")
 
 
-def tune(loaded: dict[str, Series]) -> dict:
-    """Search ``GRID`` on the tune part of every series; the objective is the worst ratio of
-    the mixture to last-value over the three measures and the traces (below 1 beats it on all)."""
+def tune(loaded: dict[str, Series], stats: bool = True) -> dict:
+    """Search ``GRID`` on the tune part of every series. The objective is the worst ratio of the
+    mixture to a baseline over the three measures, the traces and the baselines: last-value on
+    every tune window, and (with ``stats``) AutoETS on ``STATS_ORIGINS`` tune origins, the
+    mixture scored on the same ones. Below 1 beats them all."""
     rows = []
-    base = {}
+    base: dict = {}
+    refs: dict = {}  # trace -> baseline -> (windows or origins, scores)
     for name, s in loaded.items():
         lv = fc.last_value(s.avg), fc.last_value(s.peak)
-        base[name] = _part_scores(s, *lv, "tune")
+        w = _part(s, "tune")
+        refs[name] = {"last-value": (np.arange(w.start, w.stop), _part_scores(s, *lv, "tune"))}
+        if stats:
+            origins = np.linspace(s.warmup, s.tune_end - 1, STATS_ORIGINS).round().astype(np.int64)
+            fa = _stats(s, s.avg, origins, ("autoets",))["autoets"]
+            fp = _stats(s, s.peak, origins, ("autoets",))["autoets"]
+            sc = _scores(fa, s.avg[:, origins], fp, s.peak[:, origins])
+            refs[name]["autoets@origins"] = (origins, sc)
+        base[name] = {b: sc for b, (_, sc) in refs[name].items()}
     for eta, discount in itertools.product(GRID["eta"], GRID["discount"]):
         avg_pred = {}
         for name, s in loaded.items():
@@ -327,13 +341,15 @@ def tune(loaded: dict[str, Series]) -> dict:
             avg_pred[name] = fc.mixture(s.avg, planner_params(s.period, mix), 0)
         for tau in GRID["tau_peak"]:
             mix = fc.MixParams(eta=eta, discount=discount, tau=(0.5, tau))
-            scores = {}
+            scores: dict = {}
+            worst = 0.0
             for name, s in loaded.items():
-                peak = np.maximum(
-                    fc.mixture(s.peak, planner_params(s.period, mix), 1), avg_pred[name]
-                )
-                scores[name] = _part_scores(s, avg_pred[name], peak, "tune")
-            worst = max(scores[n][m] / base[n][m] for n in scores for m in MEASURES)
+                a = avg_pred[name]
+                p = np.maximum(fc.mixture(s.peak, planner_params(s.period, mix), 1), a)
+                for b, (at, theirs) in refs[name].items():
+                    mine = _scores(a[:, at], s.avg[:, at], p[:, at], s.peak[:, at])
+                    scores.setdefault(name, {})[b] = {m: mine[m] for m in MEASURES}
+                    worst = max(worst, *(mine[m] / theirs[m] for m in MEASURES))
             rows.append(
                 {
                     "eta": eta,
@@ -349,8 +365,10 @@ def tune(loaded: dict[str, Series]) -> dict:
     chosen = {"eta": default.eta, "discount": default.discount, "tau_peak": default.tau[1]}
     return {
         "grid": GRID,
-        "objective": "max over traces and measures of mixture / last-value, tune windows only",
-        "last_value": base,
+        "objective": "max over traces, baselines (last-value on all tune windows"
+        + (", AutoETS on tune origins" if stats else "")
+        + ") and measures of mixture / baseline",
+        "baselines": base,
         "best": rows[:8],
         "planner_defaults": chosen,
         "planner_defaults_are_best": all(best[k] == v for k, v in chosen.items()),
@@ -367,8 +385,13 @@ def _part_scores(s: Series, pred: np.ndarray, pred_peak: np.ndarray, part: str) 
     return _scores(pred[:, w], s.avg[:, w], pred_peak[:, w], s.peak[:, w])
 
 
-def _stats(series: Series, values: np.ndarray, origins: np.ndarray) -> dict[str, np.ndarray]:
-    """AutoETS and MSTL one-step forecasts at ``origins`` (series x origins)."""
+def _stats(
+    series: Series, values: np.ndarray, origins: np.ndarray, names=("autoets", "mstl")
+) -> dict[str, np.ndarray]:
+    """AutoETS and MSTL one-step forecasts at ``origins`` (series x origins). A fit depends only
+    on its inputs, so each row's forecasts are kept under ``STATS_CACHE``, named by a hash of
+    the model, the statsforecast version, the series values and the origins."""
+    import statsforecast
     from statsforecast.models import MSTL, AutoETS
 
     models = {
@@ -377,15 +400,27 @@ def _stats(series: Series, values: np.ndarray, origins: np.ndarray) -> dict[str,
     }
     filled = np.nan_to_num(fc._carry_forward(values))  # gaps: the last value seen
     span = STATS_DAYS * series.period
-    out = {name: np.zeros((values.shape[0], len(origins))) for name in models}
-    for name, make in models.items():
+    out = {name: np.zeros((values.shape[0], len(origins))) for name in names}
+    for name in names:
+        make = models[name]
         for i in range(values.shape[0]):
+            key = hashlib.sha256(
+                f"{name} {statsforecast.__version__} {span} {series.period}".encode()
+                + filled[i].tobytes()
+                + np.asarray(origins, np.int64).tobytes()
+            ).hexdigest()[:24]
+            path = os.path.join(STATS_CACHE, f"{key}.npy")
+            if os.path.exists(path):
+                out[name][i] = np.load(path)
+                continue
             for k, t in enumerate(origins):
                 y = filled[i, max(0, t - span) : t]
                 try:
                     out[name][i, k] = max(0.0, float(make().forecast(y=y, h=1)["mean"][0]))
                 except Exception:  # a fit that fails to converge counts as a last-value forecast
                     out[name][i, k] = y[-1]
+            os.makedirs(STATS_CACHE, exist_ok=True)
+            np.save(path, out[name][i])
     return out
 
 
@@ -532,10 +567,11 @@ def _plot(results: dict, loaded: dict, path: str) -> None:
             if name != "mixture":
                 ax.plot(sc["wape_peak"], sc["missed_burst"], "s", color="tab:gray")
                 ax.annotate(name, (sc["wape_peak"], sc["missed_burst"]), fontsize=7)
-        for name in ("autoets", "mstl"):
+        for name in ("mixture", "autoets", "mstl"):
             if name in base:  # at the statsforecast origins only: a rougher point
                 sc = base[name]
-                ax.plot(sc["wape_peak"], sc["missed_burst"], "^", color="tab:blue")
+                color = "tab:red" if name == "mixture" else "tab:blue"
+                ax.plot(sc["wape_peak"], sc["missed_burst"], "^", color=color)
                 ax.annotate(f"{name}@origins", (sc["wape_peak"], sc["missed_burst"]), fontsize=7)
         ax.set_title("held out: mixture peak quantile q")
         ax.set_xlabel("WAPE of peak")
@@ -570,7 +606,7 @@ def eval_(source: str, out: str, png: str, no_stats: bool, no_tune: bool, serveg
     }
     chosen = list(loaders) if source == "all" else [source]
     loaded = {name: loaders[name]() for name in chosen}
-    tuning = None if no_tune else tune(loaded)
+    tuning = None if no_tune else tune(loaded, stats=not no_stats)
     if tuning is not None:
         click.echo(f"tuning: best {tuning['best'][0]}")
         click.echo(f"  planner defaults {tuning['planner_defaults']}")
