@@ -120,6 +120,7 @@ class Accounting:
         self.ledger_id = next(_LEDGERS)
         self.touched: set[str] = set()  # nodes changed since the snapshot (see :meth:`sync`)
         self.version: dict[str, int] = {}  # model -> count of changes to its replica list
+        self.bumped: set[str] = set()  # models whose version moved (a scorer clears it)
         self.time = snapshot.time
         self.models: Mapping[str, ModelSpec] = snapshot.models
         self.load = dict(snapshot.load)
@@ -154,7 +155,6 @@ class Accounting:
             self._add(Replica(model, devs))
         self.touched.clear()
         self._source = snapshot
-        self._source_instances = {i.id: i for i in snapshot.instances}
 
     # ----------------------------------------------------------------------------- queries
 
@@ -323,6 +323,7 @@ class Accounting:
         shard = self.shard(r.model)
         kv = self.kv_shard(r.model) if r.instance else 0
         self.version[r.model] = self.version.get(r.model, 0) + 1
+        self.bumped.add(r.model)
         self.touched.add(self.node[r.devices[0]])
         for d in r.devices:
             self.on[d].append(r)
@@ -337,6 +338,7 @@ class Accounting:
         shard = self.shard(r.model)
         kv = self.kv_shard(r.model) if r.instance else 0
         self.version[r.model] = self.version.get(r.model, 0) + 1
+        self.bumped.add(r.model)
         self.touched.add(self.node[r.devices[0]])
         for d in r.devices:
             self.on[d].remove(r)
@@ -506,35 +508,50 @@ class Accounting:
         if snapshot.models is not self.models or len(snapshot.devices) != len(self.order):
             return False
         dirty = set(self.touched)
-        for o, n in zip(last.devices, snapshot.devices, strict=True):
-            if o is not n:
-                if o.id != n.id or o.node != n.node:
-                    return False
-                if o != n:
-                    dirty.add(n.node)
-        old = self._source_instances
-        new = {i.id: i for i in snapshot.instances}
+        if snapshot.devices is not last.devices:
+            for o, n in zip(last.devices, snapshot.devices, strict=True):
+                if o is not n:
+                    if o.id != n.id or o.node != n.node:
+                        return False
+                    if o != n:
+                        dirty.add(n.node)
         reload: list = []
-        for iid, i in new.items():
-            o = old.get(iid)
-            if o is i:
-                continue
-            node = self.node.get(i.devices[0]) if i.devices else None
-            if node is None:
-                return False
-            if o is None or o.model != i.model or o.devices != i.devices:
-                dirty.add(node)
-            else:
-                reload.append((node, i))
-        for iid, o in old.items():
-            if iid not in new:
-                dirty.add(self.node[o.devices[0]])
+        pairs = None
+        if len(last.instances) == len(snapshot.instances):  # often the same, some loads moved
+            pairs = []
+            for o, i in zip(last.instances, snapshot.instances, strict=True):
+                if o is not i:
+                    if o.id != i.id or o.model != i.model or o.devices != i.devices:
+                        pairs = None
+                        break
+                    pairs.append(i)
+        if pairs is not None:
+            for i in pairs:
+                reload.append((self.node[i.devices[0]], i))
+        else:
+            old = {i.id: i for i in last.instances}
+            new = {i.id: i for i in snapshot.instances}
+            for iid, i in new.items():
+                o = old.get(iid)
+                if o is i:
+                    continue
+                node = self.node.get(i.devices[0]) if i.devices else None
+                if node is None:
+                    return False
+                if o is None or o.model != i.model or o.devices != i.devices:
+                    dirty.add(node)
+                else:
+                    reload.append((node, i))
+            for iid, o in old.items():
+                if iid not in new:
+                    dirty.add(self.node[o.devices[0]])
         if snapshot.host_cache is not last.host_cache:
             if set(snapshot.host_cache) - set(self.nodes):
                 return False
+            before = last.host_cache
             for n in self.nodes:
                 cached = snapshot.host_cache.get(n, ())
-                if self.host[n] != cached:
+                if cached is not before.get(n, ()) and self.host[n] != cached:
                     self.host[n] = set(cached)
         if dirty:
             by_node: dict[str, list] = {n: [] for n in dirty}
@@ -554,7 +571,6 @@ class Accounting:
         self.queued = dict(snapshot.queued)
         self.touched.clear()
         self._source = snapshot
-        self._source_instances = new
         return True
 
     def _rebuild_node(self, node: str, snapshot: ClusterSnapshot, instances: list) -> bool:
@@ -600,6 +616,7 @@ class Accounting:
         for r in old.values():  # gone from the node
             self.replicas[r.model].remove(r)
             self.version[r.model] = self.version.get(r.model, 0) + 1
+            self.bumped.add(r.model)
             if r.instance:
                 del self.instances[r.instance]
         for d in devs:

@@ -32,7 +32,7 @@ proactive prewarming (weights stay only where instances stopped), no KV lending.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -101,6 +101,8 @@ class WarmServePolicy:
         self._forecast: tuple[tuple[int, int], dict[str, tuple[float, float]]] | None = None
         self._scored: dict[str, tuple[tuple, list[tuple[float, str]]]] = {}
         self._scored_ledger = -1
+        self._scored_fc: Mapping | None = None
+        self._scored_load: set[str] = set()
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         self.forecaster.observe(model, window, avg, peak)
@@ -125,15 +127,22 @@ class WarmServePolicy:
         self._forecast = (key, fc)
         return fc
 
-    def _score(self, acc: Accounting, fc: Mapping[str, tuple[float, float]]) -> list:
-        """Give existing replicas their scores; return the wanted replicas not yet in place.
+    def _score(self, acc: Accounting, fc: Mapping[str, tuple[float, float]]) -> None:
+        """Give existing replicas their scores (and note the wanted ones not yet in place).
 
         A model whose forecast, load and replica list are what they were at the last call on
-        the same ledger keeps the scores that call gave (they would come out the same)."""
-        if self._scored_ledger != acc.ledger_id:
-            self._scored, self._scored_ledger = {}, acc.ledger_id
-        missing: list[tuple[float, str]] = []
-        for model in sorted(self.models):
+        the same ledger keeps the scores that call gave (they would come out the same), and is
+        not even looked at unless its replicas changed or it had load then or has now."""
+        if self._scored_ledger != acc.ledger_id or self._scored_fc is not fc:
+            self._scored, self._scored_ledger, self._scored_fc = {}, acc.ledger_id, fc
+            todo: Iterable[str] = self.models
+        else:
+            todo = acc.bumped | self._scored_load | acc.load.keys()
+        acc.bumped.clear()
+        self._scored_load = set(acc.load)
+        for model in sorted(todo):
+            if model not in self.models:
+                continue
             avg, peak = fc.get(model, (0.0, 0.0))
             peak = max(peak, acc.load.get(model, 0.0))
             key = (avg, peak, acc.version.get(model, 0))
@@ -146,15 +155,19 @@ class WarmServePolicy:
                 )
                 for j, r in enumerate(have):
                     acc.set_score(r, scores[j] if j < len(scores) else 0.0)
-                done = self._scored[model] = (key, [(s, model) for s in scores[len(have) :]])
-            missing += done[1]
+                self._scored[model] = (key, [(s, model) for s in scores[len(have) :]])
+
+    def _missing(self) -> list[tuple[float, str]]:
+        """The wanted replicas not in place at the last :meth:`_score`, best first."""
+        missing = [x for model in sorted(self._scored) for x in self._scored[model][1]]
         missing.sort(key=lambda x: (-x[0], x[1]))
         return missing
 
     def plan(self, snapshot: ClusterSnapshot) -> list[Action]:
         acc = self._ledgers.ledger(snapshot)
         fc = self.forecast(snapshot.time)
-        missing = self._score(acc, fc)
+        self._score(acc, fc)
+        missing = self._missing()
         out: list[Action] = self.autoscaler.scale(acc)
         if self.lend:
             out += adjust_lending(acc, {m: p for m, (_, p) in fc.items()})

@@ -162,6 +162,10 @@ class SimCluster:
         self.regrown: list[Instance] = []  # instances whose KV budget a ReclaimKV raised
         self._host_snap: dict[str, frozenset[str]] | None = None
         self._dev_snap: tuple[DeviceSnapshot, ...] | None = None  # None after any change
+        self._snaps: list = [None] * len(self.devices)  # device snapshots, in device order
+        self._stale: set[int] = set(range(len(self.devices)))  # devices to snapshot anew
+        self._host_fs: dict[str, frozenset[str]] = {}  # node -> its cache as a snapshot holds it
+        self._host_stale: set[str] = set(self.host)
         self._touched: set[int] = set()
         for d in self.devices:
             self._touched.add(d.idx)
@@ -173,7 +177,9 @@ class SimCluster:
     ) -> ClusterSnapshot:
         devices = self._dev_snap
         if devices is None:
-            for d in self.devices:
+            snaps = self._snaps
+            for idx in self._stale:
+                d = self.devices[idx]
                 if d.snap is None:
                     d.snap = DeviceSnapshot(
                         id=d.id,
@@ -183,7 +189,9 @@ class SimCluster:
                         engines=tuple(d.engines),
                         lent=d.lent,
                     )
-            devices = self._dev_snap = tuple(d.snap for d in self.devices)
+                snaps[idx] = d.snap
+            self._stale.clear()
+            devices = self._dev_snap = tuple(snaps)
         instances = []
         for i in self.instances.values():
             if i.snap is None:
@@ -199,7 +207,10 @@ class SimCluster:
                 i.snap = InstanceSnapshot(s.id, s.model, s.devices, float(i.count), s.started)
             instances.append(i.snap)
         if self._host_snap is None:
-            self._host_snap = {n: frozenset(c) for n, c in self.host.items()}
+            for n in self._host_stale:  # unchanged nodes keep their frozenset (same object)
+                self._host_fs[n] = frozenset(self.host[n])
+            self._host_stale.clear()
+            self._host_snap = dict(self._host_fs)
         return ClusterSnapshot(
             time=t,
             models=self.models,
@@ -218,6 +229,7 @@ class SimCluster:
     def _changed(self, d: Device) -> None:
         d.snap = None
         self._dev_snap = None
+        self._stale.add(d.idx)
         self._touched.add(d.idx)
 
     def _rebudget(self, devices: list[Device]) -> None:
@@ -238,10 +250,11 @@ class SimCluster:
     def _to_host(self, node: str, model: str, ready: float) -> None:
         """Put ``model`` in ``node``'s host memory (LRU; the oldest entries make room)."""
         cache = self.host[node]
-        self._host_snap = None
         if model in cache:
-            cache.move_to_end(model)
+            cache.move_to_end(model)  # the set of models is the same: snapshots stay valid
             return
+        self._host_snap = None
+        self._host_stale.add(node)
         need = self.models[model].nbytes
         while self.host_used[node] + need > self.spec.host_memory and cache:
             old, _ = cache.popitem(last=False)
