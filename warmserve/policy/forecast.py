@@ -50,9 +50,9 @@ class MixParams:
     ``warmserve forecast eval``, which scores the rest).
     """
 
-    eta: float = 10_000.0  # sharpness: weights are exp(-eta * excess discounted error / level)
-    discount: float = 0.95  # weight of an expert's past error relative to the next window's
-    tau: tuple[float, float] = (0.5, 0.6)  # pinball quantile scoring the avg and peak experts
+    eta: float = 3000.0  # sharpness: weights are exp(-eta * excess discounted error / level)
+    discount: float = 0.99  # weight of an expert's past error relative to the next window's
+    tau: tuple[float, float] = (0.5, 0.65)  # pinball quantile scoring the avg and peak experts
     recent: tuple[tuple[int, float], ...] = ((3, 0.5), (6, 0.5), (12, 0.5), (6, 0.8), (2, 1.0))
     ewma: tuple[float, int] = (0.3, 12)
 
