@@ -149,6 +149,28 @@ def test_cancel_mid_stream_frees_slot(tiny_engine: Engine) -> None:
     assert tiny_engine.alive()
 
 
+def test_two_engines_in_one_process_serve_at_once(
+    tiny_engine: Engine, tiny_registry: Registry
+) -> None:
+    """As on a device shared by two instances (the ``share`` baseline): vLLM's forward context
+    is one global, so without MODEL_LOCK one engine's step broke the other's."""
+    other = Engine(tiny_registry["tiny-2"])
+    try:
+        alone = {e.model.name: greedy(e, e.model.name) for e in (tiny_engine, other)}
+
+        async def both() -> list:
+            reqs = [(e, request(e.model.name)) for e in (tiny_engine, other) for _ in range(3)]
+            return await asyncio.gather(*(e.complete(r) for e, r in reqs))
+
+        results = asyncio.run(both())
+        assert [r.token_ids for r in results] == [alone[tiny_engine.model.name]] * 3 + [
+            alone["tiny-2"]
+        ] * 3
+        assert tiny_engine.alive() and other.alive()
+    finally:
+        other.shutdown()
+
+
 def test_bf16_checkpoint_runs_in_float32_on_a_cpu_without_native_bf16() -> None:
     import torch
 

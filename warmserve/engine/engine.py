@@ -17,8 +17,9 @@ On a CPU without native bf16 arithmetic (no AVX512-BF16 or AMX: AVX2 machines su
 project's), a bf16 checkpoint runs in float32 (``EngineConfig.dtype`` "auto"): oneDNN's fp32
 GEMMs are about 3x faster there than its emulated bf16 ones (small family, first token 0.12 s
 against 0.36 s). The file and the weight store keep bf16; the switch widens while it repacks.
-A new engine runs one short request before it is handed out, so the one-time lazy setup of its
-first forward pass is paid at start, not by the first request of an activation.
+Engines of one process take turns to run model code (``MODEL_LOCK``). A new engine runs one
+short request before it is handed out, so the one-time lazy setup of its first forward pass is
+paid at start, not by the first request of an activation.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ from warmserve.registry import ModelSpec
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# vLLM keeps the forward pass's context (attention metadata) in one module global, so two
+# engines of one process must not run model code at the same time: an engine's step, start
+# (which runs forward passes), switch and shutdown hold this lock. On a shared CPU they would
+# compete for the same cores anyway.
+MODEL_LOCK = threading.RLock()
 
 
 class EngineError(RuntimeError):
@@ -91,9 +98,10 @@ class Engine:
         self.config = config or EngineConfig()
         self.family = model.family
         self._model = model
-        self._llm = _start_llm(model.path, self.config)
-        if self.config.warmup:
-            _warm_up(self._llm)
+        with MODEL_LOCK:
+            self._llm = _start_llm(model.path, self.config)
+            if self.config.warmup:
+                _warm_up(self._llm)
         self._commands: queue.SimpleQueue[Callable[[], None] | object] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
@@ -131,7 +139,8 @@ class Engine:
             if self._streams:
                 raise EngineBusy(f"{len(self._streams)} requests in flight on {self._model.name}")
             start = time.perf_counter()
-            self._llm.collective_rpc("warmserve_switch_weights", args=(weights, model.path))
+            with MODEL_LOCK:
+                self._llm.collective_rpc("warmserve_switch_weights", args=(weights, model.path))
             self._llm.reset_prefix_cache()
             self._model = model
             return time.perf_counter() - start
@@ -182,7 +191,8 @@ class Engine:
         self._commands.put(_STOP)
         self._thread.join()
         llm, self._llm = self._llm, None
-        llm.engine_core.shutdown()
+        with MODEL_LOCK:
+            llm.engine_core.shutdown()
         del llm
         gc.collect()
 
@@ -206,7 +216,9 @@ class Engine:
                     except queue.Empty:
                         cmd = None
                 if self._llm.has_unfinished_requests():
-                    for out in self._llm.step():
+                    with MODEL_LOCK:
+                        outputs = self._llm.step()
+                    for out in outputs:
                         self._deliver(out)
         except BaseException as e:
             logger.exception("engine for %s died", self._model.name)
