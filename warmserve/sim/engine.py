@@ -183,6 +183,7 @@ class Simulator:
     def _admit(self, r: int, inst: Instance, t: float) -> None:
         need = int(self.inp[r] + self.out[r])
         inst.count += 1
+        self.cluster.moved.add(inst)
         inst.kv_used += need
         slow = 1
         if inst.shared:
@@ -256,6 +257,7 @@ class Simulator:
 
     def _depart(self, inst: Instance, r: int, t: float) -> None:
         inst.count -= 1
+        self.cluster.moved.add(inst)
         inst.kv_used -= int(self.inp[r] + self.out[r])
         self._depart_load(inst.midx, t)
         if not inst.draining and self.queues[inst.midx]:

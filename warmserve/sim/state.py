@@ -166,6 +166,9 @@ class SimCluster:
         self._stale: set[int] = set(range(len(self.devices)))  # devices to snapshot anew
         self._host_fs: dict[str, frozenset[str]] = {}  # node -> its cache as a snapshot holds it
         self._host_stale: set[str] = set(self.host)
+        self._inst_snaps: list[InstanceSnapshot] = []  # in the order of self.instances
+        self._inst_pos: dict[str, int] | None = None  # None after an instance came or went
+        self.moved: set[Instance] = set()  # instances whose request count changed (the engine)
         self._touched: set[int] = set()
         for d in self.devices:
             self._touched.add(d.idx)
@@ -192,20 +195,20 @@ class SimCluster:
                 snaps[idx] = d.snap
             self._stale.clear()
             devices = self._dev_snap = tuple(snaps)
-        instances = []
-        for i in self.instances.values():
-            if i.snap is None:
-                i.snap = InstanceSnapshot(
-                    id=i.id,
-                    model=i.model,
-                    devices=tuple(d.id for d in i.devices),
-                    load=float(i.count),
-                    started=i.ready_at,
-                )
-            elif i.snap.load != i.count:
-                s = i.snap
-                i.snap = InstanceSnapshot(s.id, s.model, s.devices, float(i.count), s.started)
-            instances.append(i.snap)
+        snaps = self._inst_snaps
+        if self._inst_pos is None:  # instances came or went: list them all
+            snaps.clear()
+            for i in self.instances.values():
+                snaps.append(self._inst_snap(i))
+            self._inst_pos = {iid: k for k, iid in enumerate(self.instances)}
+        else:  # only loads moved
+            pos = self._inst_pos
+            for i in self.moved:
+                k = pos.get(i.id)
+                if k is not None and self.instances.get(i.id) is i:
+                    snaps[k] = self._inst_snap(i)
+        self.moved.clear()
+        instances = snaps
         if self._host_snap is None:
             for n in self._host_stale:  # unchanged nodes keep their frozenset (same object)
                 self._host_fs[n] = frozenset(self.host[n])
@@ -220,6 +223,21 @@ class SimCluster:
             load=load,
             queued=queued,
         )
+
+    @staticmethod
+    def _inst_snap(i: Instance) -> InstanceSnapshot:
+        if i.snap is None:
+            i.snap = InstanceSnapshot(
+                id=i.id,
+                model=i.model,
+                devices=tuple(d.id for d in i.devices),
+                load=float(i.count),
+                started=i.ready_at,
+            )
+        elif i.snap.load != i.count:
+            s = i.snap
+            i.snap = InstanceSnapshot(s.id, s.model, s.devices, float(i.count), s.started)
+        return i.snap
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -405,6 +423,7 @@ class SimCluster:
         inst.ready_at = ready
         inst.tier = tier
         self.instances[inst.id] = inst
+        self._inst_pos = None
         self.starting[inst.midx] += 1
         self._to_host(devices[0].node, model, ready)
         for d in devices:
@@ -443,6 +462,7 @@ class SimCluster:
         else:
             self.starting[inst.midx] -= 1
         del self.instances[inst.id]
+        self._inst_pos = None
         for d in inst.devices:
             d.instances.remove(inst)
             d.resident[inst.model] = max(t, inst.ready_at)
