@@ -400,10 +400,16 @@ def _expert_kernel(  # pragma: no cover (compiled)
                 lv = 0.0 if np.isnan(last_c[p]) else last_c[p]
                 naive[p, c] = obs[nslot, p, c0 + c] if n_ok else lv
                 delta[p, c] = err[dslot, p, c0 + c] if d_ok else 0.0
-        # The recent quantiles: an odd-even transposition sort of each expert's windows across
-        # the block (missing ones as +inf, so they sort last), branch-free and vectorised.
+        # The recent quantiles: an odd-even transposition sort of each window count's values
+        # across the block (missing ones as +inf, so they sort last), branch-free and
+        # vectorised; experts over the same windows share one sort.
         for e in range(len(rn)):
             n = rn[e]
+            done = False
+            for e2 in range(e):
+                done = done or rn[e2] == n
+            if done:
+                continue
             cnt[e, :b] = 0.0
             for p in range(2):
                 for j in range(n):
@@ -419,13 +425,17 @@ def _expert_kernel(  # pragma: no cover (compiled)
                             y = srt[i + 1, c]
                             srt[i, c] = x if x < y else y
                             srt[i + 1, c] = y if x < y else x
-                for c in range(b):
-                    m = int(cnt[e, c])
-                    if m > 0:
-                        pos = rq[e] * (m - 1)
-                        lo = int(pos)
-                        hi = min(lo + 1, m - 1)
-                        recv[e, p, c] = srt[lo, c] + (pos - lo) * (srt[hi, c] - srt[lo, c])
+                for e2 in range(e, len(rn)):
+                    if rn[e2] != n:
+                        continue
+                    cnt[e2, :b] = cnt[e, :b]
+                    for c in range(b):
+                        m = int(cnt[e, c])
+                        if m > 0:
+                            pos = rq[e2] * (m - 1)
+                            lo = int(pos)
+                            hi = min(lo + 1, m - 1)
+                            recv[e2, p, c] = srt[lo, c] + (pos - lo) * (srt[hi, c] - srt[lo, c])
         for c in range(b):
             for p in range(2):
                 lastv = last[p, c0 + c]
