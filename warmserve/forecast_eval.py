@@ -639,7 +639,7 @@ def eval_(source: str, out: str, png: str, no_stats: bool, no_tune: bool, serveg
             "missed_burst": "actual peak - predicted peak > instance_capacity",
         },
         "planner_mix_params": {
-            k: getattr(fc.MixParams(), k) for k in ("eta", "discount", "tau", "recent")
+            k: getattr(fc.MixParams(), k) for k in ("eta", "discount", "tau", "recent", "ewma")
         },
         "tuning": tuning,
         "results": {n: {k: v for k, v in r.items() if k != "_preds"} for n, r in results.items()},
