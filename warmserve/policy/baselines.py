@@ -61,6 +61,7 @@ class SharePolicy:
         self._popularity: dict[str, float] = {}
         self._layout: list[tuple[str, tuple[str, ...]]] = []
         self._devices: tuple | None = None  # the device set the layout was made for
+        self._ledgers = LedgerCache(self.config)
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         self._popularity[model] = self._popularity.get(model, 0.0) + avg
@@ -123,9 +124,10 @@ class SharePolicy:
         return None
 
     def plan(self, snapshot: ClusterSnapshot) -> list[Action]:
-        acc = Accounting(snapshot, self.config)
+        layout = self.layout(snapshot)
+        acc = self._ledgers.ledger(snapshot)
         out: list[Action] = []
-        for model, group in self.layout(snapshot):
+        for model, group in layout:
             if any(r.instance for d in group for r in acc.on[d] if r.model == model):
                 continue
             try:

@@ -24,6 +24,11 @@ evicting the lowest-scored residents in the way. When every group is taken by in
 (one instance per device), it stops idle instances (serving no request) where that frees the
 best group, and starts there; else it returns [] (the request queues).
 
+Between calls the policy keeps only caches of pure functions of its inputs: a ledger kept in
+step with the snapshots (:class:`~warmserve.policy.accounting.LedgerCache`), the forecast of the
+current window, and each model's scores while its forecast, load and replicas stay the same. The
+same snapshots in the same order give the same actions with or without them.
+
 The ablations of the paper are switches of the same class: no prewarming (stopped instances
 drop their weights and nothing is prewarmed), no placement (first fit, never displaces), no
 proactive prewarming (weights stay only where instances stopped), no KV lending.
