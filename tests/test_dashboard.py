@@ -30,6 +30,7 @@ from distributed import Client, LocalCluster
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import ClientConnection, connect
 
+from tests.stack import plugin_cluster
 from warmserve.frontdoor.app import create_app
 from warmserve.registry import Registry
 
@@ -72,26 +73,7 @@ def serving(tiny_registry: Registry, models_dir: str) -> Iterator[Serving]:
                 "warmserve.autoscaler.grace": 3600,
             }
         ),
-        LocalCluster(
-            n_workers=1,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            scheduler_kwargs={
-                "preload": ["warmserve.scheduler_plugin"],
-                "preload_argv": [["--warmserve-registry", registry]],
-            },
-            preload=["warmserve.worker_plugin"],
-            preload_argv=[
-                "--warmserve-devices",
-                ",".join(d.split("/")[1] for d in DEVICES),
-                "--warmserve-node",
-                "node-d",
-                "--warmserve-registry",
-                registry,
-            ],
-        ) as cluster,
+        plugin_cluster(registry, ",".join(d.split("/")[1] for d in DEVICES), "node-d") as cluster,
         Client(cluster) as client,
     ):
         client.wait_for_workers(1)

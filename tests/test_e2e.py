@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import threading
 
 import dask.config
 import httpx
@@ -21,9 +19,8 @@ import pytest
 from distributed import Client
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.stack import BackgroundStack, default_models
 from warmserve import protocol
-from warmserve.launcher import run, serving
-from warmserve.models.make import ensure_default_models
 from warmserve.scheduler_plugin.proxy import WarmServeProxy
 
 pytestmark = pytest.mark.engine
@@ -32,53 +29,13 @@ CAPACITY = 4
 MAX_QUEUE = 2
 
 
-class Stack:
-    """The stack of ``warmserve up`` running in a background thread."""
-
-    def __init__(self, models_dir: str) -> None:
-        self.registry = ensure_default_models(models_dir)
-        self.registry_file = os.path.join(models_dir, "registry.yaml")
-        self.url = ""
-        self.scheduler = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="warmserve-stack", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            async with serving(
-                self.registry, self.registry_file, max_queue=MAX_QUEUE, retry_after=2
-            ) as stack:
-                self.url, self.scheduler = stack.url, stack.cluster.scheduler_address
-                self._ready.set()
-                await self._stop.wait()
-
-        try:
-            run(main())
-        except BaseException as e:
-            self._error = e
-            self._ready.set()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._error:
-            raise self._error
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with dask.config.set({"warmserve.planner.instance-capacity": CAPACITY}):
-        s = Stack(os.fspath(tmp_path_factory.mktemp("e2e-models")))
-        s.start()
+    registry, registry_file = default_models(tmp_path_factory, "e2e-models")
+    capacity = dask.config.set({"warmserve.planner.instance-capacity": CAPACITY})
+    limits = {"max_queue": MAX_QUEUE, "retry_after": 2}
+    with capacity, BackgroundStack(registry, registry_file, **limits) as s:
         yield s
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,13 @@ import asyncio
 import json
 import os
 import signal
-import threading
 
 import dask.config
 import httpx
 import pytest
 from distributed import Client
 
-from warmserve.launcher import run, serving
-from warmserve.models.make import ensure_default_models
+from tests.stack import BackgroundStack, default_models
 from warmserve.policy.state import Start
 from warmserve.scheduler_plugin.extension import NAME
 from warmserve.scheduler_plugin.proxy import WarmServeProxy
@@ -32,61 +30,17 @@ CAPACITY = 2
 STREAMS = 5
 
 
-class Stack:
-    """``warmserve up``'s stack in a thread; ``pid_of`` finds a worker's process."""
-
-    def __init__(self, models_dir: str) -> None:
-        self.registry = ensure_default_models(models_dir)
-        self.registry_file = os.path.join(models_dir, "registry.yaml")
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="warmserve-stack", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            async with serving(self.registry, self.registry_file) as stack:
-                self.url, self.cluster = stack.url, stack.cluster
-                self._ready.set()
-                await self._stop.wait()
-
-        try:
-            run(main())
-        except BaseException as e:
-            self._error = e
-            self._ready.set()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._error:
-            raise self._error
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join()
-
-    def pid_of(self, worker_address: str) -> int:
-        """The OS process of the worker at ``worker_address`` (a nanny's child)."""
-        for nanny in self.cluster.workers.values():
-            if nanny.worker_address == worker_address:
-                return nanny.process.pid
-        raise LookupError(worker_address)
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with dask.config.set({"warmserve.planner.instance-capacity": CAPACITY}):
-        s = Stack(os.fspath(tmp_path_factory.mktemp("fault-models")))
-        s.start()
+    registry, registry_file = default_models(tmp_path_factory, "fault-models")
+    capacity = dask.config.set({"warmserve.planner.instance-capacity": CAPACITY})
+    with capacity, BackgroundStack(registry, registry_file) as s:
         yield s
-        s.stop()
 
 
 @pytest.fixture(scope="module")
 def dask_client(stack):
-    with Client(stack.cluster.scheduler_address) as client:
+    with Client(stack.scheduler) as client:
         yield client
 
 

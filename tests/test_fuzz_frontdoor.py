@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 
 import httpx
 import pytest
@@ -22,10 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from tests.stack import BackgroundStack
 from warmserve import config, protocol
 from warmserve.frontdoor.app import create_app
-from warmserve.launcher import HOST, run, serving
+from warmserve.launcher import HOST, Serving
 from warmserve.models.make import make_family
+from warmserve.registry import Registry
 from warmserve.scheduler_plugin.proxy import WarmServeProxy
 
 pytestmark = pytest.mark.engine
@@ -40,60 +44,29 @@ FUZZ = settings(
 )
 
 
-class Stack:
-    """The embedded cluster and two front doors, served from a thread with its own loop."""
-
-    def __init__(self, models_dir: str) -> None:
-        self.registry = make_family("tiny", "tiny", replicas=2, out=models_dir)
-        self.registry_file = os.path.join(models_dir, "registry.yaml")
-        self.url = self.short_url = self.scheduler = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="fuzz-stack", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            async with serving(self.registry, self.registry_file, devices=1) as stack:
-                app = create_app(
-                    stack.cluster.scheduler_address, self.registry, request_timeout=SHORT_TIMEOUT
-                )
-                short = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning"))
-                task = asyncio.ensure_future(short.serve())
-                while not short.started:
-                    await asyncio.sleep(0.05)
-                port = short.servers[0].sockets[0].getsockname()[1]
-                self.short_url = f"http://{HOST}:{port}"
-                self.url, self.scheduler = stack.url, stack.cluster.scheduler_address
-                self._ready.set()
-                await self._stop.wait()
-                short.should_exit = True
-                await task
-
-        try:
-            run(main())
-        except BaseException as e:
-            self._error = e
-            self._ready.set()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._error:
-            raise self._error
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join()
+@asynccontextmanager
+async def short_front_door(stack: Serving, registry: Registry) -> AsyncIterator[str]:
+    """A second front door on the same cluster with a short request timeout; yields its URL."""
+    app = create_app(stack.cluster.scheduler_address, registry, request_timeout=SHORT_TIMEOUT)
+    server = uvicorn.Server(uvicorn.Config(app, host=HOST, port=0, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://{HOST}:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(os.fspath(tmp_path_factory.mktemp("fuzz-models")))
-    s.start()
-    yield s
-    s.stop()
+    models_dir = os.fspath(tmp_path_factory.mktemp("fuzz-models"))
+    registry = make_family("tiny", "tiny", replicas=2, out=models_dir)
+    registry_file = os.path.join(models_dir, "registry.yaml")
+    extra = partial(short_front_door, registry=registry)
+    with BackgroundStack(registry, registry_file, extra=extra, devices=1) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +324,7 @@ LONG = valid(prompt="long", max_tokens=CONTEXT - 12, ignore_eos=True)
 
 
 def test_request_timeout_is_504_and_frees_the_slot(http, stack, dask_client):
-    with httpx.Client(base_url=stack.short_url, timeout=300) as short:
+    with httpx.Client(base_url=stack.extra, timeout=300) as short:
         assert_openai_error(short.post("/v1/completions", json=LONG), 504)
         wait_settled(dask_client)
         with short.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:

@@ -8,9 +8,7 @@ process. Nothing here times anything: the checks are that every request is accou
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 
 import httpx
 import numpy as np
@@ -20,8 +18,7 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from warmserve.launcher import run, serving
-from warmserve.models.make import ensure_default_models
+from tests.stack import BackgroundStack, default_models
 from warmserve.replay import command as replay_command
 from warmserve.report.cli import command as report_command
 from warmserve.traces.synth import synthesize
@@ -32,47 +29,9 @@ MODELS = ["tiny-0", "mini-0", "tiny-1"]  # two families: in-place switches and e
 REPLAY_ARGS = ["--max-output-tokens", "6", "--max-input-tokens", "24", "--timeout", "300"]
 
 
-class Stack:
-    """The stack of ``warmserve up`` in a thread; ``url`` is set once it serves."""
-
-    def __init__(self, models_dir: str) -> None:
-        self.registry = ensure_default_models(models_dir)
-        self.registry_file = os.path.join(models_dir, "registry.yaml")
-        self.url = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="replay-stack", daemon=True)
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            async with serving(self.registry, self.registry_file) as stack:
-                self.url = stack.url
-                self._ready.set()
-                await self._stop.wait()
-
-        try:
-            run(main())
-        except BaseException as e:
-            self._error = e
-            self._ready.set()
-
-    def __enter__(self) -> Stack:
-        self._thread.start()
-        self._ready.wait()
-        if self._error:
-            raise self._error
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with Stack(os.fspath(tmp_path_factory.mktemp("replay-models"))) as s:
+    with BackgroundStack(*default_models(tmp_path_factory, "replay-models")) as s:
         yield s
 
 
