@@ -117,16 +117,20 @@ def test_openai_client(oai, model):
 
 
 def test_prewarmed_model_is_activated_on_demand(http, dask_client):
-    """Weights staged on a device beforehand: the request activates them without a disk load."""
-    device = WarmServeProxy(dask_client).status()["devices"][0]
-    worker = device["worker"]
+    """Weights staged on every device beforehand: the request activates them without a disk load.
 
-    async def prewarm(dask_scheduler):
+    Every device gets a copy, since the planner, not the test, picks where the instance starts.
+    """
+    devices = WarmServeProxy(dask_client).status()["devices"]
+
+    async def prewarm(dask_scheduler, worker: str, device: str):
         return await getattr(dask_scheduler.rpc(worker), protocol.WORKER_PREWARM)(
-            model="tiny-3", tier="device", devices=[device["id"]], wait=True
+            model="tiny-3", tier="device", devices=[device], wait=True
         )
 
-    assert dask_client.run_on_scheduler(prewarm)["state"] == "done"
+    for device in devices:
+        staged = dask_client.run_on_scheduler(prewarm, worker=device["worker"], device=device["id"])
+        assert staged["state"] == "done", staged
     r = http.post("/v1/completions", json={"model": "tiny-3", "prompt": "x", "max_tokens": 2})
     assert r.status_code == 200, r.text
     activations = [
