@@ -78,6 +78,10 @@ ALPHA = 0.5  # Zipf popularity exponent (the paper's)
 MAX_OUTPUT = 32  # tokens per answer: keeps 2 shared cores from saturating on decode
 MAX_INPUT = 128
 SAMPLE_EVERY = 30.0  # s between copies of the observer's bounded history
+# MuxServe-style share colocates by memory: a 2 GiB CPU device holds 4 of these engines (256 MiB
+# of KV each), so 2 devices x 4 slots give every one of the 7 models an instance. With the
+# default 2 slots, 3 models would never be served and share would lose on coverage, not speed.
+SHARE_SLOTS = 4
 
 
 def machine() -> dict:
@@ -139,18 +143,6 @@ def history(observer) -> dict[str, dict[float, tuple]]:
     return out
 
 
-def fresh_share_layout(extension, registry: Registry) -> None:
-    """Give the extension a new share policy now that the workers are in.
-
-    ``SharePolicy.layout`` decides its static layout on its first ``plan()`` and keeps it; the
-    scheduler's first tick comes before any worker has joined, so without this the layout is
-    empty for good and nothing is ever started (see the report of bench/results/e2e.json).
-    """
-    from warmserve.policy.factory import make_policy
-
-    extension.policy = make_policy("share", registry, extension.policy.config)
-
-
 async def live(
     policy: str, registry: Registry, registry_file: str, workload: Path, out: Path, log: Path
 ) -> dict:
@@ -159,8 +151,6 @@ async def live(
     samples: dict[str, dict[float, tuple]] = {}
     async with serving(registry, registry_file, policy, DEVICES, 0) as stack:
         started = time.perf_counter() - t0
-        if policy == "share":
-            fresh_share_layout(stack.cluster.scheduler.extensions["warmserve"], registry)
         observer = stack.cluster.scheduler.extensions["warmserve-observer"]
         t_replay = time.time()
         cmd = [
@@ -335,7 +325,9 @@ def main() -> None:
         "sim": {},
         "timings": {},
     }
-    extra = {"warmserve.autoscaler.grace": args.grace} if args.grace is not None else {}
+    extra: dict[str, float] = {"warmserve.policy.share-slots": SHARE_SLOTS}
+    if args.grace is not None:
+        extra["warmserve.autoscaler.grace"] = args.grace
     if args.average is not None:
         extra["warmserve.autoscaler.average"] = args.average
     with compressed_config(t, extra) as cfg:

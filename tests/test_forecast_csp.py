@@ -166,22 +166,3 @@ def test_peak_forecast_is_never_below_the_average_forecast() -> None:
     params = CSPParams(5, 3, 4, mix=MixParams())
     a, p = mixture_pair(avg, peak, params)
     assert (p >= a).all()
-
-
-def test_expert_kernel_is_fast_enough_to_matter() -> None:
-    """Not a benchmark (bench/policy_bench.py is): only that one prediction for 2,000 models
-    stays far from the planner's budget, so a slow path would show here first."""
-    import time
-
-    n = 2000
-    params = CSPParams(48, 3, 10, decay=0.8, reset=False, mix=MixParams())
-    f = Forecaster(params, tuple(f"m{i}" for i in range(n)))
-    rng = np.random.default_rng(0)
-    for w in range(3 * 48 + 12):
-        a = rng.gamma(2.0, 5.0, n)
-        f.observe_all(w, a, 2 * a)
-    f.predict(200)
-    started = time.perf_counter()
-    for _ in range(5):
-        f.predict(200)
-    assert (time.perf_counter() - started) / 5 < 0.05
