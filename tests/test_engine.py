@@ -48,6 +48,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def test_engine_starts_beside_numba(tiny_registry: Registry) -> None:
+    """numba loaded in the process (as in a worker whose main module imports the forecaster)
+    used to break vLLM's kernel scan at engine start. First in the file, so every engine of
+    the tests after it starts beside numba too."""
+    import numba
+
+    assert numba.njit(lambda x: x + 1)(1) == 2  # loads llvmlite's library handle
+    engine = Engine(tiny_registry["tiny-2"])
+    try:
+        assert len(greedy(engine, "tiny-2")) == 12
+    finally:
+        engine.shutdown()
+
+
 @pytest.fixture(scope="module")
 def tiny_fresh(tiny_registry: Registry) -> dict[str, list[int]]:
     """Greedy tokens of a fresh engine on tiny-1 (then shut down: checks memory is freed)."""

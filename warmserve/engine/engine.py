@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -352,10 +353,30 @@ def _warm_up(llm: Any) -> None:
     llm.reset_prefix_cache()
 
 
+def _shield_llvmlite() -> None:
+    """Let vLLM's CPU worker start in a process that has loaded numba.
+
+    At engine start vLLM rebinds its Triton kernels by scanning every loaded module
+    (``vllm/triton_utils/dispatcher.py``, ``_rebind_kernels``) and calls ``vars(v).get`` on any
+    value with a ``__dict__``. llvmlite's library handle (``llvmlite.binding.ffi.lib``) answers
+    every attribute, ``__dict__`` included, with a wrapped C function, so the scan raises
+    ``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``. numba reaches a worker
+    whenever the program's main module imports it (spawned processes re-import ``__main__``):
+    a script importing the policy package, a preload, a user's own code. Seeding the handle's
+    lookup table with an empty ``__dict__`` gives the scan nothing to rebind and changes nothing
+    else (that attribute was never a usable one). The bug is vLLM's; this goes once it is fixed.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
+
+
 def _start_llm(path: str, config: EngineConfig) -> Any:
     # vLLM reads this when the engine is built: keep the engine core (and, at TP 1, the
     # worker) in this process so weights pass by reference.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    _shield_llvmlite()
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
