@@ -21,13 +21,15 @@ between slices, so an eviction can stop a prewarm of a large model midway.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -270,12 +272,29 @@ class WeightStore:
         self.host = HostTier(host_budget)
         self.memory: dict[str, DeviceMemory] = {d.id: DeviceMemory(d, backend) for d in devices}
         self._run_blocking = run_blocking
+        self._moving: dict[Hashable, asyncio.Future] = {}  # copies under way, by destination
+
+    async def _once(self, key: Hashable, move: Callable[[], Awaitable]) -> Any:
+        """Run ``move()`` unless a move to the same place is under way; then wait for that one.
+
+        A prewarm and an activation (or two prewarms) can ask for the same model on the same
+        device at once; both must get the one copy, not reserve a second region for it (or
+        drop the first one's when theirs fails). The first caller's cancel event governs the
+        copy; a waiter gets its outcome, failure included."""
+        running = self._moving.get(key)
+        if running is None:
+            running = self._moving[key] = asyncio.ensure_future(move())
+            running.add_done_callback(lambda f: self._moving.pop(key, None))
+        return await asyncio.shield(running)
 
     async def to_host(self, spec: ModelSpec, cancel: threading.Event) -> HostCopy:
         """Stage ``spec`` in host memory (no-op when it is there)."""
         copy = self.host.ready(spec.name)
         if copy is not None:
             return copy
+        return await self._once(("host", spec.name), lambda: self._fill_host(spec, cancel))
+
+    async def _fill_host(self, spec: ModelSpec, cancel: threading.Event) -> HostCopy:
         copy = self.host.reserve(spec)
         try:
             await self._run_blocking(copy.fill, cancel)
@@ -287,10 +306,15 @@ class WeightStore:
 
     async def to_device(self, spec: ModelSpec, device: str, cancel: threading.Event) -> Resident:
         """Put ``spec`` in ``device``'s pool, staging it in host memory first if needed."""
-        memory = self.memory[device]
-        resident = memory.resident.get(spec.name)
+        resident = self.memory[device].resident.get(spec.name)
         if resident is not None and resident.filled:
             return resident
+        return await self._once(
+            (device, spec.name), lambda: self._fill_device(spec, device, cancel)
+        )
+
+    async def _fill_device(self, spec: ModelSpec, device: str, cancel: threading.Event) -> Resident:
+        memory = self.memory[device]
         layout = read_layout(spec.path)
         # Charge the device before the host copy, so a model that cannot fit costs nothing.
         resident = memory.reserve_weights(spec, layout)
