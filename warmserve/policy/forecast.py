@@ -276,7 +276,7 @@ def _carry_forward(history: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _expert_kernel(  # pragma: no cover (compiled)
     obs,
     obs_win,
@@ -357,20 +357,23 @@ def _expert_kernel(  # pragma: no cover (compiled)
     # of the block is computed from those. Reading model by model instead touches dozens of
     # rows per model and waits on memory at every one of them.
     blk = 256
-    rec = np.empty((nrec, 2, blk))
-    stot = np.empty((2, blk))
-    scnt = np.empty(blk)
-    num = np.empty((2, blk))
-    den = np.empty(blk)
-    naive = np.empty((2, blk))
-    delta = np.empty((2, blk))
-    srt = np.empty((nrec, blk))
-    recv = np.empty((max(len(rn), 1), 2, blk))
-    cnt = np.empty((max(len(rn), 1), blk))
-    vals = np.empty(k)
     mixed = weights.shape[0] > 0
-    for c0 in range(0, ncols, blk):
+    # Blocks are independent (each writes only its own columns), so they run on all cores;
+    # each block has its own scratch arrays.
+    for bi in numba.prange((ncols + blk - 1) // blk):
+        c0 = bi * blk
         b = min(blk, ncols - c0)
+        rec = np.empty((nrec, 2, blk))
+        stot = np.empty((2, blk))
+        scnt = np.empty(blk)
+        num = np.empty((2, blk))
+        den = np.empty(blk)
+        naive = np.empty((2, blk))
+        delta = np.empty((2, blk))
+        srt = np.empty((nrec, blk))
+        recv = np.empty((max(len(rn), 1), 2, blk))
+        cnt = np.empty((max(len(rn), 1), blk))
+        vals = np.empty(k)
         for j in range(depth):
             for c in range(b):
                 ok = rwin[j] >= 0 and obs_win[rslot[j], c0 + c] == rwin[j]
@@ -471,47 +474,52 @@ def _expert_kernel(  # pragma: no cover (compiled)
                         out[e, p, c0 + c] = vals[e]
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma: no cover
     """Score every expert's prediction on ``values`` (what :func:`mixture` does per window) and
     update, in place, the discounted losses, levels and weights of the models ``seen``.
 
-    Loops run expert by expert over contiguous model rows (memory streams, not strides), and a
-    weight below ``exp(-60)`` of the best one is taken as zero (its ``exp`` would be subnormal,
-    which is slow, and changes no sum)."""
+    Blocks of models run on all cores; within a block, loops run expert by expert over
+    contiguous model rows (memory streams, not strides), and a weight below ``exp(-60)`` of the
+    best one is taken as zero (its ``exp`` would be subnormal, which is slow, and changes no
+    sum)."""
     k = experts.shape[0]
     n = values.shape[1]
-    factor = np.empty(n)
-    top = np.empty(n)
-    total = np.empty(n)
-    for p in range(2):
-        for e in range(k):
-            for c in range(n):
+    blk = 1024
+    for bi in numba.prange((n + blk - 1) // blk):
+        lo = bi * blk
+        hi = min(n, lo + blk)
+        factor = np.empty(hi - lo)
+        top = np.empty(hi - lo)
+        total = np.empty(hi - lo)
+        for p in range(2):
+            for e in range(k):
+                for c in range(lo, hi):
+                    if seen[c]:
+                        err = values[p, c] - experts[e, p, c]
+                        pin = max(tau[p] * err, (tau[p] - 1.0) * err)
+                        loss[e, p, c] = discount * loss[e, p, c] + pin
+            for c in range(lo, hi):
                 if seen[c]:
-                    err = values[p, c] - experts[e, p, c]
-                    pin = max(tau[p] * err, (tau[p] - 1.0) * err)
-                    loss[e, p, c] = discount * loss[e, p, c] + pin
-        for c in range(n):
-            if seen[c]:
-                level[p, c] = discount * level[p, c] + abs(values[p, c])
-                factor[c] = -eta / max(level[p, c], 1e-12)
-        top[:] = -np.inf
-        for e in range(k):  # exponents, and the largest (the least loss) to shift them by
-            for c in range(n):
-                if seen[c]:
-                    w[e, p, c] = factor[c] * loss[e, p, c]
-                    top[c] = max(top[c], w[e, p, c])
-        total[:] = 0.0
-        for e in range(k):
-            for c in range(n):
-                if seen[c]:
-                    x = w[e, p, c] - top[c]
-                    w[e, p, c] = np.exp(x) if x > -60.0 else 0.0
-                    total[c] += w[e, p, c]
-        for e in range(k):
-            for c in range(n):
-                if seen[c]:
-                    w[e, p, c] /= total[c]
+                    level[p, c] = discount * level[p, c] + abs(values[p, c])
+                    factor[c - lo] = -eta / max(level[p, c], 1e-12)
+            top[:] = -np.inf
+            for e in range(k):  # exponents, and the largest (the least loss) to shift them by
+                for c in range(lo, hi):
+                    if seen[c]:
+                        w[e, p, c] = factor[c - lo] * loss[e, p, c]
+                        top[c - lo] = max(top[c - lo], w[e, p, c])
+            total[:] = 0.0
+            for e in range(k):
+                for c in range(lo, hi):
+                    if seen[c]:
+                        x = w[e, p, c] - top[c - lo]
+                        w[e, p, c] = np.exp(x) if x > -60.0 else 0.0
+                        total[c - lo] += w[e, p, c]
+            for e in range(k):
+                for c in range(lo, hi):
+                    if seen[c]:
+                        w[e, p, c] /= total[c - lo]
 
 
 class Forecaster:
