@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import dask.config
 
-from warmserve.policy.accounting import apply
+from warmserve.policy.accounting import Accounting, apply
 from warmserve.policy.baselines import AutoscalePolicy, SharePolicy
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.factory import make_policy
@@ -128,3 +130,24 @@ def test_simulate_reads_the_forecast_section_of_dask_config() -> None:
     with dask.config.set({"warmserve.forecast.window": 600, "warmserve.autoscaler.grace": 7}):
         cfg = live_config()
     assert cfg.window == 600.0 and cfg.grace == 7.0
+
+
+def test_a_served_model_reported_resident_is_one_replica() -> None:
+    """Workers keep the pool copy of a model they serve and report it resident; the ledger
+    counts the instance alone, so stopping it leaves one idle replica, not two, and an
+    on-demand start that stops it still finds the device (live, a duplicate here left a ghost
+    replica in the cached ledger, and the start never came: only the stop, every request)."""
+    policy = make_policy("warmserve", MODELS, CONFIG)
+    devs = devices(1)
+    served = (replace(devs[0], resident=("b", "a")),)
+    snap = ClusterSnapshot(
+        10.0, MODELS, served, (InstanceSnapshot("b@n0/d0", "b", ("n0/d0",), 0.0),), queued={"a": 1}
+    )
+    acc = Accounting(snap, CONFIG)
+    assert len(acc.replicas["b"]) == 1 and acc.replicas["b"][0].instance
+    for _ in range(2):  # the second call runs on the cached ledger, synced to the same snapshot
+        actions = policy.on_demand(snap, "a")
+        assert actions == [Stop("b@n0/d0"), Start("a", ("n0/d0",))], actions
+    after = ClusterSnapshot(11.0, MODELS, served, (), queued={"a": 1})
+    assert policy.on_demand(after, "a") == [Start("a", ("n0/d0",))]
+    assert len(policy._ledgers.ledger(after).replicas["b"]) == 1

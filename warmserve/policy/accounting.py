@@ -472,7 +472,7 @@ class Accounting:
     def _resident_groups(self, snapshot: ClusterSnapshot) -> Iterable[tuple[str, tuple]]:
         """Resident replicas of a snapshot: the aligned groups each model fully occupies, then
         whatever is left chunked in device order (a snapshot lists residency per device only)."""
-        resident = {d.id: d.resident for d in snapshot.devices}
+        resident = _idle_resident(snapshot.devices, snapshot.instances)
         for devs in self.nodes.values():
             yield from self._node_groups(devs, resident)
 
@@ -586,7 +586,6 @@ class Accounting:
                     return False
                 old[(r.model, r.devices, r.instance)] = r
         engine = self.config.engine_bytes
-        resident = {}
         for d in devs:
             ds = snapshot.devices[self.position[d]]
             self.memory[d] = ds.memory
@@ -595,7 +594,7 @@ class Accounting:
             self.used[d] = engine * len(ds.engines)
             self.kv[d] = 0
             self.on[d] = []
-            resident[d] = ds.resident
+        resident = _idle_resident([snapshot.devices[self.position[d]] for d in devs], instances)
         self.host[node] = set(snapshot.host_cache.get(node, ()))
         for inst in instances:
             if not here.issuperset(inst.devices):
@@ -659,6 +658,19 @@ class Accounting:
             load=dict(self.load),
             queued=dict(self.queued),
         )
+
+
+def _idle_resident(
+    devices: Iterable[DeviceSnapshot], instances: Iterable[InstanceSnapshot]
+) -> dict[str, tuple[str, ...]]:
+    """Each device's resident models, less those an instance of the same model serves there.
+
+    A worker may keep the pool copy of a model it serves (so a stop leaves it warm) and report
+    it as resident; the instance already is that model's replica on the device, and counting
+    the copy too would put two replicas of one model on one device (which a stop then turns
+    into two idle ones)."""
+    serving = {(i.model, d) for i in instances for d in i.devices}
+    return {d.id: tuple(m for m in d.resident if (m, d.id) not in serving) for d in devices}
 
 
 class LedgerCache:
