@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from warmserve.report.cli import command
+from warmserve.report.load import concurrency, model_load
 from warmserve.report.metrics import device_seconds, gpu_seconds, request_metrics
 from warmserve.report.schema import DEVICE_SCHEMA, devices_path
 
@@ -99,3 +100,47 @@ def test_cli_writes_table_json_and_plots(tmp_path):
     assert data["cold"]["under_100ms"] == 0.0
     assert (out / "ttft_cdf.png").stat().st_size > 1000
     assert (out / "devices_0.png").stat().st_size > 1000
+    assert (out / "load_0.png").stat().st_size > 1000 and (out / "load_1.png").exists()
+    assert set(data["warm"]["forecast_wape"]) == {"avg", "peak"}
+
+
+def test_load_per_window_is_the_mean_and_peak_in_flight():
+    # [0, 10) and [5, 15) in windows of 10 s: 15 s of load in the first window (1.5 on
+    # average, 2 at once at most), 5 s in the second; a span ending where another starts
+    # does not overlap it.
+    avg, peak = concurrency(np.array([0.0, 5.0, 20.0]), np.array([10.0, 15.0, 25.0]), 10.0, 3)
+    np.testing.assert_allclose(avg, [1.5, 0.5, 0.5])
+    np.testing.assert_allclose(peak, [2, 1, 1])
+    avg, peak = concurrency(np.array([0.0, 10.0]), np.array([10.0, 20.0]), 10.0, 2)
+    np.testing.assert_allclose(avg, [1, 1])
+    np.testing.assert_allclose(peak, [1, 1])
+
+
+def test_forecast_follows_a_steady_load_per_model():
+    """A live replay's rows (arrival + latency): a model with one request always in flight is
+    forecast at 1; another with none late in the run falls to 0."""
+    n = 400
+    arrival = np.concatenate([np.arange(n, dtype=np.float64), np.arange(50, dtype=np.float64)])
+    table = pa.table(
+        {
+            "model": ["a"] * n + ["b"] * 50,
+            "arrival": arrival,
+            "latency": np.concatenate([np.ones(n), np.full(50, 0.5)]),
+            "ttft": np.full(n + 50, 0.01),
+        }
+    )
+    load = model_load(table, window=10.0, period=100.0)
+    assert load.models == ["a", "b"]
+    assert load.avg.shape == (2, 40)
+    np.testing.assert_allclose(load.avg[0], 1.0)
+    # (the first window of the second period still carries the first period's cold start)
+    np.testing.assert_allclose(load.forecast_avg[0, 12:], 1.0)
+    assert load.forecast_peak[1, -1] == pytest.approx(0.0, abs=1e-6)
+    assert load.wape()["avg"] < 0.1
+
+
+def test_cli_refuses_a_period_shorter_than_the_window(tmp_path):
+    a = tmp_path / "a.parquet"
+    pq.write_table(results(), a)
+    res = CliRunner().invoke(command, [str(a), "--window", "60", "--period", "30"])
+    assert res.exit_code == 2 and "--period" in res.output

@@ -10,8 +10,9 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from warmserve.report.load import model_load
 from warmserve.report.metrics import gpu_seconds, request_metrics
-from warmserve.report.plots import device_modes, ttft_cdf
+from warmserve.report.plots import device_modes, load_forecast, ttft_cdf
 from warmserve.report.schema import devices_path
 
 _COLUMNS = (
@@ -74,8 +75,30 @@ def build(paths: list[str], slo_ttft: float) -> tuple[dict[str, dict], dict, dic
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--slo-ttft", default=0.1, show_default=True, help="TTFT SLO in seconds.")
 @click.option("--out-dir", type=click.Path(file_okay=False), help="Write JSON, markdown and PNGs.")
-def command(results: tuple[str, ...], slo_ttft: float, out_dir: str | None) -> None:
-    """TTFT/TPOT percentiles, SLO attainment and GPU-seconds of RESULTS (Parquet) side by side."""
+@click.option(
+    "--window",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Load window (s) of the per-model load and forecast plots (the planner's).",
+)
+@click.option(
+    "--period",
+    default=86_400.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Season (s) of the forecaster; a compressed replay passes its compressed day.",
+)
+def command(
+    results: tuple[str, ...], slo_ttft: float, out_dir: str | None, window: float, period: float
+) -> None:
+    """TTFT/TPOT percentiles, SLO attainment and GPU-seconds of RESULTS (Parquet) side by side.
+
+    With --out-dir also a TTFT CDF, device modes over time (simulated results), and per result
+    file the load of every model over time with the planner's forecast beside it (the
+    forecaster run one window ahead on the measured load; its WAPE goes in report.json)."""
+    if period < window:
+        raise click.UsageError(f"--period ({period:g} s) must be at least --window ({window:g} s)")
     try:
         rows, tables, timelines = build(list(results), slo_ttft)
     except ValueError as e:
@@ -88,6 +111,18 @@ def command(results: tuple[str, ...], slo_ttft: float, out_dir: str | None) -> N
     if not out_dir:
         return
     os.makedirs(out_dir, exist_ok=True)
+    for i, (label, table) in enumerate(tables.items()):
+        load = model_load(table, window, period)
+        rows[label]["forecast_wape"] = load.wape()
+        load_forecast(
+            load.models,
+            window,
+            load.avg,
+            load.peak,
+            load.forecast_peak,
+            os.path.join(out_dir, f"load_{i}.png"),
+            title=label,
+        )
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(rows, f, indent=1)
     with open(os.path.join(out_dir, "report.md"), "w") as f:

@@ -61,3 +61,36 @@ def device_modes(devices: pa.Table, path: str, title: str = "", points: int = 20
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def load_forecast(
+    models: list[str],
+    window: float,
+    avg: np.ndarray,
+    peak: np.ndarray,
+    forecast_peak: np.ndarray,
+    path: str,
+    title: str = "",
+) -> None:
+    """Per-model load over time (average and peak concurrency per window) with the forecast
+    peak beside it, one panel per model."""
+    cols = 2 if len(models) > 1 else 1
+    rows = max(1, -(-len(models) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 2.2 * rows), squeeze=False)
+    x = window * np.arange(avg.shape[1] if avg.ndim == 2 else 0)
+    for i, (ax, model) in enumerate(zip(axes.flat, models, strict=False)):
+        ax.step(x, avg[i], where="post", lw=0.9, label="average")
+        ax.step(x, peak[i], where="post", lw=0.9, label="peak")
+        ax.step(x, forecast_peak[i], where="post", lw=1.3, ls="--", label="forecast peak")
+        ax.set_title(model, fontsize=9)
+        ax.set_ylabel("in flight")
+    for ax in axes.flat[len(models) :]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel(f"time (s), windows of {window:g} s")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
