@@ -24,8 +24,9 @@ Two forms share the same arithmetic:
   window from the windows before it (``warmserve forecast eval`` scores them);
 - :class:`Forecaster` keeps ring buffers and predicts one window for all models at once, which
   is what the planner calls every tick; the mixture runs as two numba kernels (experts and
-  their weighted sum per block of models; scoring and weights when a window closes), so
-  10,000 models take a few milliseconds (``bench/policy_bench.py``).
+  their weighted sum per block of models; scoring and weights when a window closes), whose
+  blocks of models run on all cores, so 10,000 models take a few milliseconds
+  (``bench/policy_bench.py``). Nothing here forks, so numba's OpenMP threads are safe.
 """
 
 from __future__ import annotations
