@@ -82,6 +82,10 @@ SAMPLE_EVERY = 30.0  # s between copies of the observer's bounded history
 # of KV each), so 2 devices x 4 slots give every one of the 7 models an instance. With the
 # default 2 slots, 3 models would never be served and share would lose on coverage, not speed.
 SHARE_SLOTS = 4
+# Device memory of one engine as the worker charges it (clusters/local-cpu.yaml says how it is
+# made up), for the live planner (warmserve.planner.engine-bytes, 0 by default) as for the
+# simulator's, so neither plans engines the workers would refuse.
+ENGINE_BYTES = 275_000_000
 
 
 def machine() -> dict:
@@ -220,14 +224,25 @@ def summary(table: pa.Table, expected: int) -> dict:
     }
 
 
+def as_replayed(workload: pa.Table) -> pa.Table:
+    """The workload as the replay sends it: prompts cut to ``MAX_INPUT`` tokens and answers to
+    ``MAX_OUTPUT`` (``--max-input-tokens``/``--max-output-tokens``), at least one token each."""
+    for name, cap in (("input_tokens", MAX_INPUT), ("output_tokens", MAX_OUTPUT)):
+        col = workload.column(name)
+        capped = pc.max_element_wise(pc.min_element_wise(col, cap), 1).cast(col.type)
+        workload = workload.set_column(workload.schema.get_field_index(name), name, capped)
+    return workload
+
+
 def simulate(workload: pa.Table, registry_file: str, policy: str, base: PolicyConfig) -> pa.Table:
-    """The simulator on the same workload and policy, with the live run's forecast window,
-    season and tick (``warmserve simulate`` builds its PolicyConfig from the defaults and the
-    cost model's tick, so the bench calls the same classes itself)."""
+    """The simulator on the same workload as replayed and the same policy, with the live run's
+    forecast window, season and tick (``warmserve simulate`` builds its PolicyConfig from the
+    defaults and the cost model's tick, so the bench calls the same classes itself)."""
     spec = load_cluster(CLUSTER, registry_file)
     spec.check()
     config = replace(policy_config(spec, base), tick=base.tick)  # the live run's tick
-    return Simulator(spec, build_policy(policy, spec, config), workload, config).run().requests
+    sim = Simulator(spec, build_policy(policy, spec, config), as_replayed(workload), config)
+    return sim.run().requests
 
 
 def plot_load(runs: dict[str, dict], t: dict[str, float], path: Path) -> None:
@@ -325,7 +340,10 @@ def main() -> None:
         "sim": {},
         "timings": {},
     }
-    extra: dict[str, float] = {"warmserve.policy.share-slots": SHARE_SLOTS}
+    extra: dict[str, float] = {
+        "warmserve.policy.share-slots": SHARE_SLOTS,
+        "warmserve.planner.engine-bytes": ENGINE_BYTES,
+    }
     if args.grace is not None:
         extra["warmserve.autoscaler.grace"] = args.grace
     if args.average is not None:

@@ -124,9 +124,35 @@ def test_prewarmed_model_starts_much_faster_than_a_cold_one():
     tiers = dict(zip(res.column("model").to_pylist(), res.column("tier").to_pylist(), strict=True))
     costs = load_costs()
     assert tiers == {"a": "engine", "b": "disk"}
-    assert ttft["a"] == pytest.approx(costs.activate_s + 0.035)
-    assert ttft["a"] < 0.1
+    # The engine was brought up on a itself: no switch, only the prefill.
+    assert ttft["a"] == pytest.approx(0.035)
     assert ttft["b"] > costs.engine_start_s
+
+
+class Beside:
+    """Prewarms a with an engine and b beside it on one device; starts whatever is asked
+    there."""
+
+    name = "beside"
+
+    def observe(self, model, window, avg, peak) -> None:
+        pass
+
+    def plan(self, snap: ClusterSnapshot):
+        if snap.time > 0:
+            return []
+        d = (snap.devices[0].id,)
+        return [Prewarm("a", d, Tier.ENGINE), Prewarm("b", d, Tier.DEVICE)]
+
+    def on_demand(self, snap: ClusterSnapshot, model: str):
+        return [Start(model, (snap.devices[0].id,))]
+
+
+def test_a_model_beside_the_engine_pays_one_switch():
+    # b's weights sit beside an engine of its family that holds a: its start is a switch.
+    res = simulate([A, B], workload([100.0], ["b"]), Beside()).requests
+    assert res.column("tier").to_pylist() == ["engine"]
+    assert res.column("ttft").to_pylist()[0] == pytest.approx(load_costs().activate_s + 0.035)
 
 
 def test_second_request_on_a_running_instance_pays_only_prefill():

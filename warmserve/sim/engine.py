@@ -32,7 +32,7 @@ from warmserve.report.schema import DEVICE_SCHEMA, RESULT_SCHEMA
 from warmserve.sim.cluster import ClusterSpec, check_workload
 from warmserve.sim.state import Instance, SimCluster
 
-_DEPART, _READY, _TICK = 0, 1, 2
+_DEPART, _READY, _TICK, _RETRY = 0, 1, 2, 3
 _OK, _QUEUE_FULL, _TIMED_OUT, _NEVER = 0, 1, 2, 3
 _ERRORS = ("", "queue full", "timed out waiting for an instance", "no instance before the end")
 _CHUNK = 65536  # arrivals converted to Python objects at a time (bounds memory at scale)
@@ -92,42 +92,46 @@ class Simulator:
         self.meter = LoadMeter(config.window)
         nm = len(self.names)
         self.level = [0] * nm  # requests of each model in flight (queued or admitted)
-        self.area = [0.0] * nm  # integral of level since the last tick
-        self.since = [0.0] * nm
-        self.moved: set[int] = set()  # models with requests in flight or moving since the tick
+        self.busy: set[int] = set()  # models with a request in flight
+        # The autoscaler's load, measured as the scheduler plugin measures it: the mean
+        # concurrency of each model's last closed window of ``config.average`` seconds (nonzero
+        # ones kept), never below what is in flight now.
+        self.short = LoadMeter(config.average)
+        self.recent: dict[str, float] = {}
         self.next_demand = [-math.inf] * nm
         self.demand_version = [-1] * nm  # cluster version of a call that changed nothing
+        self.retry_at = [math.inf] * nm  # when a queued model next asks again (one event each)
         self.heap: list[tuple] = []
         self.seq = 0
         self.events = 0
         self.policy_calls = 0
         self.policy_s = 0.0  # wall time inside the policy (stats only, never in results)
-        self.last_tick = 0.0
 
     # -- load bookkeeping ------------------------------------------------------------------
 
     def _arrive_load(self, m: int, t: float) -> None:
-        self.moved.add(m)
-        self.area[m] += self.level[m] * (t - self.since[m])
-        self.since[m] = t
         self.level[m] += 1
+        self.busy.add(m)
         self.meter.arrive(self.names[m], t)
+        self.short.arrive(self.names[m], t)
 
     def _depart_load(self, m: int, t: float) -> None:
-        self.moved.add(m)
-        self.area[m] += self.level[m] * (t - self.since[m])
-        self.since[m] = t
         self.level[m] -= 1
+        if not self.level[m]:
+            self.busy.discard(m)
         self.meter.depart(self.names[m], t)
+        self.short.depart(self.names[m], t)
 
     def _short_load(self, t: float) -> dict[str, float]:
-        span = t - self.last_tick
-        out = {}
-        for m in sorted(self.moved):  # the others had no request since the last tick
+        for w in self.short.close_until(t):
+            if w.avg > 0:
+                self.recent[w.model] = w.avg
+            else:
+                self.recent.pop(w.model, None)
+        out = dict(self.recent)
+        for m in sorted(self.busy):
             name = self.names[m]
-            area = self.area[m] + self.level[m] * (t - self.since[m])
-            if area > 0 or self.level[m]:
-                out[name] = area / span if span > 0 else float(self.level[m])
+            out[name] = max(out.get(name, 0.0), float(self.level[m]))
         return out
 
     def _queued(self) -> dict[str, int]:
@@ -158,11 +162,6 @@ class Simulator:
         actions = self.policy.plan(snap)
         self.policy_s += time.perf_counter() - t0
         self._enact(snap, actions, t)
-        for m in range(len(self.names)):
-            self.area[m] = 0.0
-            self.since[m] = t
-        self.moved = {m for m in self.moved if self.level[m]}
-        self.last_tick = t
 
     def _on_demand(self, m: int, t: float) -> None:
         """Ask the policy for an instance now. A call that changed nothing is not repeated for
@@ -229,9 +228,20 @@ class Simulator:
             self._drop(r, m, t, _QUEUE_FULL)
             return
         q.append(r)
-        coming = self.cluster.starting[m] * self.config.instance_capacity
-        if len(q) > coming and t >= self.next_demand[m]:
+        self._ask(m, t)
+
+    def _ask(self, m: int, t: float) -> None:
+        """The head of ``m``'s queue asks for an instance, as the live front door's does: now,
+        and again every ``demand_interval_s`` while requests wait beyond the instances already
+        starting for them (an idle instance elsewhere may be stopped for them meanwhile)."""
+        q = self.queues[m]
+        if len(q) <= self.cluster.starting[m] * self.config.instance_capacity:
+            return
+        if t >= self.next_demand[m]:
             self._on_demand(m, t)
+        if q and self.retry_at[m] == math.inf:
+            self.retry_at[m] = max(t + self.costs.demand_interval_s, self.next_demand[m])
+            self._push(self.retry_at[m], _RETRY, m)
 
     def _pull(self, inst: Instance, t: float) -> None:
         """Admit queued requests of the instance's model while it has room."""
@@ -257,6 +267,8 @@ class Simulator:
 
     def _depart(self, inst: Instance, r: int, t: float) -> None:
         inst.count -= 1
+        if inst.count == 0:
+            self.cluster.version += 1  # an idle instance: a waiting model's answer may differ
         self.cluster.moved.add(inst)
         inst.kv_used -= int(self.inp[r] + self.out[r])
         self._depart_load(inst.midx, t)
@@ -300,6 +312,9 @@ class Simulator:
                     self.cluster.version += 1
                     if obj.id in self.cluster.instances:
                         self._pull(obj, t)
+                elif kind == _RETRY:
+                    self.retry_at[obj] = math.inf
+                    self._ask(obj, t)
                 else:
                     self._tick(t)
                     bar.update(max(0, min(round(t), bar.total) - bar.n))

@@ -104,6 +104,7 @@ class Device:
         "idx",
         "instances",
         "lent",
+        "loaded",
         "memory",
         "node",
         "resident",
@@ -117,6 +118,8 @@ class Device:
         self.memory = memory
         self.resident: dict[str, float] = {}  # model -> time its weights are in place
         self.engines: dict[str, float] = {}  # family -> time its engine is up
+        # family -> the model its engine last served: starting that model again needs no switch
+        self.loaded: dict[str, str] = {}
         self.instances: list[Instance] = []
         self.lent = 0
         self.draining: dict[str, float] = {}  # model of a stopped instance -> its drain end
@@ -373,6 +376,7 @@ class SimCluster:
             self.models[i.model].family == family for i in d.instances
         ):
             d.engines.pop(family, None)
+            d.loaded.pop(family, None)
 
     def _evict(self, d: Device, model: str, t: float) -> None:
         ready = d.resident.pop(model, None)
@@ -394,6 +398,7 @@ class SimCluster:
             d.resident[model] = self._load_time(model, d, self._free_at(d, t), group)
             if tier == Tier.ENGINE and family not in d.engines:
                 d.engines[family] = d.resident[model] + self.costs.engine_start_s
+                d.loaded[family] = model  # a new engine starts on the model it is brought up for
             self._changed(d)
 
     def _start(self, model: str, devices: list[Device], t: float) -> Instance:
@@ -407,7 +412,8 @@ class SimCluster:
             w = d.resident.pop(model, None)
             up = d.engines.get(spec.family)
             if w is not None and up is not None:
-                at = max(t, w, up) + self.costs.activate_s
+                same = d.loaded.get(spec.family) == model  # the idle engine still holds it
+                at = max(t, w, up) + (0.0 if same else self.costs.activate_s)
             elif w is not None:
                 at = max(t, w) + self.costs.engine_start_s
             else:
@@ -428,6 +434,7 @@ class SimCluster:
         self._to_host(devices[0].node, model, ready)
         for d in devices:
             d.engines[spec.family] = min(d.engines.get(spec.family, ready), ready)
+            d.loaded[spec.family] = model
             d.instances.append(inst)
             self._changed(d)
         self._rebudget(devices)
