@@ -1,7 +1,7 @@
 """The worker plugin in a real LocalCluster (one worker process, two CPU slots) with real engines.
 
 Budgets are small so that memory pressure is reachable with tiny models: each slot has 22 MiB,
-an engine takes its 8 MiB KV cache plus its weights, widened to float32 on this CPU (14 MiB in
+an engine takes its 8 MiB KV cache plus its weights, widened to float32 (set for any CPU; 14 MiB in
 2 MiB chunks), and a tiny model's weights take 4 MiB, so a slot with an engine holds two
 prewarmed models and no more.
 Tests run in order and share the cluster; each says what it starts from.
@@ -33,7 +33,10 @@ MiB = 1 << 20
 @pytest.fixture(scope="module")
 def cluster(tiny_registry: Registry, models_dir: str):
     with (
-        dask.config.set({"warmserve.worker.engine-kv": "8MiB"}),
+        # float32 engines on any CPU, so the budgets below hold with or without native bf16
+        dask.config.set(
+            {"warmserve.worker.engine-kv": "8MiB", "warmserve.engine.dtype": "float32"}
+        ),
         LocalCluster(
             n_workers=1,
             threads_per_worker=1,

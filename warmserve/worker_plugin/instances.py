@@ -99,7 +99,9 @@ class Instances:
         self._run_blocking = run_blocking
         # The front door bounds prompt + max_tokens by the same key (warmserve.frontdoor.catalog).
         self._engine_config = EngineConfig(
-            kv_cache_bytes=kv_bytes, max_model_len=int(config.get("engine.max-model-len"))
+            kv_cache_bytes=kv_bytes,
+            max_model_len=int(config.get("engine.max-model-len")),
+            dtype=str(config.get("engine.dtype")),
         )
         self._interval = liveness_interval
         self._on_death = on_death
