@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+import numba
 import numpy as np
 
 from warmserve.policy.accounting import apply
@@ -115,10 +116,23 @@ def bench_forecast(n: int = 10_000) -> dict:
         avg = rng.gamma(2.0, 5.0, n)
         f.observe_all(w, avg, 2 * avg)
     window = 3 * 288 + 12
+    threads = numba.get_num_threads()
+
+    def timed() -> tuple[float, float]:
+        predict = median_ms(lambda: f.predict(window), runs=21)
+        observe = median_ms(lambda: f.observe_all(window, avg, 2 * avg), runs=21)
+        return predict, observe
+
+    predict, observe = timed()
+    numba.set_num_threads(1)  # the kernels' blocks on one core, in the same run, for the ratio
+    predict_1, observe_1 = timed()
+    numba.set_num_threads(threads)
     return {
         "models": n,
-        "predict_ms": median_ms(lambda: f.predict(window), runs=21),
-        "observe_all_ms": median_ms(lambda: f.observe_all(window, avg, 2 * avg), runs=21),
+        "threads": threads,
+        "predict_ms": predict,
+        "observe_all_ms": observe,
+        "one_thread": {"predict_ms": predict_1, "observe_all_ms": observe_1},
         "target_ms": 5,
     }
 
