@@ -166,3 +166,18 @@ def test_peak_forecast_is_never_below_the_average_forecast() -> None:
     params = CSPParams(5, 3, 4, mix=MixParams())
     a, p = mixture_pair(avg, peak, params)
     assert (p >= a).all()
+
+
+def test_batch_mixture_takes_fewer_windows_than_its_experts_look_back() -> None:
+    """The recent-window experts look up to 12 windows back; a shorter history (a short run's
+    report) still gets one prediction per window, equal to the online forecaster's."""
+    params = CSPParams(5, 3, 4, mix=MixParams())
+    history = np.array([[1.0, 3.0, 2.0]])
+    a, p = mixture_pair(history, 2 * history, params)
+    f = Forecaster(params, ("m",))
+    online = []
+    for w in range(3):
+        online.append(f.predict(w)[0][0])
+        f.observe("m", w, history[0, w], 2 * history[0, w])
+    np.testing.assert_allclose(a[0], online)
+    assert p.shape == (1, 3)

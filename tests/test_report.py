@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from warmserve.report.cli import command
-from warmserve.report.load import concurrency, model_load
+from warmserve.report.load import model_load
 from warmserve.report.metrics import device_seconds, gpu_seconds, request_metrics
 from warmserve.report.schema import DEVICE_SCHEMA, devices_path
 
@@ -104,16 +104,22 @@ def test_cli_writes_table_json_and_plots(tmp_path):
     assert set(data["warm"]["forecast_wape"]) == {"avg", "peak"}
 
 
+def spans(start, end) -> pa.Table:
+    """Result rows of one model's requests in flight over [start, end)."""
+    start, end = np.asarray(start, np.float64), np.asarray(end, np.float64)
+    return pa.table({"model": ["m"] * len(start), "arrival": start, "finish": end})
+
+
 def test_load_per_window_is_the_mean_and_peak_in_flight():
     # [0, 10) and [5, 15) in windows of 10 s: 15 s of load in the first window (1.5 on
     # average, 2 at once at most), 5 s in the second; a span ending where another starts
     # does not overlap it.
-    avg, peak = concurrency(np.array([0.0, 5.0, 20.0]), np.array([10.0, 15.0, 25.0]), 10.0, 3)
-    np.testing.assert_allclose(avg, [1.5, 0.5, 0.5])
-    np.testing.assert_allclose(peak, [2, 1, 1])
-    avg, peak = concurrency(np.array([0.0, 10.0]), np.array([10.0, 20.0]), 10.0, 2)
-    np.testing.assert_allclose(avg, [1, 1])
-    np.testing.assert_allclose(peak, [1, 1])
+    load = model_load(spans([0.0, 5.0, 20.0], [10.0, 15.0, 25.0]), window=10.0, period=30.0)
+    np.testing.assert_allclose(load.avg[0], [1.5, 0.5, 0.5])
+    np.testing.assert_allclose(load.peak[0], [2, 1, 1])
+    load = model_load(spans([0.0, 10.0], [10.0, 20.0]), window=10.0, period=20.0)
+    np.testing.assert_allclose(load.avg[0], [1, 1])
+    np.testing.assert_allclose(load.peak[0], [1, 1])
 
 
 def test_forecast_follows_a_steady_load_per_model():

@@ -182,7 +182,7 @@ def recent_quantile(history: np.ndarray, windows: int, q: float) -> np.ndarray:
     ones ignored); last value where all of them are missing."""
     m, t = history.shape
     lagged = np.full((windows, m, t), np.nan)
-    for j in range(1, windows + 1):
+    for j in range(1, min(windows, t - 1) + 1):  # lags past the start stay missing
         lagged[j - 1, :, j:] = history[:, : t - j]
     out = quantile0(lagged, q)
     return np.where(np.isnan(out), last_value(history), out)
@@ -194,7 +194,7 @@ def recent_ewma(history: np.ndarray, alpha: float, windows: int) -> np.ndarray:
     m, t = history.shape
     num = np.zeros((m, t))
     den = np.zeros((m, t))
-    for j in range(1, windows + 1):
+    for j in range(1, min(windows, t - 1) + 1):  # lags past the start see nothing
         past = np.full((m, t), np.nan)
         past[:, j:] = history[:, : t - j]
         ok = ~np.isnan(past)

@@ -27,6 +27,9 @@ class _Track:
     area: float = 0.0  # integral of level over the open window so far
     peak: int = 0  # highest level in the open window
     window: int = 0  # index of the open window
+    # The peak is only the level carried in at the window's start (no arrival since): a request
+    # ending right at that start then lowers it, as it was never in flight inside the window.
+    carried: bool = False
 
 
 class LoadMeter:
@@ -69,6 +72,7 @@ class LoadMeter:
             tr.since = end
             tr.area = 0.0
             tr.peak = tr.level
+            tr.carried = True
 
     def arrive(self, model: str, t: float) -> None:
         """A request of ``model`` started at ``t``."""
@@ -76,6 +80,7 @@ class LoadMeter:
         self._advance(tr, model, t, self._pending)
         tr.level += 1
         tr.peak = max(tr.peak, tr.level)
+        tr.carried = False
 
     def depart(self, model: str, t: float) -> None:
         """A request of ``model`` finished (or failed) at ``t``."""
@@ -84,6 +89,8 @@ class LoadMeter:
             raise ValueError(f"depart of {model!r} at {t} with no request in flight")
         self._advance(tr, model, t, self._pending)
         tr.level -= 1
+        if tr.carried and tr.since == self.start + tr.window * self.window:
+            tr.peak = tr.level
 
     def level(self, model: str) -> int:
         """Requests of ``model`` in flight now."""

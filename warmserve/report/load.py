@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.forecast import mixture_pair
+from warmserve.policy.load import LoadMeter
 from warmserve.policy.planner import csp_params
 
 
@@ -61,38 +62,33 @@ def request_spans(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return arrival, np.where(np.isfinite(end), np.maximum(end, arrival), arrival)
 
 
-def concurrency(start: np.ndarray, end: np.ndarray, window: float, n: int) -> tuple:
-    """Mean and peak of the number of [start, end) spans open, over ``n`` windows from 0."""
-    t = np.concatenate([start, end])
-    step = np.concatenate([np.ones(len(start)), -np.ones(len(end))])
-    order = np.lexsort((step, t))  # at equal times a span ends before the next one starts
-    t, count = t[order], np.cumsum(step[order])
-    bounds = window * np.arange(n + 1)
-    # Area under the step function up to each event, then up to each window boundary.
-    area = np.concatenate([[0.0], np.cumsum(count[:-1] * np.diff(t))]) if len(t) else t
-    at = np.searchsorted(t, bounds, side="right") - 1
-    inside = at >= 0
-    upto = np.zeros(n + 1)
-    upto[inside] = area[at[inside]] + count[at[inside]] * (bounds[inside] - t[at[inside]])
-    avg = np.diff(upto) / window
-    peak = np.where(inside[:-1], count[np.maximum(at[:-1], 0)], 0.0)  # open at the window's start
-    events = np.floor(t / window).astype(np.int64)
-    ok = (events >= 0) & (events < n)
-    np.maximum.at(peak, events[ok], count[ok])
-    return avg, peak
-
-
 def model_load(table: pa.Table, window: float, period: float) -> Load:
-    """Per-window load of every model in ``table`` and the planner's forecast of each window."""
+    """Per-window load of every model in ``table`` and the planner's forecast of each window.
+
+    The windows come from the :class:`~warmserve.policy.load.LoadMeter` the scheduler plugin and
+    the simulator measure load with, fed each request's arrival and end in time order (an end
+    before an arrival at the same time; a request that ended as it arrived holds no load)."""
     config = PolicyConfig(window=window, period=period)
     arrival, end = request_spans(table)
-    names = np.asarray(table.column("model").to_pylist(), dtype=object)
-    models = sorted(set(names.tolist()))
+    names = table.column("model").to_pylist()
+    models = sorted(set(names))
+    row = {m: i for i, m in enumerate(models)}
     n = max(1, int(np.ceil(float(end.max(initial=0.0)) / window)))
+    held = np.flatnonzero(end > arrival)
+    times = np.concatenate([end[held], arrival[held]])
+    arriving = np.repeat([False, True], len(held))
+    meter = LoadMeter(window)
+    for k in np.lexsort((arriving, times)).tolist():
+        model = names[held[k % len(held)]]
+        if arriving[k]:
+            meter.arrive(model, float(times[k]))
+        else:
+            meter.depart(model, float(times[k]))
     avg = np.zeros((len(models), n))
     peak = np.zeros((len(models), n))
-    for i, m in enumerate(models):
-        sel = names == m
-        avg[i], peak[i] = concurrency(arrival[sel], end[sel], window, n)
+    for w in meter.close_until(n * window):
+        if w.index < n:
+            avg[row[w.model], w.index] = w.avg
+            peak[row[w.model], w.index] = w.peak
     pred_avg, pred_peak = mixture_pair(avg, peak, csp_params(config))
     return Load(models, window, avg, peak, pred_avg, pred_peak)
