@@ -110,6 +110,26 @@ def test_autoscale_keeps_the_last_instance_alive_while_busy_then_for_keep_alive(
     assert actions == [Stop("a@n0/d0"), Evict("a", ("n0/d0",))]
 
 
+def test_autoscaler_counts_each_waiting_request_once() -> None:
+    """The load counts queued requests from their arrival: one request waiting for a model with
+    no instance starts one instance at capacity 2 (load + queued made it two), and a full
+    instance of 32 with 10 waiting gets one more (ceil(42 / 25.6) = 2 in all), not two more."""
+    small = replace(CONFIG, instance_capacity=2)
+    one = AutoscalePolicy(MODELS, small).plan(
+        ClusterSnapshot(0.0, MODELS, devices(3), load={"a": 1.0}, queued={"a": 1})
+    )
+    assert one == [Start("a", ("n0/d0",))]
+    # Queued requests the load has not caught up with (no window yet) still scale from zero.
+    alone = AutoscalePolicy(MODELS, small).plan(
+        ClusterSnapshot(0.0, MODELS, devices(3), queued={"a": 1})
+    )
+    assert alone == [Start("a", ("n0/d0",))]
+    full = (InstanceSnapshot("a@n0/d0", "a", ("n0/d0",), load=32.0),)
+    snap = ClusterSnapshot(0.0, MODELS, devices(3), full, load={"a": 42.0}, queued={"a": 10})
+    starts = [a for a in AutoscalePolicy(MODELS, CONFIG).plan(snap) if isinstance(a, Start)]
+    assert len(starts) == 1
+
+
 def test_share_layout_is_made_again_when_devices_join() -> None:
     policy = SharePolicy(MODELS, CONFIG)
     assert policy.plan(ClusterSnapshot(0.0, MODELS, ())) == []  # no worker yet

@@ -109,3 +109,24 @@ def test_lent_kv_is_kept_by_the_scheduler_until_reclaimed(state):
     assert state.snapshot(0.0, {}).device("n/cpu:0").lent == 300
     state.lend("n/cpu:0", -300)
     assert state.snapshot(0.0, {}).device("n/cpu:0").lent == 0
+
+
+def test_a_request_waiting_on_a_start_is_that_start_s_load_not_queued():
+    """A reservation on a start under way shows as the starting instance's load; counting the
+    request as waiting too made the planner start another instance for it."""
+
+    async def main():
+        s = ClusterState(MODELS, capacity=2)
+        s.update_worker("tcp://w", [DeviceSnapshot("n/cpu:0", "n", 1000)], [], [], 0)
+        starting = Starting("a", ("n/cpu:0",), "tcp://w")
+        s.starting.append(starting)
+        for rid in ("r0", "r1"):
+            s.arrive(rid, "a")
+        starting.reserved += 1  # r0 waits for the start; r1 has no slot anywhere
+        snap = s.snapshot(0.0, {"a": 2.0})
+        assert snap.queued == {"a": 1}
+        assert [i.load for i in snap.instances] == [1.0]
+        starting.reserved += 1
+        assert s.waiting() == {}
+
+    asyncio.run(main())

@@ -1,7 +1,8 @@
 """Reactive autoscaling on the short-average load the snapshot carries.
 
 Per model, with ``n`` instances of capacity ``cap`` and ``load`` the short-average concurrency
-plus the requests queued:
+(which counts every request from its arrival, the queued ones included; never below the requests
+queued, so a model with no instance and a request waiting scales up from zero):
 
 - up: above ``scale_up * cap * n``, enough new instances to fall back under it;
 - down: below ``scale_down * cap * n`` (50% of the instances' capacity) for ``grace`` seconds,
@@ -53,7 +54,10 @@ class ReactiveAutoscaler:
         for model in sorted((busy & set(acc.models)) | serving):
             insts = [r for r in acc.replicas.get(model, ()) if r.instance]
             n = len(insts)
-            load = acc.load.get(model, 0.0) + acc.queued.get(model, 0)
+            # Queued requests are in the load already (both the scheduler plugin and the
+            # simulator count a request from its arrival): adding them counted each twice, and
+            # one request waiting at capacity 2 started two instances.
+            load = max(acc.load.get(model, 0.0), float(acc.queued.get(model, 0)))
             if load > cfg.scale_up * cap * n:
                 self._below_since.pop(model, None)
                 for _ in range(math.ceil(load / (cfg.scale_up * cap)) - n):

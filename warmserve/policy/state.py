@@ -72,8 +72,10 @@ class ClusterSnapshot:
     devices: tuple[DeviceSnapshot, ...]
     instances: tuple[InstanceSnapshot, ...] = ()
     host_cache: Mapping[str, frozenset[str]] = field(default_factory=dict)  # node -> models
-    load: Mapping[str, float] = field(default_factory=dict)  # model -> short-average concurrency
-    queued: Mapping[str, int] = field(default_factory=dict)  # model -> requests waiting
+    # model -> short-average concurrency of every request from its arrival, queued ones included
+    load: Mapping[str, float] = field(default_factory=dict)
+    # model -> requests waiting for a slot, less those holding one on an instance being started
+    queued: Mapping[str, int] = field(default_factory=dict)
 
     def device(self, device_id: str) -> DeviceSnapshot:
         for d in self.devices:

@@ -257,12 +257,18 @@ class ClusterState:
         return self.requests.pop(request_id, None), inst
 
     def waiting(self) -> dict[str, int]:
-        """Requests per model that hold no slot (queued at a front door or being routed)."""
+        """Requests per model that hold no slot (queued at a front door or being routed), less
+        those with a slot reserved on a start under way: the snapshot already shows them as
+        that instance's load, and counted here too the planner saw them twice and started
+        another instance for them."""
         out: dict[str, int] = {}
         for r in self.requests.values():
             if r.instance is None:
                 out[r.model] = out.get(r.model, 0) + 1
-        return out
+        for s in self.starting:
+            if s.model in out:
+                out[s.model] -= s.reserved
+        return {m: n for m, n in out.items() if n > 0}
 
     # -- the policy's view ---------------------------------------------------------------------
 
