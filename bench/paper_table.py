@@ -5,11 +5,19 @@ Azure LLM conversation 2023 token counts) at Zipf popularity alpha 0.5 and 2 and
 Each run simulates a warm-up hour (the forecaster's first history; not measured) and a measured
 hour. Writes bench/results/paper_table.json and .md and a TTFT CDF PNG:
 
-- P95/P99 TTFT, fraction of requests with TTFT under 100 ms, per policy, alpha and rate;
+- P95/P99 TTFT, fraction of requests with TTFT under 100 ms, per policy, alpha and rate (the
+  first seed's workloads);
 - the ablations at 15 RPS, alpha 0.5;
-- the largest RPS each policy serves with ``--target`` of requests within ``--slo-ttft``.
+- the largest RPS each policy serves with ``--target`` of requests within ``--slo-ttft``: per
+  workload seed, the last rate passed on a walk up the grid ``--sweep-lo``, ``--sweep-lo +
+  --sweep-step``, ... (every ``--sweep-stride``-th first, then the rates below the first that
+  failed; ``warmserve.sim.sweep.max_rps``), and the median over the seeds. Attainment is not
+  monotone in the rate near the limit, hence no bisection.
 
-    python bench/paper_table.py [--rates 5,10,15,20,25] [--alphas 0.5,2]
+Each (policy, alpha, seed) is one task in a pool of ``--jobs`` processes; the simulator's
+numbers do not depend on how the tasks are spread or on wall time.
+
+    python bench/paper_table.py [--rates 5,10,15,20,25] [--alphas 0.5,2] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -17,10 +25,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 
 import click
 import pyarrow as pa
@@ -30,7 +41,7 @@ from warmserve.report.plots import device_modes, ttft_cdf
 from warmserve.sim.cluster import load_cluster
 from warmserve.sim.engine import Simulator
 from warmserve.sim.policies import build_policy, live_config, policy_config
-from warmserve.sim.sweep import max_rps, measured
+from warmserve.sim.sweep import max_rps, measured, median_rps, rate_grid
 from warmserve.traces.synth import synthesize
 
 MAIN = ("warmserve", "autoscale", "share")
@@ -47,10 +58,30 @@ PAPER_UNDER_100MS = {  # the paper's ablation figures (DESIGN.md)
     "warmserve-noplacement": 0.29,
     "warmserve-noprewarm": 0.15,
 }
+ABLATION_AT = (0.5, 15.0)  # alpha, RPS
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one worker process runs: fixed rates of one (policy, alpha, seed), then
+    optionally the max-RPS walk (whose runs at those rates are not repeated)."""
+
+    cluster: str
+    policy: str
+    alpha: float
+    seed: int
+    rates: tuple[float, ...]
+    keep: tuple[float, ...]  # rates whose measured requests and device timeline come back
+    sweep: tuple[float, ...]  # the walk's grid (empty: no walk)
+    stride: int
+    warmup: float
+    duration: float
+    slo_ttft: float
+    target: float
 
 
 class Runner:
-    """Runs (policy, alpha, rps) once and remembers the measured requests."""
+    """Runs (policy, alpha, rps) of one seed once and remembers the measured requests."""
 
     def __init__(self, cluster: str, warmup: float, duration: float, seed: int) -> None:
         self.spec = load_cluster(cluster)
@@ -69,13 +100,32 @@ class Runner:
             res = Simulator(self.spec, pol, table, self.config).run()
             m = request_metrics(measured(res.requests, self.warmup))
             click.echo(
-                f"{policy:22s} alpha {alpha:g} {rps:5.1f} RPS: p99 {m['ttft_p99']:8.3f} s, "
-                f"<100ms {m['under_100ms']:6.1%} ({time.perf_counter() - t0:.1f} s)",
+                f"{policy:22s} alpha {alpha:g} seed {self.seed} {rps:5.1f} RPS: p99 "
+                f"{m['ttft_p99']:8.3f} s, <100ms {m['under_100ms']:6.1%} "
+                f"({time.perf_counter() - t0:.1f} s)",
                 err=True,
             )
             self.cache[key] = measured(res.requests, self.warmup)
             self.devices[key] = res.devices
         return self.cache[key]
+
+
+def work(task: Task) -> dict:
+    """Run ``task`` (in a worker process): rows of its fixed rates, its walk's answer and the
+    attainment of every rate the walk tried, and the tables of the ``keep`` rates."""
+    runner = Runner(task.cluster, task.warmup, task.duration, task.seed)
+    rows = {rps: row(runner.run(task.policy, task.alpha, rps), task.slo_ttft) for rps in task.rates}
+    tried: dict[str, float] = {}
+
+    def serves(rps: float) -> bool:
+        m = request_metrics(runner.run(task.policy, task.alpha, rps), task.slo_ttft)
+        tried[f"{rps:g}"] = m["slo_attainment"]
+        return m["slo_attainment"] >= task.target
+
+    best = max_rps(serves, task.sweep, task.stride) if task.sweep else None
+    key = (task.policy, task.alpha)
+    tables = {rps: (runner.run(*key, rps), runner.devices[(*key, rps)]) for rps in task.keep}
+    return {"task": task, "rows": rows, "max_rps": best, "tried": tried, "tables": tables}
 
 
 def row(table: pa.Table, slo_ttft: float) -> dict:
@@ -111,11 +161,21 @@ def markdown(doc: dict) -> str:
             f"{fmt(r['ttft_p99'])} | {fmt(r['under_100ms'], True)} | "
             f"{fmt(r['slo_attainment'], True)} |"
         )
+    seeds = doc["seeds"]
     lines += ["", "## Largest RPS within the SLO", ""]
-    lines += ["| alpha | policy | max RPS |", "|---|---|---|"]
+    lines += [
+        f"Per workload seed: the last rate passed on a walk up the grid {doc['sweep']['grid']} "
+        "(every rate tried up to the answer passed: the grid's every stride-th rate, then every "
+        "rate between the last of those that passed and the first that failed); the median "
+        "over the seeds.",
+        "",
+        "| alpha | policy | " + " | ".join(f"seed {k}" for k in seeds) + " | median |",
+        "|---|---|" + "---|" * (len(seeds) + 1),
+    ]
     for alpha, by in doc["max_rps"].items():
         for policy, v in by.items():
-            lines.append(f"| {alpha} | {policy} | {v:g} |")
+            per = " | ".join(f"{v['by_seed'][str(k)]:g}" for k in seeds)
+            lines.append(f"| {alpha} | {policy} | {per} | {v['median']:g} |")
     lines += [
         "",
         "## Ablations (15 RPS, alpha 0.5)",
@@ -162,8 +222,10 @@ def rewrite_markdown(out: str, notes: str | None) -> None:
 @click.option("--target", default=0.95, show_default=True)
 @click.option("--sweep-lo", default=5.0, show_default=True, help="The paper's lowest rate.")
 @click.option("--sweep-hi", default=96.0, show_default=True)
-@click.option("--sweep-tol", default=1.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--sweep-step", default=1.0, show_default=True, help="RPS between grid rates.")
+@click.option("--sweep-stride", default=5, show_default=True, help="Walk every N-th rate first.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Workload seeds; see below.")
+@click.option("--jobs", default=2, show_default=True, help="Worker processes.")
 @click.option("--out", default="bench/results/paper_table", show_default=True)
 @click.option("--markdown-only", is_flag=True, help="Only rewrite OUT.md from OUT.json.")
 @click.option("--notes", type=click.Path(exists=True, dir_okay=False), help="With --markdown-only.")
@@ -177,50 +239,106 @@ def main(
     target: float,
     sweep_lo: float,
     sweep_hi: float,
-    sweep_tol: float,
-    seed: int,
+    sweep_step: float,
+    sweep_stride: int,
+    seeds: str,
+    jobs: int,
     out: str,
     markdown_only: bool,
     notes: str | None,
 ) -> None:
+    """Seeds: the first one's workloads make the TTFT grid and the ablations; every seed gets
+    its own max-RPS walk."""
     if markdown_only:
         rewrite_markdown(out, notes)
         return
     t0 = time.perf_counter()
-    runner = Runner(cluster, warmup, duration, seed)
     rate_list = [float(x) for x in rates.split(",")]
     alpha_list = [float(x) for x in alphas.split(",")]
-    grid = []
-    for alpha in alpha_list:
-        for rps in rate_list:
-            for policy in MAIN:
-                grid.append(
-                    {"alpha": alpha, "rps": rps, "policy": policy}
-                    | row(runner.run(policy, alpha, rps), slo_ttft)
-                )
-    ablations = {p: row(runner.run(p, 0.5, 15.0), slo_ttft) for p in ABLATIONS}
-    best: dict[str, dict[str, float]] = {}
-    for alpha in alpha_list:
-        best[f"{alpha:g}"] = {}
-        for policy in MAIN:
-
-            def serves(rps: float, policy: str = policy, alpha: float = alpha) -> bool:
-                m = request_metrics(runner.run(policy, alpha, rps), slo_ttft)
-                return m["slo_attainment"] >= target
-
-            best[f"{alpha:g}"][policy] = max_rps(serves, sweep_lo, sweep_hi, sweep_tol)
-    by = {(r["alpha"], r["rps"], r["policy"]): r for r in grid}
-    targets = {}
-    if (0.5, 15.0, "warmserve") in by:
-        ws, auto = by[(0.5, 15.0, "warmserve")], by[(0.5, 15.0, "autoscale")]
-        ratio = auto["ttft_p99"] / ws["ttft_p99"]
-        targets["P99 TTFT autoscale / warmserve at 15 RPS, alpha 0.5 (target >= 50)"] = (
-            f"{ratio:.2f}x"
+    seed_list = [int(x) for x in seeds.split(",")]
+    if ABLATION_AT[0] not in alpha_list:
+        raise click.UsageError(f"--alphas must include {ABLATION_AT[0]:g} (the ablations')")
+    grid_rates = rate_grid(sweep_lo, sweep_hi, sweep_step)
+    first = seed_list[0]
+    common = dict(
+        cluster=cluster,
+        stride=sweep_stride,
+        warmup=warmup,
+        duration=duration,
+        slo_ttft=slo_ttft,
+        target=target,
+    )
+    tasks = []
+    for policy, alpha, seed in itertools.product(MAIN, alpha_list, seed_list):
+        fixed = tuple(rate_list) if seed == first else ()
+        at = alpha == ABLATION_AT[0] and seed == first
+        if at and ABLATION_AT[1] not in fixed:
+            fixed += (ABLATION_AT[1],)
+        keep = (ABLATION_AT[1],) if at else ()
+        tasks.append(Task(policy=policy, alpha=alpha, seed=seed, rates=fixed, keep=keep,
+                          sweep=tuple(grid_rates), **common))  # fmt: skip
+    for policy in ABLATIONS[1:]:
+        tasks.append(Task(policy=policy, alpha=ABLATION_AT[0], seed=first, rates=(ABLATION_AT[1],),
+                          keep=(ABLATION_AT[1],), sweep=(), **common))  # fmt: skip
+    # warmserve's runs cost ten times share's: start the dearest first.
+    tasks.sort(key=lambda t: (t.policy != "warmserve", not t.sweep, -t.alpha))
+    results = []
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        for fut in as_completed([pool.submit(work, t) for t in tasks]):
+            res = fut.result()
+            t = res["task"]
+            results.append(res)
+            click.echo(
+                f"done: {t.policy} alpha {t.alpha:g} seed {t.seed}: max {res['max_rps']} RPS "
+                f"({time.perf_counter() - t0:.0f} s)",
+                err=True,
+            )
+    rows: dict[tuple[str, float, float], dict] = {}
+    tables: dict[str, tuple[pa.Table, pa.Table]] = {}
+    best: dict[str, dict[str, dict]] = {f"{a:g}": {} for a in alpha_list}
+    for res in results:
+        t = res["task"]
+        for rps, r in res["rows"].items():
+            rows[(t.policy, t.alpha, rps)] = r
+        for pair in res["tables"].values():  # only ABLATION_AT's
+            tables[t.policy] = pair
+        if res["max_rps"] is not None:
+            b = best[f"{t.alpha:g}"].setdefault(t.policy, {"by_seed": {}, "attainment": {}})
+            b["by_seed"][str(t.seed)] = res["max_rps"]
+            b["attainment"][str(t.seed)] = res["tried"]
+    for by in best.values():
+        for policy in list(by):
+            b = by.pop(policy)
+            b["by_seed"] = {str(k): b["by_seed"][str(k)] for k in seed_list}
+            b["median"] = median_rps(list(b["by_seed"].values()))
+            by[policy] = b
+        by.update({p: by.pop(p) for p in MAIN})  # the order of MAIN
+    grid = [
+        {"alpha": alpha, "rps": rps, "policy": policy} | rows[(policy, alpha, rps)]
+        for alpha in alpha_list
+        for rps in rate_list
+        for policy in MAIN
+    ]
+    ablations = {p: rows[(p, *ABLATION_AT)] for p in ABLATIONS}
+    ws, auto = rows[("warmserve", *ABLATION_AT)], rows[("autoscale", *ABLATION_AT)]
+    targets = {
+        "P99 TTFT autoscale / warmserve at 15 RPS, alpha 0.5 (target >= 50)": (
+            f"{auto['ttft_p99'] / ws['ttft_p99']:.2f}x"
         )
+    }
     for alpha, b in best.items():
-        share = b["share"]
-        ratio = b["warmserve"] / share if share else float("inf")
-        targets[f"max RPS warmserve / share, alpha {alpha} (target >= 2.5)"] = f"{ratio:.2f}x"
+        share = b["share"]["median"]
+        ratio = b["warmserve"]["median"] / share if share else float("inf")
+        per = [
+            f"{b['warmserve']['by_seed'][k] / b['share']['by_seed'][k]:.2f}x"
+            if b["share"]["by_seed"][k]
+            else "inf"
+            for k in b["share"]["by_seed"]
+        ]
+        targets[f"max RPS warmserve / share, alpha {alpha} (target >= 2.5)"] = (
+            f"{ratio:.2f}x (medians; per seed {', '.join(per)})"
+        )
     order = [ablations[p]["under_100ms"] for p in PAPER_UNDER_100MS]
     targets["ablations ordered full > noproactive > noplacement > noprewarm"] = str(
         all(a > b for a, b in itertools.pairwise(order))
@@ -235,11 +353,20 @@ def main(
         "duration": duration,
         "slo_ttft": slo_ttft,
         "target": target,
-        "seed": seed,
+        "seeds": seed_list,
+        "sweep": {
+            "grid": f"{sweep_lo:g}, {grid_rates[1]:g}, ... {grid_rates[-1]:g} RPS, every "
+            f"stride {sweep_stride}",
+            "lo": sweep_lo,
+            "hi": sweep_hi,
+            "step": sweep_step,
+            "stride": sweep_stride,
+        },
         "grid": grid,
         "ablations": ablations,
         "max_rps": best,
         "targets": targets,
+        "jobs": jobs,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
@@ -247,11 +374,12 @@ def main(
         json.dump(doc, f, indent=1)
     with open(f"{out}.md", "w") as f:
         f.write(markdown(doc))
-    cdf = {p: runner.run(p, 0.5, 15.0) for p in (*MAIN, *ABLATIONS[1:])}
+    cdf = {p: tables[p][0] for p in (*MAIN, *ABLATIONS[1:])}
     ttft_cdf(cdf, f"{out}_ttft_cdf.png", slo_ttft=0.1)
+    alpha, rps = ABLATION_AT
     for policy in MAIN:
-        title = f"{policy}, 15 RPS, alpha 0.5"
-        device_modes(runner.devices[(policy, 0.5, 15.0)], f"{out}_devices_{policy}.png", title)
+        title = f"{policy}, {rps:g} RPS, alpha {alpha:g}"
+        device_modes(tables[policy][1], f"{out}_devices_{policy}.png", title)
     click.echo(markdown(doc))
 
 

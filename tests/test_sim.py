@@ -281,35 +281,64 @@ def test_policy_config_charges_what_the_simulator_charges():
     assert cfg.instance_capacity == cluster.costs.instance_capacity
 
 
-def test_max_rps_bisects_to_the_threshold():
-    from warmserve.sim.sweep import max_rps
+def test_max_rps_walks_the_grid_up_to_the_first_failure():
+    from warmserve.sim.sweep import max_rps, rate_grid
 
+    grid = rate_grid(1, 64, 1)
+    assert grid[:3] == [1, 2, 3] and grid[-1] == 64 and rate_grid(5, 6, 0.25)[-1] == 6
     calls: list[float] = []
 
     def serves(rps: float) -> bool:
         calls.append(rps)
         return rps <= 13.3
 
-    assert 13.3 - 0.25 <= max_rps(serves, 1, 64, 0.25) <= 13.3
-    assert len(calls) < 12
-    assert max_rps(lambda r: False, 1, 64, 1) == 0.0
-    assert max_rps(lambda r: True, 1, 64, 1) == 64
+    assert max_rps(serves, grid) == 13 and calls == grid[:14]
+    calls.clear()
+    assert max_rps(serves, grid, stride=8) == 13  # coarse 1, 9, 17 (fails), then 10 to 14
+    assert calls == [1, 9, 17, 10, 11, 12, 13, 14]
+    assert max_rps(lambda r: False, grid, 8) == 0.0
+    assert max_rps(lambda r: True, grid, 8) == 64
+    with pytest.raises(ValueError):
+        max_rps(serves, [2, 1])
+
+
+def test_max_rps_cannot_jump_past_a_failure_on_a_non_monotone_serves():
+    """Attainment near the limit is not monotone in the rate: a failure at 9 with passes at 10
+    to 13 and again at 20 to 30. Bisection on [1, 64] lands near 13 (it never tries 9); the
+    walk stops below the first failure it meets."""
+    from warmserve.sim.sweep import max_rps, median_rps, rate_grid
+
+    def serves(rps: float) -> bool:
+        return (rps <= 13 and rps != 9) or 20 <= rps <= 30
+
+    grid = rate_grid(1, 64, 1)
+    assert max_rps(serves, grid) == 8
+    assert max_rps(serves, grid, stride=4) == 8  # coarse 1, 5, 9 (fails), then 6 to 8
+    assert max_rps(lambda r: r != 9 and r <= 13, grid, stride=8) == 8  # 9 is a coarse rate
+    # With a stride, a failure between two coarse rates that passed is never tried (the cost of
+    # trying only the top of the grid densely); passes above the first failure never count.
+    assert max_rps(lambda r: r != 5 and (r <= 13 or r >= 20), grid, stride=8) == 13
+    assert median_rps([8, 13, 11]) == 11
 
 
 def test_sweep_cli_reports_a_rate_per_policy(tmp_path):
     import json
 
     from warmserve.sim.cli import command
+    from warmserve.sim.sweep import median_rps
 
     cluster, _ = _files(tmp_path, [{"name": "a", "family": "f", "bytes": "14 GB"}])
     out = tmp_path / "s.json"
     args = ["sweep", "--cluster", cluster, "--policy", "autoscale", "--duration", "120"]
-    args += ["--warmup", "60", "--lo", "1", "--hi", "8", "--tol", "2", "--out", str(out)]
-    res = CliRunner().invoke(command, args)
+    args += ["--warmup", "60", "--lo", "1", "--hi", "8", "--step", "2", "--seeds", "0,1"]
+    res = CliRunner().invoke(command, [*args, "--out", str(out)])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
-    assert 0 <= doc["policies"]["autoscale"]["max_rps"] <= 8
-    assert doc["policies"]["autoscale"]["attainment_by_rps"]
+    found = doc["policies"]["autoscale"]
+    assert set(found["max_rps_by_seed"]) == {"0", "1"}
+    assert all(v in (0.0, 1, 3, 5, 7) for v in found["max_rps_by_seed"].values())
+    assert found["max_rps"] == median_rps(list(found["max_rps_by_seed"].values()))
+    assert set(found["attainment_by_rps"]) == {"0", "1"} and found["attainment_by_rps"]["0"]
 
 
 @pytest.fixture(scope="module")

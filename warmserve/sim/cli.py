@@ -105,10 +105,11 @@ def command(
 @click.option("--warmup", default=3600.0, show_default=True, help="Unmeasured seconds first.")
 @click.option("--slo-ttft", default=1.0, show_default=True, help="TTFT SLO in seconds.")
 @click.option("--target", default=0.95, show_default=True, help="Fraction within the SLO.")
-@click.option("--lo", default=1.0, show_default=True)
-@click.option("--hi", default=64.0, show_default=True)
-@click.option("--tol", default=0.5, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--lo", default=1.0, show_default=True, help="Lowest rate of the grid.")
+@click.option("--hi", default=64.0, show_default=True, help="Highest rate of the grid.")
+@click.option("--step", default=1.0, show_default=True, help="RPS between grid rates.")
+@click.option("--stride", default=1, show_default=True, help="Walk every N-th rate first.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Workload seeds, one walk each.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="JSON of the results.")
 def sweep(
     cluster: str,
@@ -121,13 +122,16 @@ def sweep(
     target: float,
     lo: float,
     hi: float,
-    tol: float,
-    seed: int,
+    step: float,
+    stride: int,
+    seeds: str,
     out_path: str | None,
 ) -> None:
     """The largest RPS each policy serves with TARGET of requests within the TTFT SLO, on
-    workloads synthesized from real traces (``warmserve.traces.synth``)."""
-    from warmserve.sim.sweep import attainment, max_rps
+    workloads synthesized from real traces (``warmserve.traces.synth``): per seed, the last
+    rate of the grid passed on a walk upward that stops at the first failure
+    (``warmserve.sim.sweep.max_rps``), and the median over the seeds."""
+    from warmserve.sim.sweep import attainment, max_rps, median_rps, rate_grid
     from warmserve.traces.synth import synthesize
 
     try:
@@ -136,22 +140,35 @@ def sweep(
         config = policy_config(spec, live_config())
         for name in policies:
             build_policy(name, spec, config)
+        rates = rate_grid(lo, hi, step)
+        seed_list = [int(s) for s in seeds.split(",")]
     except (SimInputError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     names = list(spec.models)
     found: dict[str, dict] = {}
     for name in policies:
-        tried: dict[str, float] = {}
+        by_seed: dict[str, float] = {}
+        tried: dict[str, dict[str, float]] = {}
+        for seed in seed_list:
+            got = tried[str(seed)] = {}
 
-        def serves(rps: float, name: str = name, tried: dict[str, float] = tried) -> bool:
-            table = synthesize(names, alpha, rps, warmup + duration, seed=seed)
-            run = Simulator(spec, build_policy(name, spec, config), table, config).run()
-            tried[f"{rps:g}"] = attainment(run.requests, slo_ttft, warmup)
-            click.echo(f"{name} at {rps:g} RPS: {tried[f'{rps:g}']:.1%} within {slo_ttft:g} s")
-            return tried[f"{rps:g}"] >= target
+            def serves(rps: float, name: str = name, seed: int = seed, got=got) -> bool:
+                table = synthesize(names, alpha, rps, warmup + duration, seed=seed)
+                run = Simulator(spec, build_policy(name, spec, config), table, config).run()
+                got[f"{rps:g}"] = attainment(run.requests, slo_ttft, warmup)
+                click.echo(
+                    f"{name} seed {seed} at {rps:g} RPS: {got[f'{rps:g}']:.1%} within "
+                    f"{slo_ttft:g} s"
+                )
+                return got[f"{rps:g}"] >= target
 
-        found[name] = {"max_rps": max_rps(serves, lo, hi, tol), "attainment_by_rps": tried}
-        click.echo(f"{name}: max {found[name]['max_rps']:g} RPS")
+            by_seed[str(seed)] = max_rps(serves, rates, stride)
+        found[name] = {
+            "max_rps": median_rps(list(by_seed.values())),
+            "max_rps_by_seed": by_seed,
+            "attainment_by_rps": tried,
+        }
+        click.echo(f"{name}: max {found[name]['max_rps']:g} RPS (median; by seed {by_seed})")
     if out_path:
         doc = {
             "cluster": os.path.abspath(cluster),
@@ -160,7 +177,8 @@ def sweep(
             "target": target,
             "duration": duration,
             "warmup": warmup,
-            "seed": seed,
+            "grid": {"lo": lo, "hi": hi, "step": step, "stride": stride},
+            "seeds": seed_list,
             "policies": found,
         }
         with open(out_path, "w") as f:
