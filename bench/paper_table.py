@@ -355,7 +355,7 @@ def main(
         "target": target,
         "seeds": seed_list,
         "sweep": {
-            "grid": f"{sweep_lo:g}, {grid_rates[1]:g}, ... {grid_rates[-1]:g} RPS, every "
+            "grid": f"{sweep_lo:g}, {grid_rates[1]:g}, ... {grid_rates[-1]:g} RPS, "
             f"stride {sweep_stride}",
             "lo": sweep_lo,
             "hi": sweep_hi,

@@ -75,10 +75,22 @@ def test_on_demand_stops_an_idle_instance_when_every_device_serves() -> None:
         InstanceSnapshot("b@n0/d0", "b", ("n0/d0",), load=0.0),
         InstanceSnapshot("a@n0/d1", "a", ("n0/d1",), load=32.0),
     )
-    snap = ClusterSnapshot(0.0, MODELS, devices(2), insts, queued={"a": 5})
+    snap = ClusterSnapshot(10.0, MODELS, devices(2), insts, queued={"a": 5})
     actions = policy.on_demand(snap, "a")
     assert actions[0] == Stop("b@n0/d0") and actions[-1] == Start("a", ("n0/d0",))
     apply(snap, actions, CONFIG)
+
+
+def test_on_demand_never_stops_an_instance_still_starting() -> None:
+    """An instance being started serves nothing yet, but stopping it for another model's queue
+    wastes its activation: two models with queues stopped each other's starts every demand
+    interval on a full cluster, neither ever serving. Still starting: ready later (the
+    simulator) or at the snapshot's time (the scheduler plugin)."""
+    a_full = InstanceSnapshot("a@n0/d1", "a", ("n0/d1",), load=32.0)
+    for started in (12.0, 10.0):
+        b = InstanceSnapshot("b@n0/d0", "b", ("n0/d0",), load=0.0, started=started)
+        snap = ClusterSnapshot(10.0, MODELS, devices(2), (b, a_full), queued={"a": 5})
+        assert make_policy("warmserve", MODELS, CONFIG).on_demand(snap, "a") == []
 
 
 def test_autoscaler_sheds_below_half_capacity_after_the_grace_period() -> None:

@@ -206,8 +206,17 @@ class WarmServePolicy:
 
     def _spare(self, acc: Accounting) -> list[str]:
         """Instances that can stop at once with nothing lost: those serving no request (one
-        with requests in flight would hold its devices until they finish)."""
-        return sorted(r.instance for r in acc.instances.values() if r.instance and r.load == 0)
+        with requests in flight would hold its devices until they finish) that have begun
+        serving. One still starting (``started`` now or later) serves nothing yet but is not
+        idle: stopping it throws its activation away with the requests waiting for it. Two
+        models with queues on a full cluster stopped each other's starts every demand
+        interval, neither ever serving (about 11,000 starts in the simulated warm-up hour at
+        56 RPS)."""
+        return sorted(
+            r.instance
+            for r in acc.instances.values()
+            if r.instance and r.load == 0 and r.started < acc.time
+        )
 
     def _preempt(self, snapshot: ClusterSnapshot, acc: Accounting, model: str) -> list[Action]:
         """No group is free for a waiting request: stop idle instances (:meth:`_spare`) where

@@ -60,7 +60,9 @@ class InstanceSnapshot:
     model: str
     devices: tuple[str, ...]
     load: float = 0.0  # concurrent requests now
-    started: float = 0.0  # time the instance began serving
+    # Time the instance began serving; for one still starting, when it will (the simulator) or
+    # the snapshot's time (the scheduler plugin, which cannot know): never before ``time``.
+    started: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
