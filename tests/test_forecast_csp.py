@@ -10,8 +10,11 @@ from warmserve.policy.forecast import (
     CSPParams,
     Forecaster,
     MixParams,
+    auto_ses,
     csp,
+    experts,
     last_value,
+    mix_experts,
     mixture,
     mixture_pair,
     recent_quantile,
@@ -181,3 +184,32 @@ def test_batch_mixture_takes_fewer_windows_than_its_experts_look_back() -> None:
         f.observe("m", w, history[0, w], 2 * history[0, w])
     np.testing.assert_allclose(a[0], online)
     assert p.shape == (1, 3)
+
+
+def test_auto_ses_follows_a_random_walk_and_smooths_noise() -> None:
+    """A random walk is best predicted by its last value (weight 1); noise around a constant
+    by a heavy smoothing (the smallest weight): each series picks its own."""
+    rng = np.random.default_rng(3)
+    walk = 100 + np.cumsum(rng.normal(0, 5, 400))
+    noise = 100 + rng.normal(0, 5, 400)
+    pred = auto_ses(np.stack([walk, noise]), alphas=(0.2, 1.0))
+    assert np.allclose(pred[0, 300:], walk[299:-1])  # weight 1: the last value
+    smooth = auto_ses(noise[None], alphas=(0.2,))[0]
+    assert np.allclose(pred[1, 300:], smooth[300:])
+    assert np.abs(pred[1, 300:] - 100).mean() < 0.5 * np.abs(noise[299:-1] - 100).mean()
+
+
+def test_auto_ses_skips_missing_windows_and_waits_for_a_first_value() -> None:
+    h = np.array([[NAN, NAN, 4.0, NAN, 8.0, 8.0]])
+    pred = auto_ses(h, alphas=(1.0,))
+    assert pred[0].tolist() == [0.0, 0.0, 0.0, 4.0, 4.0, 8.0]
+
+
+def test_mix_experts_of_the_planner_stack_is_the_mixture() -> None:
+    rng = np.random.default_rng(4)
+    h = rng.gamma(2.0, 10.0, (3, 60))
+    params = CSPParams(
+        period=12, periods=3, correction_windows=10, decay=0.8, reset=False, mix=MixParams()
+    )
+    e = experts(h, params)
+    assert np.array_equal(mix_experts(e, h, MixParams(), 1), mixture(h, params, 1))

@@ -50,7 +50,12 @@ with corrections across period boundaries, decay 0.8 over 10 windows, 70% last v
 ``mixture`` (what the planner runs, :func:`warmserve.policy.planner.csp_params`: an online,
 per-series, exponentially weighted mixture of a CSP, last-value, seasonal-naive, the seasonal
 delta and recent medians and quantiles, see :class:`warmserve.policy.forecast.MixParams`; it
-learns only from windows before each prediction) and the two statsforecast models.
+learns only from windows before each prediction), ``auto-ses`` (simple exponential smoothing
+whose weight each series picks online, :func:`warmserve.policy.forecast.auto_ses`: a one-pass
+stand-in for what AutoETS fits per origin) and the two statsforecast models. ``mixture+ses`` is
+a candidate: the planner's mixture with ``auto-ses`` as one more expert; the tuning scores it at
+the chosen parameters by the same objective (``candidates_worst_ratio``), and the planner runs
+it only if that beats the mixture on the tune part.
 ``peak_tradeoff`` scores the mixture with other pinball quantiles for its peak plane: a higher
 one predicts higher peaks, so fewer missed bursts for a larger WAPE.
 """
@@ -283,12 +288,34 @@ def methods(period: int) -> dict:
         "last-value": fc.last_value,
         "seasonal-naive": lambda h: fc.seasonal_naive(h, period),
         "blend": lambda h: fc.csp(h, blend_params(period)),
+        "auto-ses": fc.auto_ses,
     }
 
 
 def planner_params(period: int, mix: fc.MixParams | None = None) -> fc.CSPParams:
     """The planner's forecaster (:func:`warmserve.policy.planner.csp_params`) at ``period``."""
     return fc.CSPParams(period, 3, 10, decay=0.8, reset=False, mix=mix or fc.MixParams())
+
+
+def mixture_with_ses(values: np.ndarray, params: fc.CSPParams, plane: int) -> np.ndarray:
+    """The planner's mixture with :func:`~warmserve.policy.forecast.auto_ses` as one more
+    expert (the mean of all experts stays last). A candidate: scored here and in the tuning,
+    not what the planner runs unless the tuning prefers it."""
+    e = fc.experts(values, params)[:-1]
+    e = np.concatenate([e, fc.auto_ses(values)[None]])
+    e = np.concatenate([e, e.mean(axis=0, keepdims=True)])
+    return fc.mix_experts(e, values, params.mix or fc.MixParams(), plane)
+
+
+def _pair(avg: np.ndarray, peak: np.ndarray, params: fc.CSPParams, candidate: str):
+    """Average and peak predictions of the planner's mixture or of a candidate variant."""
+    if candidate == "mixture":
+        return fc.mixture_pair(avg, peak, params)
+    a = mixture_with_ses(avg, params, 0)
+    return a, np.maximum(mixture_with_ses(peak, params, 1), a)
+
+
+CANDIDATES = ("mixture+ses",)
 
 
 def blend_params(period: int) -> fc.CSPParams:
@@ -361,6 +388,15 @@ def tune(loaded: dict[str, Series], stats: bool = True) -> dict:
             )
     rows.sort(key=lambda r: r["worst_ratio"])
     best = rows[0]
+    candidates = {}
+    for cand in CANDIDATES:  # at the chosen parameters, by the same objective
+        worst = 0.0
+        for name, s in loaded.items():
+            a, p = _pair(s.avg, s.peak, planner_params(s.period), cand)
+            for at, theirs in refs[name].values():
+                mine = _scores(a[:, at], s.avg[:, at], p[:, at], s.peak[:, at])
+                worst = max(worst, *(mine[m] / theirs[m] for m in MEASURES))
+        candidates[cand] = round(worst, 4)
     default = fc.MixParams()
     chosen = {"eta": default.eta, "discount": default.discount, "tau_peak": default.tau[1]}
     return {
@@ -372,6 +408,7 @@ def tune(loaded: dict[str, Series], stats: bool = True) -> dict:
         "best": rows[:8],
         "planner_defaults": chosen,
         "planner_defaults_are_best": all(best[k] == v for k, v in chosen.items()),
+        "candidates_worst_ratio": candidates,
     }
 
 
@@ -431,6 +468,8 @@ def evaluate(series: Series, stats: bool = True) -> dict:
     preds = {name: (f(series.avg), f(series.peak)) for name, f in methods(series.period).items()}
     params = planner_params(series.period)
     preds["mixture"] = fc.mixture_pair(series.avg, series.peak, params)
+    for cand in CANDIDATES:
+        preds[cand] = _pair(series.avg, series.peak, params, cand)
     result: dict = {
         "series": [str(n) for n in series.names],
         "window_s": series.window,
@@ -509,7 +548,7 @@ def bar(result: dict) -> dict:
         rows["stats_origins_models_only"] = result["held_out_stats_origins"]["scores_models_only"]
     for where, scores in rows.items():
         mine = scores["mixture"]
-        for other in ("last-value", "seasonal-naive", "csp", "autoets", "mstl"):
+        for other in ("last-value", "seasonal-naive", "csp", "auto-ses", "autoets", "mstl"):
             if other not in scores:
                 continue
             for m in MEASURES:

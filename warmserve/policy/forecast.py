@@ -205,6 +205,37 @@ def recent_ewma(history: np.ndarray, alpha: float, windows: int) -> np.ndarray:
         return np.where(den > 0, num / den, last_value(history))
 
 
+SES_ALPHAS = (0.2, 0.3, 0.5, 0.7, 0.85, 1.0)
+
+
+def auto_ses(
+    history: np.ndarray, alphas: tuple[float, ...] = SES_ALPHAS, discount: float = 0.995
+) -> np.ndarray:
+    """Simple exponential smoothing whose smoothing weight each series picks online: every
+    window is predicted by the ``alphas`` member with the least absolute one-step error so far
+    (discounted by ``discount`` per window, about ``1 / (1 - discount)`` windows of memory).
+
+    This is what statsforecast's AutoETS mostly amounts to on these traces (a level model with
+    its weight fitted on the last days), computed in one pass instead of a fit per origin, so
+    ``warmserve forecast eval`` can score it on every window. A missing window updates nothing;
+    a series is predicted 0 until its first observation."""
+    m, t = history.shape
+    a = np.asarray(alphas, float)[:, None]
+    level = np.full((len(alphas), m), np.nan)
+    loss = np.zeros((len(alphas), m))
+    out = np.zeros((m, t))
+    cols = np.arange(m)
+    for i in range(t):
+        pred = np.nan_to_num(level)
+        out[:, i] = pred[loss.argmin(axis=0), cols]
+        x = history[:, i]
+        seen = ~np.isnan(x)
+        first = np.isnan(level)
+        loss = np.where(seen & ~first, discount * loss + np.abs(x - pred), loss)
+        level = np.where(seen, np.where(first, x, level + a * (x - level)), level)
+    return out
+
+
 def experts(history: np.ndarray, params: CSPParams) -> np.ndarray:
     """One-step predictions of every expert of the mixture (experts x models x windows), in the
     order :class:`Forecaster` computes them (see :class:`MixParams`)."""
@@ -234,9 +265,14 @@ def mixture(history: np.ndarray, params: CSPParams, plane: int = 0) -> np.ndarra
     This is the batch form (numpy, one pass over windows); :class:`Forecaster` computes the
     same numbers online.
     """
-    mix = params.mix or MixParams()
+    return mix_experts(experts(history, params), history, params.mix or MixParams(), plane)
+
+
+def mix_experts(e: np.ndarray, history: np.ndarray, mix: MixParams, plane: int) -> np.ndarray:
+    """The weighting of :func:`mixture` over any stack of expert predictions (experts x models
+    x windows), so ``warmserve forecast eval`` can score candidate experts before the online
+    kernels learn them."""
     tau = mix.tau[plane]
-    e = experts(history, params)
     k, m, t = e.shape
     loss = np.zeros((k, m))
     level = np.zeros(m)
