@@ -93,6 +93,33 @@ def test_on_demand_never_stops_an_instance_still_starting() -> None:
         assert make_policy("warmserve", MODELS, CONFIG).on_demand(snap, "a") == []
 
 
+def test_on_demand_moves_busy_instances_off_a_group_a_wider_model_needs() -> None:
+    """Two devices serve nothing, but one in each TP-2 group: the TP-2 model's queue would wait
+    for as long as the busy instances stay (a 70B burst waited ten minutes with seven of 16
+    GPUs free). One instance moves to the free device of the other group, the model starts on
+    the group it leaves. Instances of models with requests waiting, or that have just started,
+    stay where they are."""
+    models = {**MODELS, "c": ModelSpec("c", "big", 26 * GB, tp=2)}
+
+    def on_demand(queued: dict[str, int], started: float) -> list:
+        insts = tuple(
+            InstanceSnapshot(f"{m}@n0/d{i}", m, (f"n0/d{i}",), load=10.0, started=started)
+            for m, i in (("a", 0), ("b", 2))
+        )
+        snap = ClusterSnapshot(100.0, models, devices(4), insts, queued=queued)
+        actions = make_policy("warmserve", models, CONFIG).on_demand(snap, "c")
+        apply(snap, actions, CONFIG)
+        return actions
+
+    assert on_demand({"c": 5}, 0.0) == [
+        Stop("a@n0/d0"),
+        Start("c", ("n0/d0", "n0/d1")),
+        Start("a", ("n0/d3",)),
+    ]
+    assert on_demand({"c": 5, "a": 1}, 0.0)[:2] == [Stop("b@n0/d2"), Start("c", ("n0/d2", "n0/d3"))]
+    assert on_demand({"c": 5}, 100.0 - CONFIG.grace / 2) == []
+
+
 def test_autoscaler_sheds_below_half_capacity_after_the_grace_period() -> None:
     policy = AutoscalePolicy(MODELS, CONFIG)
     insts = tuple(

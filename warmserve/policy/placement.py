@@ -248,3 +248,15 @@ def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[
     acc.start(model, best_group)
     out.append(Start(model, best_group))
     return out
+
+
+def start_on(acc: Accounting, model: str, group: tuple[str, ...]) -> list[Action]:
+    """Start an instance of ``model`` on exactly ``group`` (one instance per device), evicting
+    the residents in the way; [] if it cannot go there."""
+    found = _start_key(acc, group, model, exclusive=True)
+    if found is None:
+        return []
+    out = _evict_all(acc, found[1])
+    acc.start(model, group)
+    out.append(Start(model, group))
+    return out
