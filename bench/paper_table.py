@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import click
+import numpy as np
 import pyarrow as pa
 
 from warmserve.report.metrics import request_metrics
@@ -41,7 +42,7 @@ from warmserve.report.plots import device_modes, ttft_cdf
 from warmserve.sim.cluster import load_cluster
 from warmserve.sim.engine import Simulator
 from warmserve.sim.policies import build_policy, live_config, policy_config
-from warmserve.sim.sweep import max_rps, measured, median_rps, rate_grid
+from warmserve.sim.sweep import gpus_needed, max_rps, measured, median_rps, rate_grid
 from warmserve.traces.synth import synthesize
 
 MAIN = ("warmserve", "autoscale", "share")
@@ -130,7 +131,37 @@ def work(task: Task) -> dict:
     best = max_rps(serves, task.sweep, task.stride) if task.sweep else None
     key = (task.policy, task.alpha)
     tables = {rps: (runner.run(*key, rps), runner.devices[(*key, rps)]) for rps in task.keep}
-    return {"task": task, "rows": rows, "max_rps": best, "tried": tried, "tables": tables}
+    failed = sorted(float(r) for r, a in tried.items() if a < task.target and best is not None)
+    first = failed[0] if failed and task.policy == "warmserve" else None
+    missed = missed_by_model(runner.run(*key, first), task.slo_ttft) if first else None
+    return {
+        "task": task,
+        "rows": rows,
+        "max_rps": best,
+        "tried": tried,
+        "tables": tables,
+        "first_failure": {"rps": first, "missed_by_model": missed} if first else None,
+    }
+
+
+def missed_by_model(table: pa.Table, slo_ttft: float) -> dict[str, int]:
+    """Requests per model without a first token within ``slo_ttft`` (dropped ones included)."""
+    ttft = table.column("ttft").to_numpy(zero_copy_only=False).astype(float)
+    ok = np.asarray(table.column("status").to_pylist(), dtype=object) == "ok"
+    bad = ~(ok & (np.nan_to_num(ttft, nan=np.inf) <= slo_ttft + 1e-9))
+    models = np.asarray(table.column("model").to_pylist(), dtype=object)
+    names, counts = np.unique(models[bad], return_counts=True)
+    return {str(n): int(c) for n, c in sorted(zip(names, counts, strict=True), key=lambda x: -x[1])}
+
+
+def over_capacity(cluster: str, alpha: float, rps: float, seed: int, warmup: float,
+                  duration: float) -> float:  # fmt: skip
+    """Fraction of the measured arrivals at which serving every request in flight at once
+    needs more devices than the cluster has (``warmserve.sim.sweep.gpus_needed``)."""
+    spec = load_cluster(cluster)
+    cap = policy_config(spec, live_config()).instance_capacity
+    table = synthesize(list(spec.models), alpha, rps, warmup + duration, seed=seed)
+    return float((gpus_needed(table, spec, cap, warmup) > spec.device_count).mean())
 
 
 def row(table: pa.Table, slo_ttft: float) -> dict:
@@ -181,6 +212,25 @@ def markdown(doc: dict) -> str:
         for policy, v in by.items():
             per = " | ".join(f"{v['by_seed'][str(k)]:g}" for k in seeds)
             lines.append(f"| {alpha} | {policy} | {per} | {v['median']:g} |")
+    lines += [
+        "",
+        "Where warmserve fails first (per seed: the lowest failing rate above its max), requests "
+        "without a first token within the SLO, by model; and the share of measured arrivals at "
+        "which serving every request in flight at once (one instance of the engine's capacity "
+        "per TP group) needs more GPUs than the cluster has:",
+        "",
+    ]
+    for alpha, by_seed in doc["limits"].items():
+        ws = doc["max_rps"][alpha]["warmserve"]
+        for seed, lim in by_seed.items():
+            ff = ws.get("first_failure", {}).get(seed)
+            miss = ", ".join(f"{m} {n}" for m, n in ff["missed_by_model"].items()) if ff else "-"
+            over = "; ".join(
+                f"{label} ({v['rps']:g} RPS): {v['arrivals_over_capacity']:.2%}"
+                for label, v in lim.items()
+            )
+            at = f" at {ff['rps']:g} RPS" if ff else ""
+            lines.append(f"- alpha {alpha}, seed {seed}: missed{at}: {miss}. Over capacity: {over}")
     lines += [
         "",
         "## Ablations (15 RPS, alpha 0.5)",
@@ -336,6 +386,8 @@ def main(
             b = best[f"{t.alpha:g}"].setdefault(t.policy, {"by_seed": {}, "attainment": {}})
             b["by_seed"][str(t.seed)] = res["max_rps"]
             b["attainment"][str(t.seed)] = res["tried"]
+            if res["first_failure"]:
+                b.setdefault("first_failure", {})[str(t.seed)] = res["first_failure"]
     for by in best.values():
         for policy in list(by):
             b = by.pop(policy)
@@ -349,6 +401,28 @@ def main(
         for rps in rate_list
         for policy in MAIN
     ]
+    # How far any one-instance-per-device policy could go: at 2.5x share's rate, and at
+    # warmserve's own limit and first failure, per seed.
+    limits: dict[str, dict] = {}
+    for alpha, b in best.items():
+        at = {"2.5x share": 2.5 * b["share"]["median"]}
+        lim = limits[alpha] = {}
+        for seed in seed_list:
+            k = str(seed)
+            rates = {**at, "warmserve max": b["warmserve"]["by_seed"][k]}
+            ff = b["warmserve"].get("first_failure", {}).get(k)
+            if ff:
+                rates["warmserve first failure"] = ff["rps"]
+            lim[k] = {
+                label: {
+                    "rps": r,
+                    "arrivals_over_capacity": over_capacity(
+                        cluster, float(alpha), r, seed, warmup, duration
+                    ),
+                }
+                for label, r in rates.items()
+                if r > 0
+            }
     ablations = {p: rows[(p, *ABLATION_AT)] for p in ABLATIONS}
     ablations_scarce = {p: scarce_rows[p] for p in ABLATIONS}
     ws, auto = rows[("warmserve", *ABLATION_AT)], rows[("autoscale", *ABLATION_AT)]
@@ -402,6 +476,7 @@ def main(
             "rows": ablations_scarce,
         },
         "max_rps": best,
+        "limits": limits,
         "targets": targets,
         "jobs": jobs,
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -321,6 +321,20 @@ def test_max_rps_cannot_jump_past_a_failure_on_a_non_monotone_serves():
     assert median_rps([8, 13, 11]) == 11
 
 
+def test_gpus_needed_counts_instances_of_every_model_in_flight():
+    """a (7B, one device) and c (13B, two devices) at capacity 2. Each a request lasts
+    0.035 + 10 * 0.015 = 0.185 s, each c 0.07 + 10 * 0.02 = 0.27 s: at 1.0 the three a requests
+    of that instant need two instances and the one c request one, four devices; the ones of
+    time 0 are over. At 5 one a request needs one device."""
+    from warmserve.sim.sweep import gpus_needed
+
+    cluster = make_cluster([A, C])
+    arrival = [0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 5.0]
+    table = workload(arrival, ["a", "c", "a", "a", "a", "c", "a"], out=11)
+    assert gpus_needed(table, cluster, capacity=2, warmup=0.5).tolist() == [4, 4, 4, 4, 1]
+    assert gpus_needed(table, cluster, capacity=4, warmup=0.5).tolist() == [3, 3, 3, 3, 1]
+
+
 def test_sweep_cli_reports_a_rate_per_policy(tmp_path):
     import json
 

@@ -15,10 +15,12 @@ import itertools
 import statistics
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from warmserve.report.metrics import request_metrics
+from warmserve.sim.cluster import ClusterSpec
 
 
 def rate_grid(lo: float, hi: float, step: float) -> list[float]:
@@ -68,3 +70,27 @@ def measured(requests: pa.Table, warmup: float) -> pa.Table:
 def attainment(requests: pa.Table, slo_ttft: float, warmup: float = 0.0) -> float:
     """Fraction of the measured requests that got a first token within ``slo_ttft``."""
     return float(request_metrics(measured(requests, warmup), slo_ttft)["slo_attainment"])
+
+
+def gpus_needed(workload: pa.Table, spec: ClusterSpec, capacity: int, warmup: float) -> np.ndarray:
+    """At each arrival after ``warmup``, the devices that serving every request in flight at
+    once would take: per model, ``ceil(in flight / capacity)`` instances of ``tp`` devices,
+    each request in flight from its arrival for its prefill and decode time (cost profile).
+
+    What a policy with one instance per device and ``capacity`` slots each cannot do better
+    than, whatever it prewarms: where this exceeds the cluster's devices some request waits
+    (it ignores that groups must be aligned within a node, which only makes it harder).
+    """
+    arrival = workload.column("arrival").to_numpy(zero_copy_only=False).astype(np.float64)
+    out = workload.column("output_tokens").to_numpy(zero_copy_only=False).astype(np.float64)
+    model = np.asarray(workload.column("model").to_pylist(), dtype=object)
+    at = arrival[arrival >= warmup]
+    need = np.zeros(len(at), np.int64)
+    for name, m in spec.models.items():
+        sel = model == name
+        prof = spec.costs.profile(m)
+        start = np.sort(arrival[sel])
+        end = np.sort(arrival[sel] + prof.prefill_s + np.maximum(out[sel] - 1, 0) * prof.decode_s)
+        level = np.searchsorted(start, at, side="right") - np.searchsorted(end, at, side="right")
+        need += m.tp * -(-level // capacity)
+    return need
