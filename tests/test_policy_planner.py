@@ -69,6 +69,22 @@ def test_on_demand_takes_lent_kv_back_before_starting_another_instance() -> None
     apply(waiting, actions, CONFIG)
 
 
+def test_on_demand_leaves_the_loans_of_an_instance_full_by_count() -> None:
+    """At ``instance_capacity`` requests an instance admits none whatever its KV space, so
+    taking its loan back only evicts the weights prewarmed there."""
+    policy = make_policy("warmserve", MODELS, CONFIG)
+    cap = CONFIG.instance_capacity
+    inst = InstanceSnapshot("a@n0/d0", "a", ("n0/d0",), load=10.0)
+    snap = ClusterSnapshot(0.0, MODELS, devices(2), (inst,), load={"a": 10.0})
+    lent = apply(snap, [LendKV("n0/d0", 5 * GB), Prewarm("b", ("n0/d0",))], CONFIG)
+    full = replace(lent.instances[0], load=float(cap))
+    waiting = ClusterSnapshot(1.0, MODELS, lent.devices, (full,), queued={"a": 3})
+    actions = policy.on_demand(waiting, "a")
+    assert not any(isinstance(a, (ReclaimKV, Evict)) for a in actions)
+    assert Start("a", ("n0/d1",)) in actions  # a new instance, on the other device
+    apply(waiting, actions, CONFIG)
+
+
 def test_on_demand_stops_an_idle_instance_when_every_device_serves() -> None:
     policy = make_policy("warmserve", MODELS, CONFIG)
     insts = (

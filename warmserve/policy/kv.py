@@ -9,9 +9,9 @@ residents in the lent space with the lowest scores are evicted and the bytes rec
 
 Lending happens only in steps of at least a tenth of the device's KV, so a load that wobbles
 does not emit a lend/reclaim pair every tick. Between ticks, a request that finds a model's
-instances full takes their loans back at once (:func:`reclaim_for`), before any new instance
-is started: the ledger's numbers are the same, but the instance admits again at once instead
-of at the next tick.
+instances full takes back the loans of those with a free slot at once (:func:`reclaim_for`),
+before any new instance is started: the ledger's numbers are the same, but the instance admits
+again at once instead of at the next tick.
 """
 
 from __future__ import annotations
@@ -53,10 +53,14 @@ def _reclaim(acc: Accounting, d: str, want: int) -> list[Action]:
 
 
 def reclaim_for(acc: Accounting, model: str) -> list[Action]:
-    """Take back every loan on the devices of ``model``'s instances (its requests are waiting)."""
+    """Take back the loans on the devices of ``model``'s instances that have a free slot (its
+    requests are waiting). An instance holding ``instance_capacity`` requests admits none
+    whatever its KV space, so its loans stay: taking them back there evicted the weights
+    prewarmed in them at every queued request of a busy model, for nothing."""
     out: list[Action] = []
+    cap = acc.config.instance_capacity
     mine = sorted(
-        (d for r in acc.replicas.get(model, ()) if r.instance for d in r.devices),
+        {d for r in acc.replicas.get(model, ()) if r.instance and r.load < cap for d in r.devices},
         key=acc.position.__getitem__,
     )
     for d in mine:
