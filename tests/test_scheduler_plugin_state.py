@@ -130,3 +130,14 @@ def test_a_request_waiting_on_a_start_is_that_start_s_load_not_queued():
         assert s.waiting() == {}
 
     asyncio.run(main())
+
+
+def test_a_draining_instance_holds_its_devices_until_it_is_gone(state):
+    """A start on the devices of a stopped instance still finishing requests waits for it."""
+    assert route(state, "r0") == "i0"
+    assert not state.draining_on(("n/cpu:0",))
+    state.instances["i0"].draining = True
+    assert state.draining_on(("n/cpu:0", "n/cpu:9")) and not state.draining_on(("n/cpu:1",))
+    state.finish("r0")
+    del state.instances["i0"]  # what deactivating it does
+    assert not state.draining_on(("n/cpu:0",))

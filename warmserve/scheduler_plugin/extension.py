@@ -52,6 +52,7 @@ logger = logging.getLogger("warmserve.scheduler")
 action_logger = logging.getLogger("warmserve.scheduler.actions")
 
 NAME = "warmserve"
+DRAIN_POLL_S = 0.05  # how often a start waits on an instance draining on its devices
 
 
 class WarmServeExtension(SchedulerPlugin):
@@ -246,6 +247,8 @@ class WarmServeExtension(SchedulerPlugin):
         t0 = time()
         instance: Instance | None = None
         try:
+            while self.state.draining_on(s.devices):  # its deactivation is then first in line
+                await asyncio.sleep(DRAIN_POLL_S)
             async with self._lanes[s.worker]:
                 iid = await self.scheduler.rpc(s.worker).warmserve_activate(
                     model=s.model, device=s.devices[0]

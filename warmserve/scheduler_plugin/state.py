@@ -182,6 +182,14 @@ class ClusterState:
                 best = i
         return best
 
+    def draining_on(self, devices: Iterable[str]) -> bool:
+        """Whether an instance that was stopped but is still finishing its requests holds any
+        of ``devices``. A start there waits for it, as the simulator's does, rather than race
+        it for the device's memory (the planner moves busy instances off a group a wider model
+        needs, and starts that model there at once)."""
+        want = set(devices)
+        return any(i.draining and want & set(i.devices) for i in self.instances.values())
+
     def free(self, inst: Instance) -> int:
         """Slots of ``inst`` neither in use, leased nor promised."""
         return self.capacity - (inst.load - inst.on_lease) - inst.leased - inst.promised
