@@ -155,6 +155,34 @@ def test_a_model_beside_the_engine_pays_one_switch():
     assert res.column("ttft").to_pylist()[0] == pytest.approx(load_costs().activate_s + 0.035)
 
 
+class OnlyA:
+    """Prewarms a with an engine on the first device; starts whatever is asked there."""
+
+    name = "only-a"
+
+    def observe(self, model, window, avg, peak) -> None:
+        pass
+
+    def plan(self, snap: ClusterSnapshot):
+        return [Prewarm("a", (snap.devices[0].id,), Tier.ENGINE)] if snap.time == 0 else []
+
+    def on_demand(self, snap: ClusterSnapshot, model: str):
+        return [Start(model, (snap.devices[0].id,))]
+
+
+def test_an_idle_engine_of_the_family_switches_to_weights_copied_in():
+    # b is on disk, but an idle engine of its family (up for a) sits on the device: the worker
+    # switches that engine to b's weights once they are copied in, with no engine start. A
+    # model of another family pays the engine start.
+    costs = load_costs()
+    load = costs.disk_load_s(14 * GB) + costs.host_load_s(14 * GB)
+    res = simulate([A, B], workload([100.0], ["b"]), OnlyA()).requests
+    assert res.column("ttft").to_pylist()[0] == pytest.approx(load + costs.activate_s + 0.035)
+    other = ModelSpec("b", "mistral-7b", 14 * GB, 1)
+    res = simulate([A, other], workload([100.0], ["b"]), OnlyA()).requests
+    assert res.column("ttft").to_pylist()[0] == pytest.approx(load + costs.engine_start_s + 0.035)
+
+
 def test_second_request_on_a_running_instance_pays_only_prefill():
     table = workload([0.0, 50.0], ["a", "a"])
     res = simulate([A], table, Starter()).requests

@@ -15,6 +15,9 @@ Semantics the policy can rely on:
   device (GPU sharing) each keep their own reservation and split the compute.
 - Start evicts the other models' prewarmed weights from its devices (down to host memory) and
   takes back lent KV space.
+- A start where no weights of the model are resident but an idle engine of its family is up
+  (no instance of the family on the device) copies the weights in and switches that engine
+  to them, as the worker's activation does: no engine start.
 - Stop drains: the instance admits nothing new and frees its devices when its last request ends.
   Its weights then drop to the node's host memory and its engine exits, unless the cost model's
   ``serving.keep_weights_on_stop`` is set, in which case they stay as prewarmed weights.
@@ -416,6 +419,10 @@ class SimCluster:
                 at = max(t, w, up) + (0.0 if same else self.costs.activate_s)
             elif w is not None:
                 at = max(t, w) + self.costs.engine_start_s
+            elif up is not None and not any(i.spec.family == spec.family for i in d.instances):
+                # An idle engine of the family switches in place to weights copied in (as the
+                # worker's activation does): no engine start.
+                at = max(self._load_time(model, d, t, group), up) + self.costs.activate_s
             else:
                 at = self._load_time(model, d, t, group) + self.costs.engine_start_s
             ready = max(ready, at)
