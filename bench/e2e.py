@@ -22,7 +22,8 @@ autoscaler's for one run (with ``--name``, so its files sit beside the main run'
 exclusive devices for 7 models, how soon an idle instance gives its device up decides most TTFTs.
 
 Run: ``python bench/e2e.py [--minutes M] [--rps R]`` (about ``3 * (3 M + 2)`` minutes in all, more
-when requests wait long).
+when requests wait long). After a simulator change, ``--resimulate`` with the same options runs
+only the simulation again, against the live results kept in ``--work-dir``.
 """
 
 from __future__ import annotations
@@ -290,6 +291,12 @@ def main() -> None:
     ap.add_argument("--name", default="e2e", help="Prefix of the files in bench/results.")
     ap.add_argument("--grace", type=float, help="warmserve.autoscaler.grace (s) for this run.")
     ap.add_argument("--average", type=float, help="warmserve.autoscaler.average (s).")
+    ap.add_argument(
+        "--resimulate",
+        action="store_true",
+        help="Only simulate again, against the live results of the earlier run of the same "
+        "options in --work-dir (after a simulator change); updates the sim parts of NAME.json.",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -312,6 +319,9 @@ def main() -> None:
     wpath = work / "workload.parquet"
     pq.write_table(workload, wpath)
     expected = measured(workload, t["warmup_s"]).num_rows
+    if args.resimulate:
+        resimulate(args, t, workload, registry_file, work, expected)
+        return
     doc: dict = {
         "name": args.name,
         "command": "python bench/e2e.py " + " ".join(sys.argv[1:]),
@@ -340,15 +350,7 @@ def main() -> None:
         "sim": {},
         "timings": {},
     }
-    extra: dict[str, float] = {
-        "warmserve.policy.share-slots": SHARE_SLOTS,
-        "warmserve.planner.engine-bytes": ENGINE_BYTES,
-    }
-    if args.grace is not None:
-        extra["warmserve.autoscaler.grace"] = args.grace
-    if args.average is not None:
-        extra["warmserve.autoscaler.average"] = args.average
-    with compressed_config(t, extra) as cfg:
+    with compressed_config(t, _extra(args)) as cfg:
         doc["config"] = cfg
         runs: dict[str, dict] = {}
         for policy in args.policies:
@@ -363,32 +365,81 @@ def main() -> None:
             doc["timings"][policy] = {k: v for k, v in r.items() if k.endswith("_s")}
             print(f"[e2e] {policy}: {json.dumps(doc['live'][policy])}", flush=True)
             _write(doc)
-        base = PolicyConfig.from_mapping(dask.config.get("warmserve"))
-        for policy in args.policies:
-            sim = simulate(workload, registry_file, policy, base)
-            pq.write_table(sim, work / f"sim_{policy}.parquet")
-            doc["sim"][policy] = summary(measured(sim, t["warmup_s"]), expected)
-    doc["sim_over_live_p99"] = {
-        p: doc["sim"][p]["ttft_p99_s"] / doc["live"][p]["ttft_p99_s"] for p in args.policies
-    }
+        _simulate_all(doc, workload, registry_file, work, t, expected)
     if "warmserve" in doc["live"] and "autoscale" in doc["live"]:
         a, w = doc["live"]["autoscale"]["ttft_p99_s"], doc["live"]["warmserve"]["ttft_p99_s"]
         doc["p99_autoscale_over_warmserve"] = a / w
     live_tables = {
         p: measured(pq.read_table(work / f"live_{p}.parquet"), t["warmup_s"]) for p in runs
     }
-    sim_tables = {
-        f"sim {p}": measured(pq.read_table(work / f"sim_{p}.parquet"), t["warmup_s"]) for p in runs
-    }
     ttft_cdf(live_tables, str(RESULTS / f"{args.name}_ttft_cdf.png"), SLO_TTFT)
-    ttft_cdf(
-        {**live_tables, **sim_tables}, str(RESULTS / f"{args.name}_ttft_cdf_sim.png"), SLO_TTFT
-    )
+    _plot_sim(args.name, live_tables, work, t)
     plot_load(runs, t, RESULTS / f"{args.name}_load.png")
     for p, table in live_tables.items():
         pq.write_table(table, RESULTS / f"{args.name}_{p}.parquet")
     _write(doc)
     print(json.dumps({k: doc[k] for k in ("live", "sim")}, indent=1))
+
+
+def _extra(args: argparse.Namespace) -> dict[str, float]:
+    """Config the live run and its simulation share beyond the compressed timings."""
+    extra: dict[str, float] = {
+        "warmserve.policy.share-slots": SHARE_SLOTS,
+        "warmserve.planner.engine-bytes": ENGINE_BYTES,
+    }
+    if args.grace is not None:
+        extra["warmserve.autoscaler.grace"] = args.grace
+    if args.average is not None:
+        extra["warmserve.autoscaler.average"] = args.average
+    return extra
+
+
+def _simulate_all(
+    doc: dict, workload: pa.Table, registry_file: str, work: Path, t: dict, expected: int
+) -> None:
+    """The simulator on every policy run live (in the live run's config), and its P99 over the
+    live one's."""
+    base = PolicyConfig.from_mapping(dask.config.get("warmserve"))
+    for policy in doc["live"]:
+        sim = simulate(workload, registry_file, policy, base)
+        pq.write_table(sim, work / f"sim_{policy}.parquet")
+        doc["sim"][policy] = summary(measured(sim, t["warmup_s"]), expected)
+    doc["sim_over_live_p99"] = {
+        p: doc["sim"][p]["ttft_p99_s"] / doc["live"][p]["ttft_p99_s"] for p in doc["live"]
+    }
+
+
+def _plot_sim(name: str, live_tables: dict[str, pa.Table], work: Path, t: dict) -> None:
+    sim_tables = {
+        f"sim {p}": measured(pq.read_table(work / f"sim_{p}.parquet"), t["warmup_s"])
+        for p in live_tables
+    }
+    ttft_cdf({**live_tables, **sim_tables}, str(RESULTS / f"{name}_ttft_cdf_sim.png"), SLO_TTFT)
+
+
+def resimulate(
+    args: argparse.Namespace,
+    t: dict,
+    workload: pa.Table,
+    registry_file: str,
+    work: Path,
+    expected: int,
+) -> None:
+    """Simulate again against an earlier live run: its workload must be the one these options
+    make (the same minutes, rate and seed), or the comparison means nothing."""
+    path = RESULTS / f"{args.name}.json"
+    doc = json.loads(path.read_text())
+    if doc["workload"]["requests"] != workload.num_rows or doc["workload"]["rps"] != args.rps:
+        raise SystemExit(f"{path} is not a run of these options: run the live part again")
+    with compressed_config(t, _extra(args)):
+        _simulate_all(doc, workload, registry_file, work, t, expected)
+    doc["sim_command"] = "python bench/e2e.py " + " ".join(sys.argv[1:])
+    live_tables = {
+        p: measured(pq.read_table(work / f"live_{p}.parquet"), t["warmup_s"]) for p in doc["live"]
+    }
+    _plot_sim(args.name, live_tables, work, t)
+    _write(doc)
+    print(json.dumps({"sim": doc["sim"], "sim_over_live_p99": doc["sim_over_live_p99"]}))
 
 
 def _write(doc: dict) -> None:
