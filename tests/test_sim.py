@@ -181,6 +181,12 @@ def test_an_idle_engine_of_the_family_switches_to_weights_copied_in():
     other = ModelSpec("b", "mistral-7b", 14 * GB, 1)
     res = simulate([A, other], workload([100.0], ["b"]), OnlyA()).requests
     assert res.column("ttft").to_pylist()[0] == pytest.approx(load + costs.engine_start_s + 0.035)
+    # An instance of another family serving on the device (devices shared) does not stop it.
+    small = [ModelSpec(m, f, 2 * GB, 1) for m, f in (("a", A.family), ("b", A.family), ("c", "x"))]
+    res = simulate(small, workload([100.0, 200.0], ["c", "b"]), OnlyA()).requests
+    load = costs.disk_load_s(2 * GB) + costs.host_load_s(2 * GB)
+    assert res.column("status").to_pylist() == ["ok", "ok"]
+    assert res.column("ttft").to_pylist()[1] == pytest.approx(load + costs.activate_s, abs=0.1)
 
 
 def test_second_request_on_a_running_instance_pays_only_prefill():

@@ -419,7 +419,9 @@ class SimCluster:
                 at = max(t, w, up) + (0.0 if same else self.costs.activate_s)
             elif w is not None:
                 at = max(t, w) + self.costs.engine_start_s
-            elif up is not None and not any(i.spec.family == spec.family for i in d.instances):
+            elif up is not None and all(
+                self.models[i.model].family != spec.family for i in d.instances
+            ):
                 # An idle engine of the family switches in place to weights copied in (as the
                 # worker's activation does): no engine start.
                 at = max(self._load_time(model, d, t, group), up) + self.costs.activate_s
