@@ -231,35 +231,12 @@ def markdown(doc: dict) -> str:
             )
             at = f" at {ff['rps']:g} RPS" if ff else ""
             lines.append(f"- alpha {alpha}, seed {seed}: missed{at}: {miss}. Over capacity: {over}")
-    lines += [
-        "",
-        "## Ablations (15 RPS, alpha 0.5)",
-        "",
-        "| policy | TTFT < 100 ms | paper | P99 TTFT (s) |",
-        "|---|---|---|---|",
-    ]
-    for policy, r in doc["ablations"].items():
-        paper = PAPER_UNDER_100MS.get(policy)
-        lines.append(
-            f"| {policy} | {fmt(r['under_100ms'], True)} | "
-            f"{fmt(paper, True) if paper is not None else '-'} | {fmt(r['ttft_p99'])} |"
-        )
+    lines += _ablation_table("## Ablations (15 RPS, alpha 0.5)", doc["ablations"], slo=False)
     sc = doc["ablations_scarce"]
-    lines += [
-        "",
-        f"## Ablations, memory-scarce (`{sc['cluster']}`, {sc['rps']:g} RPS, alpha "
-        f"{sc['alpha']:g})",
-        "",
-        "| policy | TTFT < 100 ms | paper | P99 TTFT (s) | within SLO |",
-        "|---|---|---|---|---|",
-    ]
-    for policy, r in sc["rows"].items():
-        paper = PAPER_UNDER_100MS.get(policy)
-        lines.append(
-            f"| {policy} | {fmt(r['under_100ms'], True)} | "
-            f"{fmt(paper, True) if paper is not None else '-'} | {fmt(r['ttft_p99'])} | "
-            f"{fmt(r['slo_attainment'], True)} |"
-        )
+    title = (
+        f"## Ablations, memory-scarce (`{sc['cluster']}`, {sc['rps']:g} RPS, alpha {sc['alpha']:g})"
+    )
+    lines += _ablation_table(title, sc["rows"], slo=True)
     lines += ["", "## Targets", ""]
     for k, v in doc["targets"].items():
         lines.append(f"- {k}: {v}")
@@ -267,6 +244,24 @@ def markdown(doc: dict) -> str:
         lines += ["", "## Notes", ""]
         lines += [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _ablation_table(title: str, rows: dict, *, slo: bool) -> list[str]:
+    """Markdown lines of one ablation table beside the paper's figures."""
+    head = "| policy | TTFT < 100 ms | paper | P99 TTFT (s) |" + (" within SLO |" if slo else "")
+    lines = ["", title, "", head, "|---" * (5 if slo else 4) + "|"]
+    for policy, r in rows.items():
+        paper = PAPER_UNDER_100MS.get(policy)
+        cells = [
+            policy,
+            fmt(r["under_100ms"], True),
+            fmt(paper, True) if paper is not None else "-",
+            fmt(r["ttft_p99"]),
+        ]
+        if slo:
+            cells.append(fmt(r["slo_attainment"], True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def rewrite_markdown(out: str, notes: str | None) -> None:
