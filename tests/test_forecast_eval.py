@@ -53,3 +53,35 @@ def test_held_out_part_follows_the_tune_part() -> None:
     s = fe.Series("servegen", ["m"], np.ones((1, 2016)), np.ones((1, 2016)), 600.0, 144, 432)
     assert fe._part(s, "tune") == slice(432, 432 + 4 * 144)
     assert fe._part(s, "held_out") == slice(432 + 4 * 144, 2016)
+
+
+def test_bar_intervals_separate_a_clear_margin_from_noise() -> None:
+    """A forecaster off by 1 everywhere beats one off by 3 clearly; one that differs from the
+    baseline only by noise ties with it; the point estimates agree with ``_scores``."""
+    rng = np.random.default_rng(0)
+    t, period = 6 * 144, 144
+    actual = 50.0 + rng.normal(0.0, 5.0, (2, t))
+    s = fe.Series("servegen", ["m0", "m1"], actual, actual * 2, 600.0, period, period, period * 2)
+    held = np.arange(s.tune_end, t)
+
+    def pair(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return x, x * 2
+
+    near = pair(actual + rng.choice([-1.0, 1.0], actual.shape))
+    far = pair(actual + rng.choice([-3.0, 3.0], actual.shape))
+    noisy = pair(actual + rng.normal(0.0, 1.25, actual.shape))  # mean absolute error 1.0 too
+    preds = {"mixture": near, "last-value": far, "auto-ses": noisy}
+    result = {
+        "_preds": preds,
+        "held_out": {
+            n: fe._scores(a[:, held], actual[:, held], p[:, held], s.peak[:, held])
+            for n, (a, p) in preds.items()
+        },
+    }
+    result["held_out_models_only"] = result["held_out"]
+    out = fe.bar(result, s)["all_held_out"]
+    clear = out["last-value"]["wape_avg"]
+    assert clear["clear"] == "better" and clear["ci95"][1] < 0
+    assert clear["relative"] == pytest.approx(1 / 3 - 1, abs=0.01)
+    assert out["auto-ses"]["wape_avg"]["clear"] == "tie"
+    assert out["auto-ses"]["wape_avg"]["ci95"][0] < 0 < out["auto-ses"]["wape_avg"]["ci95"][1]

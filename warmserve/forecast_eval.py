@@ -521,7 +521,9 @@ def evaluate(series: Series, stats: bool = True) -> dict:
         fa = _stats(series, series.avg, origins)
         fp = _stats(series, series.peak, origins)
         sub = {name: (a[:, origins], p[:, origins]) for name, (a, p) in preds.items()}
-        sub |= {name: (fa[name], np.maximum(fp[name], 0.0)) for name in fa}
+        stats_preds = {name: (fa[name], np.maximum(fp[name], 0.0)) for name in fa}
+        sub |= stats_preds
+        result["_origins"], result["_stats_preds"] = origins, stats_preds
         actual_a, actual_p = series.avg[:, origins], series.peak[:, origins]
         result["held_out_stats_origins"] = {
             "origins_per_series": STATS_ORIGINS,
@@ -537,28 +539,106 @@ def evaluate(series: Series, stats: bool = True) -> dict:
     return result
 
 
-def bar(result: dict) -> dict:
+BOOT_RESAMPLES = 2000  # paired block-bootstrap resamples behind each margin's interval
+BOOT_SEED = 0
+# Bootstrap blocks: a quarter day of one series. Errors of neighbouring windows correlate (a
+# level shift is missed for several windows), so windows are not resampled one by one; whole
+# days would leave BurstGPT's held-out part (3 days, 2 models) with 6 blocks.
+BOOT_BLOCK_S = 6 * 3600.0
+
+
+def _block_sums(
+    series: Series, a: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> np.ndarray:
+    """Per block (``BOOT_BLOCK_S`` of one series) of the windows ``cols`` of ``rows``: the sums
+    the three measures are ratios of (absolute errors and actuals of average and peak, missed
+    bursts, windows).
+    ``a`` and ``p`` are predictions for exactly those rows and columns."""
+    act_a, act_p = series.avg[np.ix_(rows, cols)], series.peak[np.ix_(rows, cols)]
+    ok = ~np.isnan(act_a) & ~np.isnan(act_p)
+    parts = [
+        np.abs(a - act_a),
+        act_a,
+        np.abs(p - act_p),
+        act_p,
+        (act_p - p > CAPACITY).astype(float),
+        np.ones_like(act_a),
+    ]
+    day = cols // max(1, round(BOOT_BLOCK_S / series.window))
+    block = np.arange(len(rows))[:, None] * (day.max() + 1) + (day - day.min())[None, :]
+    block = np.broadcast_to(block, ok.shape)[ok]
+    _, idx = np.unique(block, return_inverse=True)
+    return np.stack([np.bincount(idx, np.where(ok, x, 0.0)[ok]) for x in parts], axis=1)
+
+
+def _measures(sums: np.ndarray) -> np.ndarray:
+    """WAPE of average, WAPE of peak and missed-burst fraction from summed blocks (last axis)."""
+    return np.stack(
+        [sums[..., 0] / sums[..., 1], sums[..., 2] / sums[..., 3], sums[..., 4] / sums[..., 5]],
+        axis=-1,
+    )
+
+
+def _intervals(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """95% intervals (measures x 2) of the relative difference mine / theirs - 1, by a paired
+    bootstrap over blocks (``BOOT_BLOCK_S`` of one series): a block is resampled for both
+    methods at once, so what both get wrong there cancels, and stays whole, since errors
+    correlate across neighbouring windows."""
+    rng = np.random.default_rng(BOOT_SEED)
+    pick = rng.integers(0, len(mine), (BOOT_RESAMPLES, len(mine)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = _measures(mine[pick].sum(axis=1)) / _measures(theirs[pick].sum(axis=1)) - 1.0
+    return np.nanpercentile(rel, [2.5, 97.5], axis=0).T
+
+
+def bar(result: dict, series: Series) -> dict:
     """For each measure, the mixture's margin over every baseline on the held-out windows (all
     of them for the cheap baselines, the statsforecast origins for every one): the relative
-    difference, negative where the mixture is better."""
+    difference, negative where the mixture is better, and its 95% interval from a paired block
+    bootstrap over quarter days of each series (:func:`_intervals`). ``beaten`` is the point
+    estimate; ``clear`` says whether the interval excludes zero ("better", "worse") or not
+    ("tie")."""
     out = {}
-    rows = {"all_held_out": result["held_out"], "models_only": result["held_out_models_only"]}
+    preds = result["_preds"]
+    held = np.arange(series.tune_end, series.avg.shape[1])
+    everyone = np.arange(len(series.names))
+    models = np.array([i for i, n in enumerate(series.names) if "/" not in str(n)])
+    rows = {
+        "all_held_out": (result["held_out"], everyone, held, preds),
+        "models_only": (result["held_out_models_only"], models, held, preds),
+    }
     if "held_out_stats_origins" in result:
-        rows["stats_origins"] = result["held_out_stats_origins"]["scores"]
-        rows["stats_origins_models_only"] = result["held_out_stats_origins"]["scores_models_only"]
-    for where, scores in rows.items():
+        origins = result["_origins"]
+        at = {n: (a[:, origins], p[:, origins]) for n, (a, p) in preds.items()}
+        at |= result["_stats_preds"]
+        scores = result["held_out_stats_origins"]
+        rows["stats_origins"] = (scores["scores"], everyone, origins, at)
+        rows["stats_origins_models_only"] = (scores["scores_models_only"], models, origins, at)
+    for where, (scores, rws, cols, pr) in rows.items():
         mine = scores["mixture"]
+        full = pr is preds  # predictions over every window, else over ``cols`` alone
+
+        def sums(name: str, rws=rws, cols=cols, pr=pr, full=full) -> np.ndarray:
+            a, p = pr[name]
+            a, p = (a[np.ix_(rws, cols)], p[np.ix_(rws, cols)]) if full else (a[rws], p[rws])
+            return _block_sums(series, a, p, rws, cols)
+
+        ours = sums("mixture")
         for other in ("last-value", "seasonal-naive", "csp", "auto-ses", "autoets", "mstl"):
             if other not in scores:
                 continue
-            for m in MEASURES:
+            ci = _intervals(ours, sums(other))
+            for k, m in enumerate(MEASURES):
                 theirs = scores[other][m]
                 rel = (mine[m] - theirs) / theirs if theirs else 0.0
+                lo, hi = (round(float(x), 4) for x in ci[k])
                 out.setdefault(where, {}).setdefault(other, {})[m] = {
                     "mixture": mine[m],
                     "baseline": theirs,
                     "relative": round(rel, 4),
+                    "ci95": [lo, hi],
                     "beaten": mine[m] < theirs,
+                    "clear": "better" if hi < 0 else "worse" if lo > 0 else "tie",
                 }
     return out
 
@@ -657,7 +737,7 @@ def eval_(source: str, out: str, png: str, no_stats: bool, no_tune: bool, serveg
                 click.echo(f"  {part:8s} {method:15s} {sc}")
         for method, sc in r.get("held_out_stats_origins", {}).get("scores", {}).items():
             click.echo(f"  @origins {method:15s} {sc}")
-        r["bar"] = bar(r)
+        r["bar"] = bar(r, loaded[name])
     if png:
         _plot(results, loaded, png)
     options = [f"--source {source}", f"--out {out}", f"--png {png}"]
@@ -681,7 +761,9 @@ def eval_(source: str, out: str, png: str, no_stats: bool, no_tune: bool, serveg
             k: getattr(fc.MixParams(), k) for k in ("eta", "discount", "tau", "recent", "ewma")
         },
         "tuning": tuning,
-        "results": {n: {k: v for k, v in r.items() if k != "_preds"} for n, r in results.items()},
+        "results": {
+            n: {k: v for k, v in r.items() if not k.startswith("_")} for n, r in results.items()
+        },
     }
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
