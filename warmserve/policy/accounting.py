@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -85,7 +86,8 @@ class DeviceIndex(NamedTuple):
     ``count`` counts replicas of any kind, ``inst`` instances; ``rbytes``, ``rsum``, ``rmin``
     and ``rmax`` cover resident (not serving) replicas only: their shard bytes, and the sum,
     least and greatest of their scores (``rmin`` is +inf and ``rmax`` -inf on a device with
-    none).
+    none). ``rshare`` spreads each resident's score evenly over its devices, so the shares on a
+    group's devices add up to at most what its distinct residents are worth.
     """
 
     free: np.ndarray
@@ -95,6 +97,35 @@ class DeviceIndex(NamedTuple):
     rsum: np.ndarray
     rmin: np.ndarray
     rmax: np.ndarray
+    rshare: np.ndarray
+
+
+class GroupStats(NamedTuple):
+    """:class:`DeviceIndex` folded over the TP groups of one size, one row per group, for
+    bounds on what placing there costs. Kept up to date row by row as devices change: the
+    planner places hundreds of replicas per call, each changing a group or two, and gathering
+    every group's devices anew each time cost more than the placements.
+
+    ``free`` is the least free memory on a device of the group, ``room`` the least free memory
+    plus resident bytes; ``count`` the most replicas on one device; ``rmin`` and ``rmax`` the
+    least and greatest resident score. ``inst`` and ``rsum`` bound from below the distinct
+    instances and the sum of the distinct residents' scores over the group: exact (the sum
+    taken in :meth:`Accounting.overlapping` order, as placement takes it) for single devices
+    and rows updated since the build; otherwise the most on one device, and the larger of one
+    device's sum and the group's shares a hair below, so rounding cannot lift it over the sum.
+    """
+
+    free: np.ndarray
+    count: np.ndarray
+    inst: np.ndarray
+    room: np.ndarray
+    rmin: np.ndarray
+    rmax: np.ndarray
+    rsum: np.ndarray
+
+
+_INDEX_TYPES = (np.int64, np.int64, np.int64, np.int64, float, float, float, float)
+_BELOW = 1 - 1e-9  # a float bound times this stays under the sum it bounds despite rounding
 
 
 def aligned_groups(devices: list[str], tp: int) -> list[tuple[str, ...]]:
@@ -123,6 +154,7 @@ class Accounting:
         self.bumped: set[str] = set()  # models whose version moved (a scorer clears it)
         self.time = snapshot.time
         self.models: Mapping[str, ModelSpec] = snapshot.models
+        self._shards: dict[str, int] = {}  # model -> bytes of its shard, as asked for
         self.load = dict(snapshot.load)
         self.queued = dict(snapshot.queued)
         self.order = [d.id for d in snapshot.devices]
@@ -147,7 +179,15 @@ class Accounting:
         self.replicas: dict[str, list[Replica]] = {}  # model -> its replicas
         self._groups: dict[int, list[tuple[str, ...]]] = {}
         self._group_index: dict[int, np.ndarray] = {}
-        self._index: DeviceIndex | None = None  # built on first use, then kept up to date
+        # The device index, built on first use and then kept up to date: its rows as Python
+        # numbers, and the arrays, written from the rows changed since when next asked for.
+        self._rows: list[tuple] | None = None
+        self._index: DeviceIndex | None = None
+        self._unwritten: set[int] = set()
+        self._group_of: dict[int, tuple[list[int], list[list[int]]]] = {}  # see group_of
+        self._stats: dict[int, GroupStats] = {}  # tp -> stats, while the index lives
+        self._stale: dict[int, set[int]] = {}  # tp -> device positions changed since
+        self._empty_from: dict[int, int] = {}  # tp -> no group before it is empty
         for inst in snapshot.instances:
             r = Replica(inst.model, inst.devices, inst.id, load=inst.load, started=inst.started)
             self._add(r)
@@ -159,8 +199,11 @@ class Accounting:
     # ----------------------------------------------------------------------------- queries
 
     def shard(self, model: str) -> int:
-        spec = self.models[model]
-        return math.ceil(spec.nbytes / spec.tp)
+        out = self._shards.get(model)
+        if out is None:
+            spec = self.models[model]
+            out = self._shards[model] = math.ceil(spec.nbytes / spec.tp)
+        return out
 
     def kv_shard(self, model: str) -> int:
         spec = self.models[model]
@@ -196,31 +239,100 @@ class Accounting:
         """:meth:`groups` of size ``tp`` as a (groups x tp) array of device positions."""
         out = self._group_index.get(tp)
         if out is None:
-            groups = self.groups(tp)
-            rows = [[self.position[d] for d in g] for g in groups]
-            out = self._group_index[tp] = np.array(rows, np.intp).reshape(len(groups), tp)
+            groups, at = self.groups(tp), self.position
+            flat = np.fromiter((at[d] for g in groups for d in g), np.intp, len(groups) * tp)
+            out = self._group_index[tp] = flat.reshape(len(groups), tp)
+        return out
+
+    def group_of(self, tp: int) -> tuple[list[int], list[list[int]]]:
+        """Each device's group in :meth:`groups` of size ``tp`` (-1 for none: the groups of
+        one size are disjoint), and each group's device positions, as Python lists."""
+        out = self._group_of.get(tp)
+        if out is None:
+            gi = self.group_index(tp)
+            of = np.full(len(self.order), -1, np.intp)
+            of[gi] = np.arange(len(gi))[:, None]
+            out = self._group_of[tp] = (of.tolist(), gi.tolist())
         return out
 
     def device_index(self) -> DeviceIndex:
         """The per-device arrays placement ranks groups with (see :class:`DeviceIndex`)."""
-        if self._index is None:
-            n = len(self.order)
-            self._index = DeviceIndex(
-                free=np.zeros(n, np.int64),
-                count=np.zeros(n, np.int64),
-                inst=np.zeros(n, np.int64),
-                rbytes=np.zeros(n, np.int64),
-                rsum=np.zeros(n),
-                rmin=np.zeros(n),
-                rmax=np.zeros(n),
+        rows = self._index_rows()
+        ix = self._index
+        if ix is None:
+            columns = list(zip(*rows, strict=True)) if rows else [()] * len(DeviceIndex._fields)
+            ix = self._index = DeviceIndex(
+                *(np.array(c, t) for c, t in zip(columns, _INDEX_TYPES, strict=True))
             )
+        else:
+            for i in self._unwritten:
+                for column, value in zip(ix, rows[i], strict=True):
+                    column[i] = value
+        self._unwritten.clear()
+        return ix
+
+    def _index_rows(self) -> list[tuple]:
+        if self._rows is None:
+            self._rows = [()] * len(self.order)
             for d in self.order:
                 self._refresh(d)
-        return self._index
+        return self._rows
+
+    def group_stats(self, tp: int) -> GroupStats:
+        """The groups of size ``tp`` folded from the device index (see :class:`GroupStats`):
+        built once per index, then only the rows of groups whose devices changed."""
+        st = self._stats.get(tp)
+        if st is None:
+            ix, gi = self.device_index(), self.group_index(tp)
+            free = ix.free[gi]
+            st = self._stats[tp] = GroupStats(
+                free=free.min(axis=1),
+                count=ix.count[gi].max(axis=1),
+                inst=ix.inst[gi].max(axis=1),
+                room=(free + ix.rbytes[gi]).min(axis=1),
+                rmin=ix.rmin[gi].min(axis=1),
+                rmax=ix.rmax[gi].max(axis=1),
+                rsum=ix.rsum[gi].max(axis=1)
+                if tp == 1
+                else np.maximum(ix.rsum[gi].max(axis=1), ix.rshare[gi].sum(axis=1)) * _BELOW,
+            )
+            self._stale[tp] = set()
+            return st
+        stale = self._stale[tp]
+        if stale:
+            (of, members), groups = self.group_of(tp), self.groups(tp)
+            for j in {of[p] for p in stale}:
+                if j >= 0:
+                    self._fold(st, j, groups[j], members[j])
+            stale.clear()
+        return st
+
+    def _fold(self, st: GroupStats, j: int, group: tuple[str, ...], positions: list[int]) -> None:
+        """Set row ``j`` of ``st`` from the rows of its devices ``group`` (at ``positions``),
+        counting the distinct instances and residents' scores of several as placement does."""
+        rows = self._rows
+        assert rows is not None
+        if len(positions) == 1:
+            free, count, inst, rbytes, rsum, rmin, rmax, _ = rows[positions[0]]
+            room = free + rbytes
+        else:
+            cols = zip(*[rows[p] for p in positions], strict=True)
+            free, count, _, rbytes, _, rmin, rmax, _ = cols
+            room = min(map(operator.add, free, rbytes))
+            free, count, rmin, rmax = min(free), max(count), min(rmin), max(rmax)
+            over = self.overlapping(group)
+            inst = sum(1 for r in over if r.instance)
+            rsum = sum(r.score for r in over if not r.instance)  # as placement sums them
+        st.free[j], st.count[j], st.inst[j], st.room[j] = free, count, inst, room
+        st.rmin[j], st.rmax[j], st.rsum[j] = rmin, rmax, rsum
 
     def rescored(self) -> None:
         """Replica scores changed outside the ledger: rebuild the device index on next use."""
-        self._index = None
+        self._rows = self._index = None
+        self._unwritten.clear()
+        self._empty_from.clear()
+        self._stats.clear()
+        self._stale.clear()
 
     def set_score(self, r: Replica, score: float) -> None:
         """Give ``r`` a new score, keeping the device index in step."""
@@ -230,29 +342,58 @@ class Accounting:
                 self._refresh(d)
 
     def _refresh(self, device: str) -> None:
-        """Recompute one device's row of the index (a handful of replicas at most)."""
-        ix = self._index
-        if ix is None:
+        """Recompute one device's row of the index (a handful of replicas at most); the arrays
+        and group stats take it up when next asked for."""
+        rows = self._rows
+        if rows is None:
             return
         i = self.position[device]
         on = self.on[device]
-        scores = [r.score for r in on if r.instance is None]
-        ix.free[i] = self.free(device)
-        ix.count[i] = len(on)
-        ix.inst[i] = len(on) - len(scores)
-        ix.rbytes[i] = sum(self.shard(r.model) for r in on if r.instance is None)
-        ix.rsum[i] = sum(scores)
-        ix.rmin[i] = min(scores, default=math.inf)
-        ix.rmax[i] = max(scores, default=-math.inf)
+        scores: list[float] = []
+        rbytes, rshare = 0, 0.0
+        for r in on:
+            if not r.instance:
+                scores.append(r.score)
+                rbytes += self.shard(r.model)
+                rshare += r.score / len(r.devices)
+        rows[i] = (
+            self.memory[device] - self.used[device] + self.lent[device],
+            len(on),
+            len(on) - len(scores),
+            rbytes,
+            sum(scores),  # summed as placement sums a group's, so one device's is exact
+            min(scores, default=math.inf),
+            max(scores, default=-math.inf),
+            rshare,
+        )
+        self._unwritten.add(i)
+        for stale in self._stale.values():
+            stale.add(i)
+        if not on:  # its groups may be empty now
+            for tp, j in self._empty_from.items():
+                g = self._group_of[tp][0][i]
+                if 0 <= g < j:
+                    self._empty_from[tp] = g
 
     def empty_group(self, tp: int, need: int) -> tuple[str, ...] | None:
         """The first group whose devices hold nothing and have ``need`` bytes free: no
-        placement beats it."""
-        ix = self.device_index()
-        g = self.group_index(tp)
-        if not len(g):
+        placement beats it.
+
+        Groups fill in order as a plan places replicas on an empty cluster, so the search
+        starts past the leading groups known to hold something, and most calls look at one
+        group (or none, once every group holds something)."""
+        rows = self._index_rows()
+        members = self.group_of(tp)[1]
+        j = self._empty_from.get(tp, 0)
+        while j < len(members) and any(rows[p][1] for p in members[j]):
+            j += 1
+        self._empty_from[tp] = j
+        if j == len(members):
             return None
-        ok = (ix.count[g].max(axis=1) == 0) & (ix.free[g].min(axis=1) >= need)
+        if all(rows[p][0] >= need for p in members[j]):
+            return self.groups(tp)[j]
+        st = self.group_stats(tp)  # the first empty group is short: look at the others
+        ok = (st.count == 0) & (st.free >= need)
         first = int(ok.argmax())
         return self.groups(tp)[first] if ok[first] else None
 
@@ -359,10 +500,11 @@ class Accounting:
             self.used[device] -= self.config.engine_bytes
 
     def _up_engine(self, device: str, family: str) -> None:
+        """Charge an engine of ``family`` on ``device`` unless one is up; the caller then adds a
+        replica there, which refreshes the device's row of the index."""
         if family not in self.engines[device]:
             self.engines[device].append(family)
             self.used[device] += self.config.engine_bytes
-            self._refresh(device)
 
     def enact(self, action: Action) -> None:
         """Check ``action`` against the ledger and record it; raise if it does not fit."""
@@ -430,10 +572,10 @@ class Accounting:
             raise InfeasibleAction(f"start {model!r}: no room on {short}")
         if r is not None:
             self._remove(r)
-        instance = f"{model}@{'+'.join(devices)}"
-        self._add(Replica(model, devices, instance, started=self.time))
         for d in devices:
             self._up_engine(d, self.models[model].family)
+        instance = f"{model}@{'+'.join(devices)}"
+        self._add(Replica(model, devices, instance, started=self.time))
         self.host[self.node[devices[0]]].add(model)
         return instance
 
@@ -442,9 +584,10 @@ class Accounting:
         if r is None:
             raise InfeasibleAction(f"no instance {instance!r}")
         self._remove(r)
-        self._add(Replica(r.model, r.devices, score=r.score))
         for d in r.devices:
             self._up_engine(d, self.models[r.model].family)  # the engine stays up, idle
+        self._add(Replica(r.model, r.devices, score=r.score))
+        for d in r.devices:
             if not self.dedicated(d):
                 self.lent[d] = 0
                 self._refresh(d)

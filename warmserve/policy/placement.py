@@ -18,18 +18,26 @@ be evicted for it.
 
 Ties go to the group that comes first in :meth:`Accounting.groups`. A full cluster has about a
 thousand groups, too many to weigh one by one in Python every tick, so both functions first
-compute, with numpy over :meth:`Accounting.device_index`, a lower bound of every group's key and
-drop groups that cannot fit even after evicting every resident. They then weigh groups exactly in
-order of that bound and stop at the first bound above the best exact key: the choice is the one a
-full scan makes, at the cost of the few groups that could still win.
+compute, with numpy over :meth:`Accounting.group_stats` (which the ledger keeps up to date as
+replicas come and go), a lower bound of every group's key, and drop groups that cannot fit even
+after evicting every resident they may evict. They weigh the group with the least bound exactly;
+when its key is its bound (as for a prewarm beside residents it cannot evict) nothing can beat
+it. Otherwise they weigh the groups bounded below the best key so far, in order of their bound:
+the choice is the one a full scan makes, at the cost of the few groups that could still win.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 from warmserve.policy.accounting import Accounting, Replica
 from warmserve.policy.state import Action, Evict, Prewarm, Start, Tier
+
+Bounds = tuple[np.ndarray, ...]  # per group, columns of a lower bound of its ranking key
+Choice = tuple[tuple, tuple[str, ...], list[Replica]]  # exact key with the index, group, victims
+_PROBES = 3  # least-bound groups weighed one by one before the rest are sorted
 
 
 def _make_room(
@@ -63,6 +71,17 @@ def _make_room(
     return victims
 
 
+def _exclude_holding(acc: Accounting, model: str, tp: int, feasible: np.ndarray) -> None:
+    """Clear the groups of size ``tp`` that share a device with a replica of ``model`` (a
+    model has at most one replica on a device)."""
+    of = acc.group_of(tp)[0]
+    for r in acc.replicas.get(model, ()):
+        for d in r.devices:
+            j = of[acc.position[d]]
+            if j >= 0:
+                feasible[j] = False
+
+
 def _evict_all(acc: Accounting, victims: list[Replica]) -> list[Action]:
     out: list[Action] = []
     for r in victims:
@@ -71,12 +90,72 @@ def _evict_all(acc: Accounting, victims: list[Replica]) -> list[Action]:
     return out
 
 
-def _by_bound(bounds: list[np.ndarray], feasible: np.ndarray) -> list[int]:
-    """Indices of feasible groups, sorted by their lower-bound key (first column most
+def _by_bound(bounds: Bounds, cand: np.ndarray) -> list[int]:
+    """Groups ``cand`` (ascending) sorted by their lower-bound key (first column most
     significant), then group order."""
-    cand = np.flatnonzero(feasible)
     order = np.lexsort([cand, *(b[cand] for b in reversed(bounds))])
     return cand[order].tolist()
+
+
+def _first(bounds: Bounds, cand: np.ndarray) -> int:
+    """The group of ``cand`` (ascending) with the least lower-bound key, the first of equals."""
+    for b in bounds:
+        if len(cand) == 1:
+            break
+        v = b[cand]
+        cand = cand[v == v.min()]
+    return int(cand[0])
+
+
+def _below(bounds: Bounds, key: tuple, cand: np.ndarray, offset: int) -> np.ndarray:
+    """The groups of ``cand`` whose lower-bound key, with ``offset`` plus the group's index
+    last, is below ``key``."""
+    less = np.zeros(len(cand), bool)
+    same = np.ones(len(cand), bool)
+    for b, k in zip(bounds, key[:-1], strict=True):
+        v = b[cand]
+        less |= same & (v < k)
+        same &= v == k
+    return cand[less | (same & (cand + offset < key[-1]))]
+
+
+def _least(
+    groups: list[tuple[str, ...]],
+    bounds: Bounds,
+    feasible: np.ndarray,
+    exact: Callable[[tuple[str, ...]], tuple[tuple, list[Replica]] | None],
+    best: Choice | None = None,
+    offset: int = 0,
+) -> Choice | None:
+    """The group with the least exact key (``exact``'s, then ``offset`` plus the group's
+    index), its key and victims, among ``best`` and the ``feasible`` groups: the choice a scan
+    of every group makes.
+
+    Without ``best``, the group with the least bound is weighed first (ranking a thousand
+    groups costs more than weighing one); when it fits, only the groups bounded below its key
+    can beat it, none if its bound is its key. Those are then weighed in order of their bound,
+    up to the first bound above the best key so far."""
+    cand = np.flatnonzero(feasible)
+    for _ in range(0 if best else _PROBES):
+        if not len(cand):
+            return None
+        i = _first(bounds, cand)
+        cand = cand[cand != i]
+        found = exact(groups[i])
+        if found is not None:
+            if found[0] == tuple(b[i] for b in bounds):
+                return (*found[0], offset + i), groups[i], found[1]  # no bound is below
+            best = ((*found[0], offset + i), groups[i], found[1])
+            break
+    if best is not None:
+        cand = _below(bounds, best[0], cand, offset)
+    for i in _by_bound(bounds, cand):
+        if best is not None and (*(b[i] for b in bounds), offset + i) > best[0]:
+            break
+        found = exact(groups[i])
+        if found is not None and (best is None or (*found[0], offset + i) < best[0]):
+            best = ((*found[0], offset + i), groups[i], found[1])
+    return best
 
 
 def _prewarm_key(
@@ -108,6 +187,7 @@ def _prewarm_key(
         return None
     residents = [r for r in over if not r.instance]
     outranks = all(r.score < score for r in residents)
+    # Summed in the order of ``over``, as GroupStats.rsum is, so a bound can equal the key.
     return (not outranks, n_inst, sum(r.score for r in residents), len(victims)), victims
 
 
@@ -132,34 +212,27 @@ def place_prewarm(
     victims: list[Replica] = []
     group = acc.empty_group(tp, shard + (acc.config.engine_bytes if engine else 0))
     if group is None:
-        groups, gi, ix = acc.groups(tp), acc.group_index(tp), acc.device_index()
-        free = ix.free[gi]
-        fits = free.min(axis=1) >= shard
-        n_inst = ix.inst[gi].max(axis=1)  # distinct instances overlapping: at least this many
-        feasible = (free + ix.rbytes[gi]).min(axis=1) >= shard if evict else fits
+        groups, st = acc.groups(tp), acc.group_stats(tp)
+        fits = st.free >= shard
+        # Only residents scored below it may go, so a group short of room needs one there.
+        feasible = fits | ((st.room >= shard) & (st.rmin < score)) if evict else fits.copy()
         if not dedicated:
-            feasible &= n_inst == 0
-        if not evict:  # first fit: group order, no ranking
-            order = np.flatnonzero(feasible).tolist()
-            bound = None
-        else:
-            outranked = ix.rmax[gi].max(axis=1) >= score
-            rsum = ix.rsum[gi].max(axis=1) * (1 - 1e-9)  # distinct residents score at least this
-            bound = (outranked, n_inst, rsum, ~fits)
-            order = _by_bound(list(bound), feasible)
-        best: tuple | None = None
-        for i in order:
-            if bound is not None and best is not None:
-                lb = (bool(bound[0][i]), int(bound[1][i]), float(bound[2][i]), int(bound[3][i]), i)
-                if lb > best:
-                    break
-            found = _prewarm_key(acc, groups[i], model, score, evict, dedicated, engine)
-            if found is None:
-                continue
-            key = (*found[0], i)
-            if best is None or key < best:
-                best, group, victims = key, groups[i], found[1]
-                if bound is None:
+            feasible &= st.inst == 0
+        _exclude_holding(acc, model, tp, feasible)
+
+        def exact(g: tuple[str, ...]) -> tuple[tuple, list[Replica]] | None:
+            return _prewarm_key(acc, g, model, score, evict, dedicated, engine)
+
+        if evict:
+            bounds = (st.rmax >= score, st.inst, st.rsum, ~fits)
+            best = _least(groups, bounds, feasible, exact)
+            if best is not None:
+                _, group, victims = best
+        else:  # first fit: group order, no ranking
+            for i in np.flatnonzero(feasible).tolist():
+                found = exact(groups[i])
+                if found is not None:
+                    group, victims = groups[i], found[1]
                     break
     if group is None:
         return []
@@ -218,30 +291,29 @@ def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[
         if found is not None and (best is None or (*found[0], k) < best):
             best, best_group, best_victims = (*found[0], k), g, found[1]
     if best is None or best[0] > -int(Tier.DEVICE):
-        groups, gi, ix = acc.groups(spec.tp), acc.group_index(spec.tp), acc.device_index()
+        groups, st = acc.groups(spec.tp), acc.group_stats(spec.tp)
         need = acc.shard(model) + acc.kv_shard(model)
-        free = ix.free[gi]
-        feasible = (free + ix.rbytes[gi]).min(axis=1) >= need
+        feasible = st.room >= need
         if exclusive:
-            feasible &= ix.inst[gi].max(axis=1) == 0
-        holding = np.zeros(len(acc.order), bool)
-        holding[[acc.position[d] for r in acc.replicas.get(model, ()) for d in r.devices]] = True
-        feasible &= ~holding[gi].any(axis=1)
+            feasible &= st.inst == 0
+        _exclude_holding(acc, model, spec.tp, feasible)
+        gi = acc.group_index(spec.tp)
         cached = np.array([model in acc.host[n] for n in acc.nodes], bool)
         tier = np.where(cached[acc.node_of[gi[:, 0]]], -int(Tier.HOST), -int(Tier.DISK))
-        if exclusive:  # every resident on the group is lost: at least the largest device's sum
-            cost = ix.rsum[gi].max(axis=1) * (1 - 1e-9)
+        if exclusive:  # every resident on the group is lost (summed in another order)
+            cost = st.rsum * (1 - 1e-9)
         else:  # a victim on every device that is short
-            cost = np.where(free < need, ix.rmin[gi], 0.0).max(axis=1) * (1 - 1e-9)
-        short = free < need
-        bound = (tier, cost, short.any(axis=1))
-        for i in _by_bound(list(bound), feasible):
-            lb = (int(bound[0][i]), float(bound[1][i]), int(bound[2][i]), len(own) + i)
-            if best is not None and lb > best:
-                break
-            found = _start_key(acc, groups[i], model, exclusive)
-            if found is not None and (best is None or (*found[0], len(own) + i) < best):
-                best, best_group, best_victims = (*found[0], len(own) + i), groups[i], found[1]
+            ix = acc.device_index()
+            cost = np.where(ix.free[gi] < need, ix.rmin[gi], 0.0).max(axis=1) * (1 - 1e-9)
+        bounds = (tier, cost, st.free < need)
+
+        def exact(g: tuple[str, ...]) -> tuple[tuple, list[Replica]] | None:
+            return _start_key(acc, g, model, exclusive)
+
+        chosen = (best, best_group, best_victims) if best_group is not None else None
+        chosen = _least(groups, bounds, feasible, exact, chosen, offset=len(own))
+        if chosen is not None:
+            best, best_group, best_victims = chosen
     if best_group is None:
         return []
     out = _evict_all(acc, best_victims)
