@@ -326,14 +326,6 @@ class Accounting:
         st.free[j], st.count[j], st.inst[j], st.room[j] = free, count, inst, room
         st.rmin[j], st.rmax[j], st.rsum[j] = rmin, rmax, rsum
 
-    def rescored(self) -> None:
-        """Replica scores changed outside the ledger: rebuild the device index on next use."""
-        self._rows = self._index = None
-        self._unwritten.clear()
-        self._empty_from.clear()
-        self._stats.clear()
-        self._stale.clear()
-
     def set_score(self, r: Replica, score: float) -> None:
         """Give ``r`` a new score, keeping the device index in step."""
         if r.score != score:
