@@ -387,6 +387,9 @@ def test_sweep_cli_reports_a_rate_per_policy(tmp_path):
     assert all(v in (0.0, 1, 3, 5, 7) for v in found["max_rps_by_seed"].values())
     assert found["max_rps"] == median_rps(list(found["max_rps_by_seed"].values()))
     assert set(found["attainment_by_rps"]) == {"0", "1"} and found["attainment_by_rps"]["0"]
+    # The JSON names the command that made it, options and all.
+    assert doc["command"].startswith(f"warmserve simulate sweep --cluster {cluster} --policy")
+    assert "--lo 1 --hi 8" in doc["command"] and f"--seeds 0,1 --out {out}" in doc["command"]
 
 
 @pytest.fixture(scope="module")

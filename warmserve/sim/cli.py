@@ -171,7 +171,15 @@ def sweep(
         click.echo(f"{name}: max {found[name]['max_rps']:g} RPS (median; by seed {by_seed})")
     if out_path:
         doc = {
-            "cluster": os.path.abspath(cluster),
+            "command": " ".join(
+                ["warmserve simulate sweep", f"--cluster {cluster}"]
+                + [f"--policy {p}" for p in policies]
+                + [f"--registry {registry}"] * bool(registry)
+                + [f"--alpha {alpha:g} --duration {duration:g} --warmup {warmup:g}"]
+                + [f"--slo-ttft {slo_ttft:g} --target {target:g} --lo {lo:g} --hi {hi:g}"]
+                + [f"--step {step:g} --stride {stride} --seeds {seeds} --out {out_path}"]
+            ),
+            "cluster": cluster,
             "alpha": alpha,
             "slo_ttft": slo_ttft,
             "target": target,
