@@ -5,7 +5,9 @@ few requests in thousands, one seed cannot say which is better. This runs each a
 ``paper_table.ABLATIONS`` at the same settings (paper.yaml at ``ABLATION_AT``, and the
 memory-scarce cluster at ``SCARCE``) for every seed, and reports per seed and the median: TTFT
 under 100 ms (the paper's measure) and SLO attainment, and whether the paper's order holds on the
-medians and on every seed. Writes ``bench/results/ablation_seeds.json``.
+medians and on every seed; and per run, the requests (and those that missed the SLO) by the
+tier their instance started from (``none``: dropped before any instance took them), which shows
+what each switch changes. Writes ``bench/results/ablation_seeds.json``.
 
     python bench/ablation_seeds.py [--seeds 0,1,2] [--jobs 2]
 """
@@ -22,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import click
+import numpy as np
 from paper_table import ABLATION_AT, ABLATIONS, PAPER_UNDER_100MS, SCARCE, Runner, row
 
 SETTINGS = {
@@ -35,7 +38,20 @@ def run(task: tuple[str, str, int, float, float, float]) -> tuple[str, str, int,
     setting, policy, seed, warmup, duration, slo = task
     cluster, alpha, rps = SETTINGS[setting]
     table = Runner(cluster, warmup, duration, seed).run(policy, alpha, rps)
-    return setting, policy, seed, row(table, slo)
+    tier = np.asarray(table.column("tier").to_pylist(), dtype=object)
+    ttft = np.nan_to_num(
+        table.column("ttft").to_numpy(zero_copy_only=False).astype(float), nan=np.inf
+    )
+    missed = ttft > slo
+    names = sorted(set(tier.tolist()))
+    by_tier = {
+        str(t) or "none": {
+            "requests": int((tier == t).sum()),
+            "missed": int((missed & (tier == t)).sum()),
+        }
+        for t in names
+    }
+    return setting, policy, seed, row(table, slo) | {"by_start_tier": by_tier}
 
 
 def ordered(values: list[float]) -> bool:
