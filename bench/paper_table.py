@@ -440,9 +440,10 @@ def main(
         )
     for label, by in (("", ablations), (" (memory-scarce)", ablations_scarce)):
         order = [by[p]["under_100ms"] for p in PAPER_UNDER_100MS]
-        targets[f"ablations ordered full > noproactive > noplacement > noprewarm{label}"] = str(
-            all(a > b for a, b in itertools.pairwise(order))
-        )
+        targets[
+            f"ablations ordered full > noproactive > noplacement > noprewarm{label}, seed "
+            f"{first} (every seed: bench/ablation_seeds.py)"
+        ] = str(all(a > b for a, b in itertools.pairwise(order)))
     doc = {
         "command": "python " + " ".join(sys.argv),
         "git_head": subprocess.run(
