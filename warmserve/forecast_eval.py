@@ -53,9 +53,11 @@ delta and recent medians and quantiles, see :class:`warmserve.policy.forecast.Mi
 learns only from windows before each prediction), ``auto-ses`` (simple exponential smoothing
 whose weight each series picks online, :func:`warmserve.policy.forecast.auto_ses`: a one-pass
 stand-in for what AutoETS fits per origin) and the two statsforecast models. ``mixture+ses`` is
-a candidate: the planner's mixture with ``auto-ses`` as one more expert; the tuning scores it at
-the chosen parameters by the same objective (``candidates_worst_ratio``), and the planner runs
-it only if that beats the mixture on the tune part.
+a candidate: the planner's mixture with ``auto-ses`` as one more expert (``mixture+ses-avg``:
+of the average plane only); the tuning scores them at the chosen parameters by the same
+objective (``candidates_worst_ratio``; ``candidates_leading_ratios`` lists the largest few
+ratios of each and of the mixture, so a tie on the worst one shows what comes next), and the
+planner runs one only if it beats the mixture on the tune part.
 ``peak_tradeoff`` scores the mixture with other pinball quantiles for its peak plane: a higher
 one predicts higher peaks, so fewer missed bursts for a larger WAPE.
 
@@ -316,10 +318,14 @@ def _pair(avg: np.ndarray, peak: np.ndarray, params: fc.CSPParams, candidate: st
     if candidate == "mixture":
         return fc.mixture_pair(avg, peak, params)
     a = mixture_with_ses(avg, params, 0)
+    if candidate == "mixture+ses-avg":
+        return a, np.maximum(fc.mixture(peak, params, 1), a)
     return a, np.maximum(mixture_with_ses(peak, params, 1), a)
 
 
-CANDIDATES = ("mixture+ses",)
+# Candidates: auto-ses as an expert of both planes, or of the average plane only.
+CANDIDATES = ("mixture+ses", "mixture+ses-avg")
+LEADING = 4  # the tuning records each candidate's largest ratios, for ties on the worst one
 
 
 def blend_params(period: int) -> fc.CSPParams:
@@ -392,15 +398,18 @@ def tune(loaded: dict[str, Series], stats: bool = True) -> dict:
             )
     rows.sort(key=lambda r: r["worst_ratio"])
     best = rows[0]
-    candidates = {}
-    for cand in CANDIDATES:  # at the chosen parameters, by the same objective
-        worst = 0.0
+    candidates, leading = {}, {}
+    for cand in ("mixture", *CANDIDATES):  # at the chosen parameters, by the same objective
+        ratios = []
         for name, s in loaded.items():
             a, p = _pair(s.avg, s.peak, planner_params(s.period), cand)
             for at, theirs in refs[name].values():
                 mine = _scores(a[:, at], s.avg[:, at], p[:, at], s.peak[:, at])
-                worst = max(worst, *(mine[m] / theirs[m] for m in MEASURES))
-        candidates[cand] = round(worst, 4)
+                ratios += [mine[m] / theirs[m] for m in MEASURES]
+        ratios.sort(reverse=True)
+        leading[cand] = [round(r, 4) for r in ratios[:LEADING]]
+        if cand != "mixture":
+            candidates[cand] = leading[cand][0]
     default = fc.MixParams()
     chosen = {"eta": default.eta, "discount": default.discount, "tau_peak": default.tau[1]}
     return {
@@ -413,6 +422,7 @@ def tune(loaded: dict[str, Series], stats: bool = True) -> dict:
         "planner_defaults": chosen,
         "planner_defaults_are_best": all(best[k] == v for k, v in chosen.items()),
         "candidates_worst_ratio": candidates,
+        "candidates_leading_ratios": leading,
     }
 
 
