@@ -333,18 +333,45 @@ def blend_params(period: int) -> fc.CSPParams:
     return fc.CSPParams(period, periods=3, correction_windows=10, decay=0.8, reset=False, blend=0.7)
 
 
+def _window_parts(
+    pred: np.ndarray, actual: np.ndarray, pred_peak: np.ndarray, actual_peak: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The windows observed, and per window what the three measures sum (see
+    :func:`_measures`): absolute error and actual of the average, of the peak, a missed burst
+    (1 or 0), and the window itself (1)."""
+    ok = ~np.isnan(actual) & ~np.isnan(actual_peak)
+    parts = [
+        np.abs(pred - actual),
+        actual,
+        np.abs(pred_peak - actual_peak),
+        actual_peak,
+        (actual_peak - pred_peak > CAPACITY).astype(float),
+        np.ones_like(actual),
+    ]
+    return ok, parts
+
+
+def _measures(sums: np.ndarray) -> np.ndarray:
+    """WAPE of average, WAPE of peak and missed-burst fraction from the sums of
+    :func:`_window_parts` (last axis)."""
+    return np.stack(
+        [sums[..., 0] / sums[..., 1], sums[..., 2] / sums[..., 3], sums[..., 4] / sums[..., 5]],
+        axis=-1,
+    )
+
+
 def _scores(pred: np.ndarray, actual: np.ndarray, pred_peak, actual_peak) -> dict[str, float]:
     """WAPE of average and peak, and the missed-burst fraction, over windows observed."""
-    ok = ~np.isnan(actual) & ~np.isnan(actual_peak)
-    pred, actual, pred_peak, actual_peak = (x[ok] for x in (pred, actual, pred_peak, actual_peak))
-    wape_avg = float(np.abs(pred - actual).sum() / actual.sum())
-    wape_peak = float(np.abs(pred_peak - actual_peak).sum() / actual_peak.sum())
+    ok, parts = _window_parts(pred, actual, pred_peak, actual_peak)
+    wape_avg, wape_peak, missed = (
+        float(v) for v in _measures(np.array([x[ok].sum() for x in parts]))
+    )
     return {
         "wape_avg": round(wape_avg, 4),
         "wape_peak": round(wape_peak, 4),
         "accuracy_avg": round(1 - wape_avg, 4),
         "accuracy_peak": round(1 - wape_peak, 4),
-        "missed_burst": round(float((actual_peak - pred_peak > CAPACITY).mean()), 4),
+        "missed_burst": round(missed, 4),
         "windows": int(ok.sum()),
     }
 
@@ -565,32 +592,15 @@ def _block_sums(
     series: Series, a: np.ndarray, p: np.ndarray, rows: np.ndarray, cols: np.ndarray
 ) -> np.ndarray:
     """Per block (``BOOT_BLOCK_S`` of one series) of the windows ``cols`` of ``rows``: the sums
-    the three measures are ratios of (absolute errors and actuals of average and peak, missed
-    bursts, windows).
-    ``a`` and ``p`` are predictions for exactly those rows and columns."""
+    of :func:`_window_parts`. ``a`` and ``p`` are predictions for exactly those rows and
+    columns."""
     act_a, act_p = series.avg[np.ix_(rows, cols)], series.peak[np.ix_(rows, cols)]
-    ok = ~np.isnan(act_a) & ~np.isnan(act_p)
-    parts = [
-        np.abs(a - act_a),
-        act_a,
-        np.abs(p - act_p),
-        act_p,
-        (act_p - p > CAPACITY).astype(float),
-        np.ones_like(act_a),
-    ]
+    ok, parts = _window_parts(a, act_a, p, act_p)
     span = cols // max(1, round(BOOT_BLOCK_S / series.window))  # the block of each window
     block = np.arange(len(rows))[:, None] * (span.max() + 1) + (span - span.min())[None, :]
     block = np.broadcast_to(block, ok.shape)[ok]
     _, idx = np.unique(block, return_inverse=True)
-    return np.stack([np.bincount(idx, np.where(ok, x, 0.0)[ok]) for x in parts], axis=1)
-
-
-def _measures(sums: np.ndarray) -> np.ndarray:
-    """WAPE of average, WAPE of peak and missed-burst fraction from summed blocks (last axis)."""
-    return np.stack(
-        [sums[..., 0] / sums[..., 1], sums[..., 2] / sums[..., 3], sums[..., 4] / sums[..., 5]],
-        axis=-1,
-    )
+    return np.stack([np.bincount(idx, x[ok]) for x in parts], axis=1)
 
 
 def _intervals(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
