@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import click
 import numpy as np
-from paper_table import ABLATION_AT, ABLATIONS, PAPER_UNDER_100MS, SCARCE, Runner, row
+from paper_table import ABLATION_AT, ABLATIONS, PAPER_UNDER_100MS, SCARCE, Runner, missed, row
 
 SETTINGS = {
     "paper": ("clusters/paper.yaml", *ABLATION_AT),
@@ -39,18 +39,11 @@ def run(task: tuple[str, str, int, float, float, float]) -> tuple[str, str, int,
     cluster, alpha, rps = SETTINGS[setting]
     table = Runner(cluster, warmup, duration, seed).run(policy, alpha, rps)
     tier = np.asarray(table.column("tier").to_pylist(), dtype=object)
-    ttft = np.nan_to_num(
-        table.column("ttft").to_numpy(zero_copy_only=False).astype(float), nan=np.inf
-    )
-    missed = ttft > slo
-    names = sorted(set(tier.tolist()))
-    by_tier = {
-        str(t) or "none": {
-            "requests": int((tier == t).sum()),
-            "missed": int((missed & (tier == t)).sum()),
-        }
-        for t in names
-    }
+    bad = missed(table, slo)
+    by_tier = {}
+    for t in sorted(set(tier.tolist())):
+        mine = tier == t
+        by_tier[str(t) or "none"] = {"requests": int(mine.sum()), "missed": int((bad & mine).sum())}
     return setting, policy, seed, row(table, slo) | {"by_start_tier": by_tier}
 
 

@@ -144,11 +144,16 @@ def work(task: Task) -> dict:
     }
 
 
-def missed_by_model(table: pa.Table, slo_ttft: float) -> dict[str, int]:
-    """Requests per model without a first token within ``slo_ttft`` (dropped ones included)."""
+def missed(table: pa.Table, slo_ttft: float) -> np.ndarray:
+    """Per request: no first token within ``slo_ttft`` (dropped ones included)."""
     ttft = table.column("ttft").to_numpy(zero_copy_only=False).astype(float)
     ok = np.asarray(table.column("status").to_pylist(), dtype=object) == "ok"
-    bad = ~(ok & (np.nan_to_num(ttft, nan=np.inf) <= slo_ttft + 1e-9))
+    return ~(ok & (np.nan_to_num(ttft, nan=np.inf) <= slo_ttft + 1e-9))
+
+
+def missed_by_model(table: pa.Table, slo_ttft: float) -> dict[str, int]:
+    """Requests per model without a first token within ``slo_ttft`` (dropped ones included)."""
+    bad = missed(table, slo_ttft)
     models = np.asarray(table.column("model").to_pylist(), dtype=object)
     names, counts = np.unique(models[bad], return_counts=True)
     return {str(n): int(c) for n, c in sorted(zip(names, counts, strict=True), key=lambda x: -x[1])}
