@@ -20,6 +20,7 @@ from warmserve.policy.forecast import (
     recent_quantile,
     seasonal_naive,
     seasonal_part,
+    seasonal_slope,
 )
 
 NAN = np.nan
@@ -129,7 +130,7 @@ def test_online_mixture_matches_batch() -> None:
     avg = rng.gamma(2.0, 3.0, (m, t)) * (1 + np.sin(np.arange(t) * 2 * np.pi / period))
     avg[rng.random((m, t)) < 0.1] = NAN
     peak = avg * rng.uniform(1.0, 3.0, (m, t))
-    params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=MixParams(eta=50.0))
+    params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=MixParams(eta=(50.0, 50.0)))
     want_avg, want_peak = mixture_pair(avg, peak, params)
     f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
     for w in range(t):
@@ -213,3 +214,47 @@ def test_mix_experts_of_the_planner_stack_is_the_mixture() -> None:
     )
     e = experts(h, params)
     assert np.array_equal(mix_experts(e, h, MixParams(), 1), mixture(h, params, 1))
+
+
+def test_seasonal_slope_is_yesterdays_ramp_at_this_time_of_day() -> None:
+    """A daily ramp of 2 per window from window 10 to 30: the slope into a window is 2 where
+    the span around the same window a day earlier lies on the ramp, less at its ends, and
+    days with an end missing are left out."""
+    period = 48
+    day = np.zeros(period)
+    day[10:31] = np.arange(0, 42, 2)
+    day[31:] = 40.0
+    h = np.tile(day, 3)[None].astype(float)
+    slope = seasonal_slope(h, period, periods=2, half=3)
+    assert slope[0, period + 20] == pytest.approx(2.0)  # mid-ramp, a day on
+    assert slope[0, period + 40] == pytest.approx(0.0)  # flat
+    assert 0.0 < slope[0, period + 11] < 2.0  # the span straddles the ramp's start
+    assert (slope[0, : period - 3] == 0.0).all()  # no day before
+    h[0, 20 + 3] = NAN  # an end of day 0's span for window period + 20
+    assert seasonal_slope(h, period, 2, 3)[0, 2 * period + 20] == pytest.approx(2.0)  # day 1
+    assert seasonal_slope(h, period, 2, 3)[0, period + 20] == 0.0  # no day left
+
+
+def test_slope_needs_the_smoothing_it_moves() -> None:
+    with pytest.raises(ValueError, match="slope needs ses"):
+        MixParams(ses=False, slope=9)
+    assert MixParams(ses=False, slope=0).experts == MixParams().experts - 2
+
+
+def test_online_mixture_matches_batch_with_the_seasonal_slope() -> None:
+    """The planner's defaults (a slope over 19 windows) on a daily pattern with gaps: the
+    online forecaster reads the slope's ends from its ring, the batch form from the array."""
+    rng = np.random.default_rng(8)
+    period, t, m = 24, 5 * 24, 3
+    base = 50 * (1.2 + np.sin(np.arange(t) * 2 * np.pi / period))
+    avg = base * rng.uniform(0.8, 1.2, (m, t))
+    avg[rng.random((m, t)) < 0.1] = NAN
+    peak = avg * rng.uniform(1.0, 2.0, (m, t))
+    params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=MixParams())
+    want_avg, want_peak = mixture_pair(avg, peak, params)
+    f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
+    for w in range(t):
+        got_avg, got_peak = f.predict(w)
+        np.testing.assert_allclose(got_avg, want_avg[:, w], err_msg=str(w))
+        np.testing.assert_allclose(got_peak, want_peak[:, w], err_msg=str(w))
+        f.observe_all(w, avg[:, w], peak[:, w])

@@ -36,34 +36,32 @@ forecasters treat them as unobserved and they are not scored (``gap_windows`` in
 
 Evaluation is rolling-origin one step ahead: each window is predicted from the windows before it.
 The first ``warmup`` days are not scored (seasonal methods need history). The rest is split in
-time: the *tune* part (``TUNE_DAYS`` days after the warmup) is where the mixture's
-hyper-parameters were chosen (``tuning`` in the JSON: the grid, and the best by the worst ratio
-to last-value, on every tune window, and to AutoETS, on tune origins, over the three measures of
-both traces); the *held-out* part after it is scored with those parameters fixed, and is the
-result. statsforecast's AutoETS and MSTL refit at every origin, so they are scored on
-``STATS_ORIGINS`` evenly spaced held-out origins per series, fitted on the ``STATS_DAYS`` days
-before each (gaps carried forward); every method is scored on exactly those origins too, for a
-like-for-like table. Fits are cached by a hash of their inputs (``STATS_CACHE``).
+time: the *tune* part (``TUNE_DAYS`` days after the warmup) is where the mixture's settings
+were chosen (``tuning`` in the JSON, see :func:`tune`: which experts take part, and per plane
+the weighting's sharpness and memory, by the ratios to last-value and AutoETS on every tune
+window of both traces); the *held-out* part after it is scored with those settings fixed, and
+is the result. statsforecast's AutoETS refits at every window after the warmup, on the
+``STATS_DAYS`` days before it (gaps carried forward), so it is scored like every other method
+on every window (some 25,000 fits, in parallel, cached by a hash of their inputs in
+``STATS_CACHE``; about 10 minutes on two cores the first time). MSTL is slower still, so it
+and AutoETS are also scored on ``STATS_ORIGINS`` evenly spaced held-out origins per series,
+with every method scored on exactly those origins too, for a like-for-like table.
 
 Methods: ``csp`` (the paper's plain CSP), ``last-value``, ``seasonal-naive``, ``blend`` (a CSP
 with corrections across period boundaries, decay 0.8 over 10 windows, 70% last value),
 ``mixture`` (what the planner runs, :func:`warmserve.policy.planner.csp_params`: an online,
 per-series, exponentially weighted mixture of a CSP, last-value, seasonal-naive, the seasonal
-delta and recent medians and quantiles, see :class:`warmserve.policy.forecast.MixParams`; it
-learns only from windows before each prediction), ``auto-ses`` (simple exponential smoothing
-whose weight each series picks online, :func:`warmserve.policy.forecast.auto_ses`: a one-pass
-stand-in for what AutoETS fits per origin) and the two statsforecast models. ``mixture+ses`` is
-a candidate: the planner's mixture with ``auto-ses`` as one more expert (``mixture+ses-avg``:
-of the average plane only); the tuning scores them at the chosen parameters by the same
-objective (``candidates_worst_ratio``; ``candidates_leading_ratios`` lists the largest few
-ratios of each and of the mixture, so a tie on the worst one shows what comes next), and the
-planner runs one only if it beats the mixture on the tune part.
+delta, recent medians and quantiles, simple exponential smoothing and the same moved by the
+seasonal slope, see :class:`warmserve.policy.forecast.MixParams`; it learns only from windows
+before each prediction), ``auto-ses`` (simple exponential smoothing whose weight each series
+picks online, :func:`warmserve.policy.forecast.auto_ses`: a one-pass stand-in for what
+AutoETS fits per window), ``autoets`` and, at the origins, ``mstl``.
 ``peak_tradeoff`` scores the mixture with other pinball quantiles for its peak plane: a higher
 one predicts higher peaks, so fewer missed bursts for a larger WAPE.
 
 ``bar`` is the mixture's margin over each baseline on the held-out part, with a 95% interval
 from a paired block bootstrap (quarter days of a series resampled for both methods at once):
-a margin of a few percent on 144 origins per series can be noise, and the interval says which.
+a margin of a few percent over a few days can be noise, and the interval says which.
 """
 
 from __future__ import annotations
@@ -98,7 +96,7 @@ SEED = 0  # of the sampled ServeGen arrivals (one realisation; series i uses SEE
 TUNE_DAYS = {"servegen": 4, "burstgpt": 2}  # after the warmup; the rest is held out
 GRID = {  # the mixture's hyper-parameters searched on the tune part
     "eta": (100.0, 300.0, 1000.0, 3000.0, 10_000.0, 30_000.0),
-    "discount": (0.9, 0.95, 0.97, 0.99),
+    "discount": (0.9, 0.95, 0.97, 0.99, 0.995, 0.998),
     "tau_peak": (0.5, 0.55, 0.6, 0.65, 0.7),
 }
 STATS_CACHE = os.path.expanduser("~/.cache/warmserve/forecast-stats")
@@ -303,31 +301,6 @@ def planner_params(period: int, mix: fc.MixParams | None = None) -> fc.CSPParams
     return fc.CSPParams(period, 3, 10, decay=0.8, reset=False, mix=mix or fc.MixParams())
 
 
-def mixture_with_ses(values: np.ndarray, params: fc.CSPParams, plane: int) -> np.ndarray:
-    """The planner's mixture with :func:`~warmserve.policy.forecast.auto_ses` as one more
-    expert (the mean of all experts stays last). A candidate: scored here and in the tuning,
-    not what the planner runs unless the tuning prefers it."""
-    e = fc.experts(values, params)[:-1]
-    e = np.concatenate([e, fc.auto_ses(values)[None]])
-    e = np.concatenate([e, e.mean(axis=0, keepdims=True)])
-    return fc.mix_experts(e, values, params.mix or fc.MixParams(), plane)
-
-
-def _pair(avg: np.ndarray, peak: np.ndarray, params: fc.CSPParams, candidate: str):
-    """Average and peak predictions of the planner's mixture or of a candidate variant."""
-    if candidate == "mixture":
-        return fc.mixture_pair(avg, peak, params)
-    a = mixture_with_ses(avg, params, 0)
-    if candidate == "mixture+ses-avg":
-        return a, np.maximum(fc.mixture(peak, params, 1), a)
-    return a, np.maximum(mixture_with_ses(peak, params, 1), a)
-
-
-# Candidates: auto-ses as an expert of both planes, or of the average plane only.
-CANDIDATES = ("mixture+ses", "mixture+ses-avg")
-LEADING = 4  # the tuning records each candidate's largest ratios, for ties on the worst one
-
-
 def blend_params(period: int) -> fc.CSPParams:
     """The tuned CSP of the module docstring."""
     return fc.CSPParams(period, periods=3, correction_windows=10, decay=0.8, reset=False, blend=0.7)
@@ -379,77 +352,118 @@ def _scores(pred: np.ndarray, actual: np.ndarray, pred_peak, actual_peak) -> dic
 MEASURES = ("wape_avg", "wape_peak", "missed_burst")
 
 
-def tune(loaded: dict[str, Series], stats: bool = True) -> dict:
-    """Search ``GRID`` on the tune part of every series. The objective is the worst ratio of the
-    mixture to a baseline over the three measures, the traces and the baselines: last-value on
-    every tune window, and (with ``stats``) AutoETS on ``STATS_ORIGINS`` tune origins, the
-    mixture scored on the same ones. Below 1 beats them all."""
-    rows = []
-    base: dict = {}
-    refs: dict = {}  # trace -> baseline -> (windows or origins, scores)
+# Expert sets the tuning chooses between (one for both planes): the mixture without the
+# smoothing experts, with ses, and with ses moved by the seasonal slope of a few half widths.
+EXPERT_SETS = {
+    "base": {"ses": False, "slope": 0},
+    "ses": {"ses": True, "slope": 0},
+    "ses+slope6": {"ses": True, "slope": 6},
+    "ses+slope9": {"ses": True, "slope": 9},
+    "ses+slope12": {"ses": True, "slope": 12},
+}
+LEADING = 4  # ratios recorded per choice, largest first
+
+
+def _leximin(ratios: list[float]) -> list[float]:
+    """The sort key of the tuning: ratios largest first, so the worst decides and ties (the
+    worst is often a count of missed bursts, equal across settings) go to the next."""
+    return sorted(ratios, reverse=True)
+
+
+Forecasts = tuple[np.ndarray, np.ndarray]  # average and peak, series x windows
+
+
+def tune(loaded: dict[str, Series], autoets: dict[str, Forecasts] | None) -> dict:
+    """Choose the planner mixture's settings on the tune part of every series.
+
+    A setting is an expert set (``EXPERT_SETS``), then per plane ``eta`` and ``discount``, and
+    the peak plane's ``tau``. It is scored by its ratio to a baseline, for every trace, baseline
+    (last-value and AutoETS, both on every tune window) and measure of the plane (average WAPE;
+    peak WAPE and missed bursts). Each plane takes the setting whose ratios, largest first,
+    sort lowest (its worst ratio decides, the next breaks ties); the peak plane is tuned over
+    the tuned average, which floors it. The expert set is then chosen the same way over both
+    planes' ratios. Below 1 everywhere beats both baselines on the tune part. Without
+    ``autoets`` (``--no-stats``) last-value is the only baseline."""
+    refs: dict = {}  # trace -> baseline -> scores on the tune windows
+    cols = {name: np.arange(s.warmup, s.tune_end) for name, s in loaded.items()}
     for name, s in loaded.items():
-        lv = fc.last_value(s.avg), fc.last_value(s.peak)
-        w = _part(s, "tune")
-        refs[name] = {"last-value": (np.arange(w.start, w.stop), _part_scores(s, *lv, "tune"))}
-        if stats:
-            origins = np.linspace(s.warmup, s.tune_end - 1, STATS_ORIGINS).round().astype(np.int64)
-            fa = _stats(s, s.avg, origins, ("autoets",))["autoets"]
-            fp = _stats(s, s.peak, origins, ("autoets",))["autoets"]
-            sc = _scores(fa, s.avg[:, origins], fp, s.peak[:, origins])
-            refs[name]["autoets@origins"] = (origins, sc)
-        base[name] = {b: sc for b, (_, sc) in refs[name].items()}
-    for eta, discount in itertools.product(GRID["eta"], GRID["discount"]):
-        avg_pred = {}
+        w = cols[name]
+        lv_a, lv_p = fc.last_value(s.avg), fc.last_value(s.peak)
+        refs[name] = {"last-value": _scores(lv_a[:, w], s.avg[:, w], lv_p[:, w], s.peak[:, w])}
+        if autoets is not None:
+            ets_a, ets_p = autoets[name]
+            refs[name]["autoets"] = _scores(ets_a[:, w], s.avg[:, w], ets_p[:, w], s.peak[:, w])
+
+    def ratios(preds: dict, measures: tuple[str, ...]) -> dict[str, float]:
+        out = {}
         for name, s in loaded.items():
-            mix = fc.MixParams(eta=eta, discount=discount)
-            avg_pred[name] = fc.mixture(s.avg, planner_params(s.period, mix), 0)
-        for tau in GRID["tau_peak"]:
-            mix = fc.MixParams(eta=eta, discount=discount, tau=(0.5, tau))
-            scores: dict = {}
-            worst = 0.0
-            for name, s in loaded.items():
-                a = avg_pred[name]
-                p = np.maximum(fc.mixture(s.peak, planner_params(s.period, mix), 1), a)
-                for b, (at, theirs) in refs[name].items():
-                    mine = _scores(a[:, at], s.avg[:, at], p[:, at], s.peak[:, at])
-                    scores.setdefault(name, {})[b] = {m: mine[m] for m in MEASURES}
-                    worst = max(worst, *(mine[m] / theirs[m] for m in MEASURES))
-            rows.append(
-                {
-                    "eta": eta,
-                    "discount": discount,
-                    "tau_peak": tau,
-                    "worst_ratio": round(worst, 4),
-                    "scores": scores,
-                }
-            )
-    rows.sort(key=lambda r: r["worst_ratio"])
-    best = rows[0]
-    candidates, leading = {}, {}
-    for cand in ("mixture", *CANDIDATES):  # at the chosen parameters, by the same objective
-        ratios = []
+            a, p = preds[name]
+            w = cols[name]
+            mine = _scores(a[:, w], s.avg[:, w], p[:, w], s.peak[:, w])
+            for b, theirs in refs[name].items():
+                for m in measures:
+                    out[f"{name} {m} / {b}"] = mine[m] / theirs[m]
+        return out
+
+    def best(rows: list[tuple]) -> tuple:
+        return min(rows, key=lambda r: _leximin(list(r[1].values())))
+
+    chosen_sets = {}
+    for label, flags in EXPERT_SETS.items():
+        stacks = {}
         for name, s in loaded.items():
-            a, p = _pair(s.avg, s.peak, planner_params(s.period), cand)
-            for at, theirs in refs[name].values():
-                mine = _scores(a[:, at], s.avg[:, at], p[:, at], s.peak[:, at])
-                ratios += [mine[m] / theirs[m] for m in MEASURES]
-        ratios.sort(reverse=True)
-        leading[cand] = [round(r, 4) for r in ratios[:LEADING]]
-        if cand != "mixture":
-            candidates[cand] = leading[cand][0]
+            params = planner_params(s.period, fc.MixParams(**flags))
+            stacks[name] = (fc.experts(s.avg, params), fc.experts(s.peak, params))
+        avg_rows = []
+        for eta, discount in itertools.product(GRID["eta"], GRID["discount"]):
+            mix = fc.MixParams(eta=(eta, eta), discount=(discount, discount), **flags)
+            preds = {n: fc.mix_experts(stacks[n][0], s.avg, mix, 0) for n, s in loaded.items()}
+            rows = {n: (a, a) for n, a in preds.items()}
+            avg_rows.append(((eta, discount), ratios(rows, ("wape_avg",)), preds))
+        (eta_a, disc_a), avg_ratios, avg_pred = best(avg_rows)
+        peak_rows = []
+        grid = itertools.product(GRID["eta"], GRID["discount"], GRID["tau_peak"])
+        for eta, discount, tau in grid:
+            mix = fc.MixParams((eta, eta), (discount, discount), (0.5, tau), **flags)
+            preds = {}
+            for n, s in loaded.items():
+                a = avg_pred[n]
+                preds[n] = (a, np.maximum(fc.mix_experts(stacks[n][1], s.peak, mix, 1), a))
+            peak_rows.append(((eta, discount, tau), ratios(preds, MEASURES[1:]), None))
+        (eta_p, disc_p, tau), peak_ratios, _ = best(peak_rows)
+        both = avg_ratios | peak_ratios
+        chosen_sets[label] = {
+            **flags,
+            "eta": [eta_a, eta_p],
+            "discount": [disc_a, disc_p],
+            "tau_peak": tau,
+            "leading_ratios": {
+                k: round(v, 4) for k, v in sorted(both.items(), key=lambda kv: -kv[1])[:LEADING]
+            },
+            "_key": _leximin(list(both.values())),
+        }
+    label = min(chosen_sets, key=lambda k: chosen_sets[k]["_key"])
+    best_set = chosen_sets[label]
     default = fc.MixParams()
-    chosen = {"eta": default.eta, "discount": default.discount, "tau_peak": default.tau[1]}
+    planner = {
+        "ses": default.ses,
+        "slope": default.slope,
+        "eta": list(default.eta),
+        "discount": list(default.discount),
+        "tau_peak": default.tau[1],
+    }
+    for v in chosen_sets.values():
+        del v["_key"]
     return {
-        "grid": GRID,
-        "objective": "max over traces, baselines (last-value on all tune windows"
-        + (", AutoETS on tune origins" if stats else "")
-        + ") and measures of mixture / baseline",
-        "baselines": base,
-        "best": rows[:8],
-        "planner_defaults": chosen,
-        "planner_defaults_are_best": all(best[k] == v for k, v in chosen.items()),
-        "candidates_worst_ratio": candidates,
-        "candidates_leading_ratios": leading,
+        "grid": {"experts": EXPERT_SETS, **GRID},
+        "objective": "per plane, then over both: the ratios of the mixture to last-value"
+        + (" and to AutoETS" if autoets is not None else "")
+        + ", on every tune window of every trace, largest first (leximin)",
+        "baselines": refs,
+        "by_expert_set": chosen_sets,
+        "chosen": label,
+        "planner_defaults": planner,
+        "planner_defaults_are_best": all(best_set[k] == v for k, v in planner.items()),
     }
 
 
@@ -502,15 +516,42 @@ def _stats(
     return out
 
 
-def evaluate(series: Series, stats: bool = True) -> dict:
-    """Scores of every method on ``series``: tune and held-out windows, and the statsforecast
-    origins (held out)."""
+def autoets_all(series: Series) -> Forecasts:
+    """AutoETS one-step forecasts of average and peak at every window after the warmup (NaN
+    before it), each from the ``STATS_DAYS`` days before it. That is a fit per window and
+    series (some 25,000 on both traces), so rows are fitted in parallel, one process per core
+    (spawned: the parent's numba threads must not be forked), and cached (:func:`_stats`)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    t = series.avg.shape[1]
+    origins = np.arange(series.warmup, t)
+    jobs = [(series, plane, row, origins) for plane in (0, 1) for row in range(len(series.names))]
+    out = np.full((2, *series.avg.shape), np.nan)
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=get_context("spawn")) as pool:
+        for done, ((_, plane, row, _), fit) in enumerate(
+            zip(jobs, pool.map(_autoets_row, jobs), strict=True), 1
+        ):
+            out[plane, row, origins] = fit
+            click.echo(f"  AutoETS {series.source}: {done}/{len(jobs)} series fitted", err=True)
+    return out[0], np.maximum(out[1], 0.0)
+
+
+def _autoets_row(job: tuple[Series, int, int, np.ndarray]) -> np.ndarray:
+    series, plane, row, origins = job
+    values = (series.avg if plane == 0 else series.peak)[row : row + 1]
+    return _stats(series, values, origins, ("autoets",))["autoets"][0]
+
+
+def evaluate(series: Series, stats: bool = True, autoets: Forecasts | None = None) -> dict:
+    """Scores of every method on ``series``: tune and held-out windows (AutoETS too, given its
+    forecasts at every window), and the statsforecast origins (held out)."""
     t = series.avg.shape[1]
     preds = {name: (f(series.avg), f(series.peak)) for name, f in methods(series.period).items()}
     params = planner_params(series.period)
     preds["mixture"] = fc.mixture_pair(series.avg, series.peak, params)
-    for cand in CANDIDATES:
-        preds[cand] = _pair(series.avg, series.peak, params, cand)
+    if autoets is not None:
+        preds["autoets"] = autoets
     result: dict = {
         "series": [str(n) for n in series.names],
         "window_s": series.window,
@@ -749,11 +790,16 @@ def eval_(source: str, out: str, png: str, no_stats: bool, no_tune: bool, serveg
     }
     chosen = list(loaders) if source == "all" else [source]
     loaded = {name: loaders[name]() for name in chosen}
-    tuning = None if no_tune else tune(loaded, stats=not no_stats)
+    autoets = None if no_stats else {name: autoets_all(s) for name, s in loaded.items()}
+    tuning = None if no_tune else tune(loaded, autoets)
     if tuning is not None:
-        click.echo(f"tuning: best {tuning['best'][0]}")
+        chosen = tuning["by_expert_set"][tuning["chosen"]]
+        click.echo(f"tuning: best {tuning['chosen']} {chosen}")
         click.echo(f"  planner defaults {tuning['planner_defaults']}")
-    results = {name: evaluate(s, stats=not no_stats) for name, s in loaded.items()}
+    results = {
+        name: evaluate(s, not no_stats, autoets[name] if autoets else None)
+        for name, s in loaded.items()
+    }
     for name, r in results.items():
         click.echo(f"{name}: {len(r['series'])} series, split {r['split']}")
         for part in ("tune", "held_out"):

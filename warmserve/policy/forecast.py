@@ -45,21 +45,37 @@ class MixParams:
     the *seasonal delta* (the seasonal part plus the newest error alone: the last value moved by
     how the season moved), one ``q`` quantile of the last ``n`` windows per ``(n, q)`` of
     ``recent``, an exponentially weighted mean of the last ``ewma[1]`` windows (weight
-    ``ewma[0] * (1 - ewma[0]) ** age``), and the plain mean of all the experts before it (which
-    wins where following any one expert costs more than it gains: noisy, sparse series).
-    Defaults were chosen on the first part of each evaluated trace only (see
-    ``warmserve forecast eval``, which scores the rest).
+    ``ewma[0] * (1 - ewma[0]) ** age``), with ``ses`` simple exponential smoothing whose weight
+    each series picks online (:func:`auto_ses`, what statsforecast's AutoETS amounts to on these
+    traces), with ``slope`` that smoothing moved by the *seasonal slope* (:func:`seasonal_slope`
+    over ``2 * slope + 1`` windows: how load usually changes at this time of day), and last the
+    plain mean of all the experts before it (which wins where following any one expert costs
+    more than it gains: noisy, sparse series).
+
+    ``eta``, ``discount`` and ``tau`` are per plane (average, peak). They, and which experts
+    take part, were chosen on the first part of each evaluated trace only (see
+    ``warmserve forecast eval``, which scores the rest): the average plane learns slowly from a
+    long memory, the peak plane follows its best expert sharply and is scored at a quantile
+    above the median, so it predicts peaks a little high and misses fewer bursts.
     """
 
-    eta: float = 3000.0  # sharpness: weights are exp(-eta * excess discounted error / level)
-    discount: float = 0.99  # weight of an expert's past error relative to the next window's
+    eta: tuple[float, float] = (300.0, 30_000.0)  # sharpness: weights exp(-eta * excess / level)
+    discount: tuple[float, float] = (0.998, 0.995)  # weight of an expert's past error per window
     tau: tuple[float, float] = (0.5, 0.65)  # pinball quantile scoring the avg and peak experts
     recent: tuple[tuple[int, float], ...] = ((3, 0.5), (6, 0.5), (12, 0.5), (6, 0.8), (2, 1.0))
     ewma: tuple[float, int] = (0.3, 12)
+    ses: bool = True
+    slope: int = 9  # half width (windows) of the seasonal slope; 0: no seasonal-slope expert
+
+    def __post_init__(self) -> None:
+        if self.slope and not self.ses:
+            raise ValueError("the seasonal-slope expert moves the ses expert: slope needs ses")
+        if self.slope < 0:
+            raise ValueError(f"slope must be >= 0, not {self.slope}")
 
     @property
     def experts(self) -> int:
-        return 6 + len(self.recent)
+        return 6 + len(self.recent) + int(self.ses) + int(self.slope > 0)
 
     @property
     def depth(self) -> int:
@@ -206,10 +222,11 @@ def recent_ewma(history: np.ndarray, alpha: float, windows: int) -> np.ndarray:
 
 
 SES_ALPHAS = (0.2, 0.3, 0.5, 0.7, 0.85, 1.0)
+SES_DISCOUNT = 0.995
 
 
 def auto_ses(
-    history: np.ndarray, alphas: tuple[float, ...] = SES_ALPHAS, discount: float = 0.995
+    history: np.ndarray, alphas: tuple[float, ...] = SES_ALPHAS, discount: float = SES_DISCOUNT
 ) -> np.ndarray:
     """Simple exponential smoothing whose smoothing weight each series picks online: every
     window is predicted by the ``alphas`` member with the least absolute one-step error so far
@@ -236,6 +253,32 @@ def auto_ses(
     return out
 
 
+def seasonal_slope(history: np.ndarray, period: int, periods: int, half: int) -> np.ndarray:
+    """How load usually changes into each window at its time of day: over each of the previous
+    ``periods`` periods, the mean change per window across the ``2 * half + 1`` windows centred
+    on the same window (``(x[w + half] - x[w - half - 1]) / (2 * half + 1)`` at ``w`` one
+    period back, two, ...), averaged over the periods whose two ends were observed; 0 where
+    none was.
+
+    At 600 s one window's change is mostly noise; a daily ramp shows across a couple of hours,
+    so the change is taken across many windows. ``half`` is capped at ``period - 1``, so every
+    window read is before the one predicted."""
+    half = min(half, period - 1)
+    m, t = history.shape
+    total = np.zeros((m, t))
+    count = np.zeros((m, t))
+    idx = np.arange(t)
+    for k in range(1, periods + 1):
+        hi, lo = idx - k * period + half, idx - k * period - half - 1
+        at = np.flatnonzero(lo >= 0)
+        diff = history[:, hi[at]] - history[:, lo[at]]
+        ok = ~np.isnan(diff)
+        total[:, at] += np.where(ok, diff, 0.0)
+        count[:, at] += ok
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / (count * (2 * half + 1)), 0.0)
+
+
 def experts(history: np.ndarray, params: CSPParams) -> np.ndarray:
     """One-step predictions of every expert of the mixture (experts x models x windows), in the
     order :class:`Forecaster` computes them (see :class:`MixParams`)."""
@@ -249,18 +292,24 @@ def experts(history: np.ndarray, params: CSPParams) -> np.ndarray:
         *(recent_quantile(history, n, q) for n, q in mix.recent),
         recent_ewma(history, *mix.ewma),
     ]
+    if mix.ses:
+        e.append(auto_ses(history))
+    if mix.slope:
+        slope = seasonal_slope(history, params.period, params.periods, mix.slope)
+        e.append(np.maximum(e[-1] + slope, 0.0))
     return np.stack([*e, np.mean(e, axis=0)])
 
 
 def mixture(history: np.ndarray, params: CSPParams, plane: int = 0) -> np.ndarray:
     """One-step predictions of the expert mixture for every window of ``history``.
 
-    Each expert's pinball loss (quantile ``mix.tau[plane]``: 0 = average, 1 = peak) is summed
-    with weights ``discount ** age`` over the windows observed so far, as is the observed load
-    (the level); an expert's weight is ``exp(-eta * (its loss - the least loss) / level)``, so
-    the mixture is scale free: it learns online, per series, from the windows before the one it
-    predicts. Missing windows teach nothing. A pinball quantile above one half biases a
-    forecast upward (fewer missed bursts for a larger error), which the peak plane uses.
+    Each expert's pinball loss (quantile ``mix.tau[plane]``: 0 = average, 1 = peak; ``eta`` and
+    ``discount`` are the plane's too) is summed with weights ``discount ** age`` over the
+    windows observed so far, as is the observed load (the level); an expert's weight is
+    ``exp(-eta * (its loss - the least loss) / level)``, so the mixture is scale free: it
+    learns online, per series, from the windows before the one it predicts. Missing windows
+    teach nothing. A pinball quantile above one half biases a forecast upward (fewer missed
+    bursts for a larger error), which the peak plane uses.
 
     This is the batch form (numpy, one pass over windows); :class:`Forecaster` computes the
     same numbers online.
@@ -272,18 +321,18 @@ def mix_experts(e: np.ndarray, history: np.ndarray, mix: MixParams, plane: int) 
     """The weighting of :func:`mixture` over any stack of expert predictions (experts x models
     x windows), so ``warmserve forecast eval`` can score candidate experts before the online
     kernels learn them."""
-    tau = mix.tau[plane]
+    tau, eta, discount = mix.tau[plane], mix.eta[plane], mix.discount[plane]
     k, m, t = e.shape
     loss = np.zeros((k, m))
     level = np.zeros(m)
     out = np.zeros((m, t))
     for i in range(t):
-        out[:, i] = (_weights(loss, level, mix.eta) * e[:, :, i]).sum(axis=0)
+        out[:, i] = (_weights(loss, level, eta) * e[:, :, i]).sum(axis=0)
         seen = ~np.isnan(history[:, i])
         err = history[:, i] - e[:, :, i]
         pin = np.maximum(tau * err, (tau - 1.0) * err)
-        loss = np.where(seen, mix.discount * loss + np.nan_to_num(pin), loss)
-        level = np.where(seen, mix.discount * level + np.abs(np.nan_to_num(history[:, i])), level)
+        loss = np.where(seen, discount * loss + np.nan_to_num(pin), loss)
+        level = np.where(seen, discount * level + np.abs(np.nan_to_num(history[:, i])), level)
     return out
 
 
@@ -332,12 +381,18 @@ def _expert_kernel(  # pragma: no cover (compiled)
     rq,
     alpha,
     newma,
+    ses_level,
+    ses_loss,
+    half,
     weights,
     out,
     pred,
 ):
     """Every expert's prediction of ``window`` (see :class:`MixParams`) for columns
     ``0..ncols``, from the rings of :class:`Forecaster`, with errors up to window ``newest``.
+    ``ses_level`` and ``ses_loss`` (weights x 2 x columns, no weights without that expert) are
+    the smoothing expert's state: it predicts the level of the weight with the least loss; with
+    ``half`` >= 0 the seasonal slope over ``2 * half + 1`` windows moves it.
 
     With ``weights`` (experts x 2 x columns) the weighted sum goes to ``pred`` (2 x columns; a
     peak is never predicted below the average); otherwise each expert goes to ``out``
@@ -349,7 +404,9 @@ def _expert_kernel(  # pragma: no cover (compiled)
     for n in rn:
         depth = max(depth, n)
     depth = max(depth, newma)
-    k = 6 + len(rn)
+    nalpha = ses_level.shape[0]
+    use_ses = nalpha > 0
+    k = 6 + len(rn) + (1 if use_ses else 0) + (1 if half >= 0 else 0)
     ew = np.empty(max(newma, 1))  # weights of the exponentially weighted mean, newest first
     for j in range(newma):
         ew[j] = alpha * (1.0 - alpha) ** j
@@ -371,6 +428,23 @@ def _expert_kernel(  # pragma: no cover (compiled)
         swin[ns] = w
         sslot[ns] = w % span
         ns += 1
+    # The seasonal slope: per period back, the windows at both ends of its span.
+    hwin = np.empty(max(periods, 1), np.int64)
+    lwin = np.empty(max(periods, 1), np.int64)
+    nh = 0
+    if half >= 0:
+        for kk in range(1, periods + 1):
+            lo = window - kk * period - half - 1
+            if lo < 0:
+                break
+            hwin[nh] = lo + 2 * half + 1
+            lwin[nh] = lo
+            nh += 1
+    hslot = np.empty(max(nh, 1), np.int64)
+    lslot = np.empty(max(nh, 1), np.int64)
+    for i in range(nh):
+        hslot[i] = hwin[i] % span
+        lslot[i] = lwin[i] % span
     nwin = window - period
     nslot = nwin % span if nwin >= 0 else 0
     start = window - window % period if reset else 0  # oldest error the CSP may use
@@ -410,6 +484,10 @@ def _expert_kernel(  # pragma: no cover (compiled)
         srt = np.empty((nrec, blk))
         recv = np.empty((max(len(rn), 1), 2, blk))
         cnt = np.empty((max(len(rn), 1), blk))
+        sesv = np.empty((2, blk))
+        best = np.empty(blk)
+        rise = np.empty((2, blk))
+        sdays = np.empty(blk)
         vals = np.empty(k)
         for j in range(depth):
             for c in range(b):
@@ -432,6 +510,25 @@ def _expert_kernel(  # pragma: no cover (compiled)
                     num[0, c] += cw[i] * err[cslot[i], 0, c0 + c]
                     num[1, c] += cw[i] * err[cslot[i], 1, c0 + c]
                     den[c] += cw[i]
+        # The smoothing expert (the level with the least loss; numpy's argmin keeps the first
+        # of equals, so does the strict comparison) and the seasonal slope that moves it.
+        if use_ses:
+            for p in range(2):
+                best[:b] = np.inf
+                for a in range(nalpha):
+                    for c in range(b):
+                        if ses_loss[a, p, c0 + c] < best[c]:
+                            best[c] = ses_loss[a, p, c0 + c]
+                            v = ses_level[a, p, c0 + c]
+                            sesv[p, c] = 0.0 if np.isnan(v) else v
+        rise[:, :b] = 0.0
+        sdays[:b] = 0.0
+        for i in range(nh):
+            for c in range(b):
+                if obs_win[hslot[i], c0 + c] == hwin[i] and obs_win[lslot[i], c0 + c] == lwin[i]:
+                    rise[0, c] += obs[hslot[i], 0, c0 + c] - obs[lslot[i], 0, c0 + c]
+                    rise[1, c] += obs[hslot[i], 1, c0 + c] - obs[lslot[i], 1, c0 + c]
+                    sdays[c] += 1.0
         for c in range(b):
             last_c = (last[0, c0 + c], last[1, c0 + c])
             n_ok = nwin >= 0 and obs_win[nslot, c0 + c] == nwin
@@ -496,7 +593,15 @@ def _expert_kernel(  # pragma: no cover (compiled)
                     if not np.isnan(v):
                         num_e += ew[j] * v
                         den_e += ew[j]
-                vals[k - 2] = num_e / den_e if den_e > 0 else lastv
+                e = 4 + len(rn)
+                vals[e] = num_e / den_e if den_e > 0 else lastv
+                if use_ses:
+                    e += 1
+                    vals[e] = sesv[p, c]
+                if half >= 0:
+                    step = rise[p, c] / (sdays[c] * (2 * half + 1)) if sdays[c] > 0 else 0.0
+                    e += 1
+                    vals[e] = max(sesv[p, c] + step, 0.0)
                 total = 0.0
                 for e in range(k - 1):
                     total += vals[e]
@@ -515,6 +620,7 @@ def _expert_kernel(  # pragma: no cover (compiled)
 def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma: no cover
     """Score every expert's prediction on ``values`` (what :func:`mixture` does per window) and
     update, in place, the discounted losses, levels and weights of the models ``seen``.
+    ``tau``, ``discount`` and ``eta`` have one value per plane.
 
     Blocks of models run on all cores; within a block, loops run expert by expert over
     contiguous model rows (memory streams, not strides), and a weight below ``exp(-60)`` of the
@@ -535,11 +641,11 @@ def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma
                     if seen[c]:
                         err = values[p, c] - experts[e, p, c]
                         pin = max(tau[p] * err, (tau[p] - 1.0) * err)
-                        loss[e, p, c] = discount * loss[e, p, c] + pin
+                        loss[e, p, c] = discount[p] * loss[e, p, c] + pin
             for c in range(lo, hi):
                 if seen[c]:
-                    level[p, c] = discount * level[p, c] + abs(values[p, c])
-                    factor[c - lo] = -eta / max(level[p, c], 1e-12)
+                    level[p, c] = discount[p] * level[p, c] + abs(values[p, c])
+                    factor[c - lo] = -eta[p] / max(level[p, c], 1e-12)
             top[:] = -np.inf
             for e in range(k):  # exponents, and the largest (the least loss) to shift them by
                 for c in range(lo, hi):
@@ -559,6 +665,27 @@ def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma
                         w[e, p, c] /= total[c - lo]
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _smooth(values, seen, alphas, discount, level, loss):  # pragma: no cover (compiled)
+    """Score and update, in place, the smoothing expert's level and discounted absolute error
+    per weight ``alphas`` (weights x 2 x models) on ``values`` of the models ``seen``: one
+    window of :func:`auto_ses`."""
+    n = values.shape[1]
+    blk = 1024
+    for bi in numba.prange((n + blk - 1) // blk):
+        for a in range(alphas.shape[0]):
+            for p in range(2):
+                for c in range(bi * blk, min(n, (bi + 1) * blk)):
+                    if seen[c]:
+                        x = values[p, c]
+                        old = level[a, p, c]
+                        if np.isnan(old):
+                            level[a, p, c] = x
+                        else:
+                            loss[a, p, c] = discount * loss[a, p, c] + abs(x - old)
+                            level[a, p, c] = old + alphas[a] * (x - old)
+
+
 class Forecaster:
     """Online forecaster over many models: ring buffers, computed for all models at once.
 
@@ -573,7 +700,10 @@ class Forecaster:
     def __init__(self, params: CSPParams, models: tuple[str, ...] = ()) -> None:
         self.params = params
         mix = params.mix
-        self._span = max(params.period * params.periods, mix.depth if mix else 0, 1)  # ring
+        # The ring reaches back D periods, and the seasonal slope's span past that.
+        self._half = min(mix.slope, params.period - 1) if mix and mix.slope else -1  # -1: none
+        reach = params.period * params.periods + self._half + 1
+        self._span = max(reach, mix.depth if mix else 0, 1)
         self._nerr = max(params.correction_windows, 1)
         self._n = 0  # columns allocated
         self._rows: dict[str, int] = {}
@@ -587,6 +717,10 @@ class Forecaster:
         self._loss = np.zeros((self._k, 2, 0))  # discounted pinball loss per expert
         self._level = np.zeros((2, 0))  # discounted observed load
         self._w = np.full((self._k, 2, 0), 1 / max(self._k, 1))  # expert weights, from the losses
+        # The ses expert (:func:`auto_ses`): a level and a discounted absolute error per weight.
+        self._alphas = np.array(SES_ALPHAS if mix and mix.ses else (), dtype=float)
+        self._ses_level = np.full((len(self._alphas), 2, 0), np.nan)
+        self._ses_loss = np.zeros((len(self._alphas), 2, 0))
         self._tau = np.array(mix.tau if mix else (0.5, 0.5))[:, None]
         self._rn = np.array([n for n, _ in mix.recent] if mix else [], dtype=np.int64)
         self._rq = np.array([q for _, q in mix.recent] if mix else [], dtype=float)
@@ -619,6 +753,8 @@ class Forecaster:
             )
             self._loss, self._level = more(self._loss, 0.0), more(self._level, 0.0)
             self._w = more(self._w, 1 / max(self._k, 1))
+            self._ses_level = more(self._ses_level, np.nan)
+            self._ses_loss = more(self._ses_loss, 0.0)
         return row
 
     def _past(self, cols: slice, window: int) -> np.ndarray:
@@ -689,6 +825,9 @@ class Forecaster:
             self._rq,
             self._alpha,
             self._newma,
+            self._ses_level[:, :, cols],
+            self._ses_loss[:, :, cols],
+            self._half,
             weights if mixed else np.empty((0, 2, 0)),
             out,
             pred,
@@ -723,11 +862,19 @@ class Forecaster:
                 values,
                 seen,
                 self._tau[:, 0],
-                mix.discount,
-                mix.eta,
+                np.array(mix.discount, dtype=float),
+                np.array(mix.eta, dtype=float),
                 self._loss[:, :, cols],
                 self._level[:, cols],
                 self._w[:, :, cols],
+            )
+            _smooth(
+                values,
+                seen,
+                self._alphas,
+                SES_DISCOUNT,
+                self._ses_level[:, :, cols],
+                self._ses_loss[:, :, cols],
             )
         seasonal = self._seasonal(cols, window)
         slot = window % self._span
@@ -770,7 +917,19 @@ class Forecaster:
         return {m: (float(avg[r]), float(peak[r])) for m, r in self._rows.items()}
 
     # Everything :meth:`observe` changes, by attribute name; the last axis is the model column.
-    _STATE = ("_obs", "_obs_win", "_err", "_err_win", "_last", "_last_win", "_loss", "_level", "_w")
+    _STATE = (
+        "_obs",
+        "_obs_win",
+        "_err",
+        "_err_win",
+        "_last",
+        "_last_win",
+        "_loss",
+        "_level",
+        "_w",
+        "_ses_level",
+        "_ses_loss",
+    )
 
     def state(self) -> dict[str, np.ndarray]:
         """A copy of what the forecaster has learnt, so a restarted planner can go on from it:

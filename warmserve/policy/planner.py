@@ -55,7 +55,8 @@ from warmserve.registry import ModelSpec
 def csp_params(config: PolicyConfig) -> CSPParams:
     """The forecaster the planner runs, scored as ``mixture`` by ``warmserve forecast eval``: an
     online expert mixture of a CSP (corrections across period boundaries, decay 0.8),
-    last-value, seasonal-naive and recent medians and quantiles."""
+    last-value, seasonal-naive, recent medians and quantiles, and exponential smoothing with
+    and without the seasonal slope (:class:`MixParams`' defaults)."""
     return CSPParams(
         period=config.windows_per_period,
         periods=config.periods,
