@@ -14,19 +14,21 @@ model) has a seasonal part of zero, so its correction is the recent level itself
 On real traces (``warmserve forecast eval``) the plain CSP loses to last-value: at 600 s the
 seasonal part carries day-to-day noise straight into the prediction. What the planner runs is an
 online mixture (:class:`MixParams`, :func:`mixture`) in which the CSP is one expert beside
-last-value, seasonal-naive, the seasonal delta, recent quantiles and means: each model's
-weights follow the experts' recent pinball losses, and the peak plane is scored at a quantile
-above the median, which predicts peaks a little high to miss fewer bursts.
+last-value, seasonal-naive, the seasonal delta, recent quantiles and means, and exponential
+smoothing with and without the seasonal slope: each model's weights follow the experts' recent
+pinball losses, and the peak plane is scored at a quantile above the median, which predicts
+peaks a little high to miss fewer bursts.
 
 Two forms share the same arithmetic:
 
 - batch functions over a ``models x windows`` array give the one-step-ahead prediction of every
   window from the windows before it (``warmserve forecast eval`` scores them);
 - :class:`Forecaster` keeps ring buffers and predicts one window for all models at once, which
-  is what the planner calls every tick; the mixture runs as two numba kernels (experts and
-  their weighted sum per block of models; scoring and weights when a window closes), whose
-  blocks of models run on all cores, so 10,000 models take a few milliseconds
-  (``bench/policy_bench.py``). Nothing here forks, so numba's OpenMP threads are safe.
+  is what the planner calls every tick; the mixture runs as three numba kernels (experts and
+  their weighted sum per block of models; scoring and weights when a window closes; the
+  smoothing expert's levels), whose blocks of models run on all cores, so 10,000 models take a
+  few milliseconds (``bench/policy_bench.py``). Nothing here forks, so numba's OpenMP threads
+  are safe.
 """
 
 from __future__ import annotations
@@ -233,9 +235,9 @@ def auto_ses(
     (discounted by ``discount`` per window, about ``1 / (1 - discount)`` windows of memory).
 
     This is what statsforecast's AutoETS mostly amounts to on these traces (a level model with
-    its weight fitted on the last days), computed in one pass instead of a fit per origin, so
-    ``warmserve forecast eval`` can score it on every window. A missing window updates nothing;
-    a series is predicted 0 until its first observation."""
+    its weight fitted on the last days), computed in one pass instead of a fit per window, so
+    the planner can run it online (:class:`Forecaster` keeps its levels and errors). A missing
+    window updates nothing; a series is predicted 0 until its first observation."""
     m, t = history.shape
     a = np.asarray(alphas, float)[:, None]
     level = np.full((len(alphas), m), np.nan)
