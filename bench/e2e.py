@@ -79,6 +79,7 @@ ALPHA = 0.5  # Zipf popularity exponent (the paper's)
 MAX_OUTPUT = 32  # tokens per answer: keeps 2 shared cores from saturating on decode
 MAX_INPUT = 128
 SAMPLE_EVERY = 30.0  # s between copies of the observer's bounded history
+CLIENT_MARGIN = 30.0  # s the replay client waits past the front door's request timeout
 # MuxServe-style share colocates by memory: a 2 GiB CPU device holds 4 of these engines (256 MiB
 # of KV each), so 2 devices x 4 slots give every one of the 7 models an instance. With the
 # default 2 slots, 3 models would never be served and share would lose on coverage, not speed.
@@ -175,7 +176,9 @@ async def live(
             "--max-input-tokens",
             str(MAX_INPUT),
             "--timeout",
-            "300",
+            # Past the front door's own limit, so a request that takes too long is ended (and
+            # recorded) by the server's 504, not by the client giving up at the same moment.
+            str(dask.config.get("warmserve.frontdoor.request-timeout") + CLIENT_MARGIN),
         ]
         with open(log, "w") as f:
             proc = await asyncio.create_subprocess_exec(*cmd, stdout=f, stderr=subprocess.STDOUT)
