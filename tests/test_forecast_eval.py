@@ -85,3 +85,33 @@ def test_bar_intervals_separate_a_clear_margin_from_noise() -> None:
     assert clear["relative"] == pytest.approx(1 / 3 - 1, abs=0.01)
     assert out["auto-ses"]["wape_avg"]["clear"] == "tie"
     assert out["auto-ses"]["wape_avg"]["ci95"][0] < 0 < out["auto-ses"]["wape_avg"]["ci95"][1]
+
+
+def test_tuning_picks_the_setting_whose_worst_ratios_sort_lowest(monkeypatch) -> None:
+    """On a small grid and a synthetic trace (a daily ramp whose level moves from day to day):
+    every expert set gets its best setting, and the chosen set's ratios, largest first, sort
+    no higher than any other's; without AutoETS last-value is the only baseline."""
+    monkeypatch.setattr(
+        fe, "GRID", {"eta": (300.0, 30_000.0), "discount": (0.99, 0.998), "tau_peak": (0.6, 0.65)}
+    )
+    rng = np.random.default_rng(1)
+    period, days = 24, 9
+    t = period * days
+    ramp = np.tile(np.clip(np.arange(period) - 6.0, 0.0, 12.0) * 8.0, days)
+    level = np.repeat(rng.uniform(0.7, 1.3, days), period)
+    avg = (40.0 + ramp) * level + rng.normal(0.0, 3.0, (2, t))
+    peak = avg * 1.4 + rng.gamma(2.0, 4.0, (2, t))
+    s = fe.Series("servegen", ["a", "b"], avg, peak, 600.0, period, 3 * period)
+    out = fe.tune({"servegen": s}, None)
+    assert set(out["by_expert_set"]) == set(fe.EXPERT_SETS)
+    assert set(out["baselines"]["servegen"]) == {"last-value"}
+
+    def key(label: str) -> list[float]:
+        return list(out["by_expert_set"][label]["leading_ratios"].values())
+
+    chosen = key(out["chosen"])
+    assert chosen == sorted(chosen, reverse=True)
+    assert all(chosen <= key(label) for label in fe.EXPERT_SETS)
+    best = out["by_expert_set"][out["chosen"]]
+    assert best["eta"][0] in fe.GRID["eta"] and best["tau_peak"] in fe.GRID["tau_peak"]
+    assert isinstance(out["planner_defaults_are_best"], bool)
