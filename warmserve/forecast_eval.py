@@ -600,8 +600,10 @@ def evaluate(series: Series, stats: bool = True, autoets: Forecasts | None = Non
     if stats:
         origins = np.linspace(series.tune_end, t - 1, STATS_ORIGINS).round().astype(np.int64)
         started = time.perf_counter()
-        fa = _stats(series, series.avg, origins)
-        fp = _stats(series, series.peak, origins)
+        # AutoETS at every window (``autoets``) holds these origins' fits already.
+        names = ("mstl",) if "autoets" in preds else ("autoets", "mstl")
+        fa = _stats(series, series.avg, origins, names)
+        fp = _stats(series, series.peak, origins, names)
         sub = {name: (a[:, origins], p[:, origins]) for name, (a, p) in preds.items()}
         stats_preds = {name: (fa[name], np.maximum(fp[name], 0.0)) for name in fa}
         sub |= stats_preds

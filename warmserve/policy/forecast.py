@@ -724,6 +724,8 @@ class Forecaster:
         self._ses_level = np.full((len(self._alphas), 2, 0), np.nan)
         self._ses_loss = np.zeros((len(self._alphas), 2, 0))
         self._tau = np.array(mix.tau if mix else (0.5, 0.5))[:, None]
+        self._eta = np.array(mix.eta if mix else (0.0, 0.0), dtype=float)
+        self._discount = np.array(mix.discount if mix else (1.0, 1.0), dtype=float)
         self._rn = np.array([n for n, _ in mix.recent] if mix else [], dtype=np.int64)
         self._rq = np.array([q for _, q in mix.recent] if mix else [], dtype=float)
         self._alpha, self._newma = (float(mix.ewma[0]), int(mix.ewma[1])) if mix else (0.0, 0)
@@ -864,8 +866,8 @@ class Forecaster:
                 values,
                 seen,
                 self._tau[:, 0],
-                np.array(mix.discount, dtype=float),
-                np.array(mix.eta, dtype=float),
+                self._discount,
+                self._eta,
                 self._loss[:, :, cols],
                 self._level[:, cols],
                 self._w[:, :, cols],
