@@ -29,6 +29,8 @@ def test_demo_answers_both_families_and_exits(tmp_path):
     answers = re.findall(r"^\[(\w+)-\d [^\]]*\] TTFT \d+ ms: ", out, re.MULTILINE)
     assert set(answers) == {"tiny", "mini"} and len(answers) == 4, out
     assert "WarmServe stopped." in out
+    # Shutting down sends no work to a closing worker (it once logged "no handler" tracebacks).
+    assert "Traceback" not in out, out
 
 
 def test_sigterm_stops_everything(tmp_path):
@@ -43,3 +45,4 @@ def test_sigterm_stops_everything(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "WarmServe stopped." in out
+    assert "Traceback" not in out, out

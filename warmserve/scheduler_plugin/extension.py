@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from distributed import Scheduler, SchedulerPlugin
+from distributed.core import Status
 from distributed.metrics import time
 from tornado.ioloop import PeriodicCallback
 
@@ -139,6 +140,11 @@ class WarmServeExtension(SchedulerPlugin):
     async def refresh(self, address: str) -> None:
         """Replace the accounting of ``address`` by what the worker reports."""
         assert self.scheduler is not None
+        if not self._open(address):
+            if address in self.state.workers:
+                lost = self.state.remove_worker(address)
+                logger.info("worker %s is closing; its instances %s are gone", address, lost)
+            return
         try:
             report = await self.scheduler.rpc(address).warmserve_status()
         except Exception as e:  # a worker without the plugin, or one going away
@@ -148,6 +154,13 @@ class WarmServeExtension(SchedulerPlugin):
             return
         devices, instances, host = parse_report(report)
         self.state.update_worker(address, devices, instances, host, time())
+
+    def _open(self, address: str) -> bool:
+        """Whether ``address`` takes work. A closing worker tells the scheduler before it tears
+        its plugins down, so from then on it gets no calls (they would reach no handler)."""
+        assert self.scheduler is not None
+        ws = self.scheduler.workers.get(address)
+        return ws is not None and ws.status in (Status.running, Status.paused)
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -223,6 +236,9 @@ class WarmServeExtension(SchedulerPlugin):
         async def call() -> None:
             assert self.scheduler is not None
             async with self._lanes[worker]:
+                if not self._open(worker):
+                    logger.info("%s dropped: worker %s is closing", op, worker)
+                    return
                 try:
                     await getattr(self.scheduler.rpc(worker), op)(**kwargs)
                 except Exception as e:
@@ -250,6 +266,8 @@ class WarmServeExtension(SchedulerPlugin):
             while self.state.draining_on(s.devices):  # its deactivation is then first in line
                 await asyncio.sleep(DRAIN_POLL_S)
             async with self._lanes[s.worker]:
+                if not self._open(s.worker):
+                    raise RuntimeError(f"worker {s.worker} is closing")
                 iid = await self.scheduler.rpc(s.worker).warmserve_activate(
                     model=s.model, device=s.devices[0]
                 )

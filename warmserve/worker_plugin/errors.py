@@ -34,6 +34,13 @@ class NoInstance(WarmServeWorkerError):
     kind = "no-instance"
 
 
+class WorkerClosing(NoInstance):
+    """The worker is shutting down: its engines are stopping and it takes no new work. A
+    ``NoInstance``, so a caller asks the scheduler again, as for an instance that went away."""
+
+    kind = "worker-closing"
+
+
 class DoesNotFit(WarmServeWorkerError):
     """A tier's memory budget cannot hold the model; nothing resident was dropped."""
 
@@ -66,6 +73,7 @@ ERRORS: dict[str, type[WarmServeWorkerError]] = {
         UnknownModel,
         BadRequest,
         NoInstance,
+        WorkerClosing,
         DoesNotFit,
         DeviceBusy,
         EngineDied,

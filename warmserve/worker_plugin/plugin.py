@@ -33,6 +33,7 @@ from warmserve.worker_plugin.errors import (
     BadRequest,
     UnknownModel,
     WarmServeWorkerError,
+    WorkerClosing,
 )
 from warmserve.worker_plugin.instances import EngineSlot, Instances
 from warmserve.worker_plugin.jobs import Job, Jobs
@@ -143,14 +144,23 @@ class WarmServeWorker(WorkerPlugin):
         )
 
     async def teardown(self, worker: Worker) -> None:
+        # Until the worker stops listening, the scheduler (which has not yet seen it leave) may
+        # still send work: every handler now answers that the worker is closing, a NoInstance
+        # the callers already handle, instead of Dask's "no handler" traceback.
+        worker.handlers.update(dict.fromkeys(self._handlers, self._closing))
+        worker.handlers[WORKER_GENERATE] = self._closing_stream
         self._liveness.stop()
         await self.jobs.close()
         await self.instances.close()
         self.store.close()
         self._pool.shutdown(wait=False)
-        for name in self._handlers:
-            worker.handlers.pop(name, None)
         worker.metrics.pop(NAME, None)
+
+    async def _closing(self, **kwargs: object) -> None:
+        raise WorkerClosing(f"worker {self.worker.address} is closing")
+
+    async def _closing_stream(self, comm, **kwargs: object) -> dict:
+        return {"error": {"kind": WorkerClosing.kind, "message": "the worker is closing"}}
 
     def _blocking(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
