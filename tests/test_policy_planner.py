@@ -226,3 +226,22 @@ def test_a_served_model_reported_resident_is_one_replica() -> None:
     after = ClusterSnapshot(11.0, MODELS, served, (), queued={"a": 1})
     assert policy.on_demand(after, "a") == [Start("a", ("n0/d0",))]
     assert len(policy._ledgers.ledger(after).replicas["b"]) == 1
+
+
+def test_a_rarely_used_model_does_not_displace_a_busy_one() -> None:
+    """Scores weigh how likely a model is asked for at all: a large model that sees a request
+    now and then (a peak of one in flight, a tiny average) used to outscore, by its cold-start
+    cost and the burst weight, a smaller model kept busy, and its prewarm evicted the busy
+    model's weights where there was room for one (the memory-scarce ablation's host starts).
+    A burst forecast for a model with no average load still counts in full."""
+    big = ModelSpec("big", "other", 26 * GB)
+    models = {"a": A, "big": big}
+    one = (replace(devices(1, 40 * GB)[0], resident=("a",), engines=("llama",)),)
+    for name, avg, peak, displaced in (("rare", 0.02, 1.0, False), ("burst", 0.0, 40.0, True)):
+        policy = make_policy("warmserve", models, CONFIG)
+        for w in range(8):
+            policy.observe("a", w, 2.0, 5.0)
+            policy.observe("big", w, avg, peak)
+        actions = policy.plan(ClusterSnapshot(8 * CONFIG.window, models, one))
+        assert (Evict("a", ("n0/d0",)) in actions) == displaced, (name, actions)
+        assert any(isinstance(a, Prewarm) and a.model == "big" for a in actions) == displaced

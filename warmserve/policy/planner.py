@@ -7,10 +7,14 @@ recording its actions in one :class:`Accounting` so later steps see what earlier
 2. KV lending and reclaiming on dedicated devices (:mod:`.kv`);
 3. scoring: the forecast peak of the window now open and of the next one gives
    ``ceil(peak / capacity)`` wanted replicas per model; replica ``j`` scores
-   ``cold_start * rank_decay**j``, times ``min(peak / avg, burst_weight_cap)`` for burst replicas
-   (those beyond ``ceil(avg / capacity)``; a model with a zero average forecast counts every
-   replica as burst at the cap). Existing instances take a model's first ranks, its resident
-   replicas the next ones; replicas beyond the wanted count score zero;
+   ``cold_start * activity * rank_decay**j``, times ``min(peak / avg, burst_weight_cap)`` for
+   burst replicas (those beyond ``ceil(avg / capacity)``; a model with a zero average forecast
+   counts every replica as burst at the cap). ``activity`` (:func:`activity`) is the chance that
+   the model is asked for at all, which matters for models whose forecast is a fraction of one
+   request in flight: without it such a model's replica scored as much as that of a model kept
+   busy all day, and where memory is scarce prewarming evicted weights that were asked for
+   minutes later. Existing instances take a model's first ranks, its resident replicas the next
+   ones; replicas beyond the wanted count score zero;
 4. proactive prewarming of the wanted replicas not yet in place, highest score first, to the
    ENGINE tier (weights in device memory and an engine of the family up beside them, so a start
    is a switch of tens of milliseconds rather than an engine start of tens of seconds), with
@@ -67,13 +71,23 @@ def csp_params(config: PolicyConfig) -> CSPParams:
     )
 
 
+def activity(avg: float, peak: float) -> float:
+    """The chance that a model with this forecast has a request in flight: ``1 - exp(-avg)``,
+    as for a Poisson count of mean ``avg`` (so about 1 from a few requests in flight on).
+
+    A model idle most of the window still shows a peak of one request whenever it is asked for
+    at all, so only a peak above one (requests expected together, as in a burst forecast for a
+    model with no average load) counts, as ``peak - 1``."""
+    return 1.0 - math.exp(-max(avg, peak - 1.0, 0.0))
+
+
 def replica_scores(config: PolicyConfig, spec: ModelSpec, avg: float, peak: float) -> list[float]:
     """Scores of ``spec``'s wanted replicas, best first (see step 3 of the module docstring)."""
     cap = config.instance_capacity
     wanted = math.ceil(max(peak, avg) / cap - 1e-9)
     base = math.ceil(avg / cap - 1e-9)
     burst = min(peak / avg, config.burst_weight_cap) if avg > 0 else config.burst_weight_cap
-    cost = config.cold_start(spec)
+    cost = config.cold_start(spec) * activity(avg, peak)
     return [
         cost * config.rank_decay**j * (1.0 if j < base else max(burst, 1.0)) for j in range(wanted)
     ]
