@@ -140,20 +140,21 @@ class WarmServeExtension(SchedulerPlugin):
     async def refresh(self, address: str) -> None:
         """Replace the accounting of ``address`` by what the worker reports."""
         assert self.scheduler is not None
-        if not self._open(address):
-            if address in self.state.workers:
-                lost = self.state.remove_worker(address)
-                logger.info("worker %s is closing; its instances %s are gone", address, lost)
-            return
-        try:
-            report = await self.scheduler.rpc(address).warmserve_status()
-        except Exception as e:  # a worker without the plugin, or one going away
-            logger.debug("no WarmServe status from %s: %r", address, e)
-            return
-        if address not in self.scheduler.workers:
-            return
-        devices, instances, host = parse_report(report)
-        self.state.update_worker(address, devices, instances, host, time())
+        if self._open(address):
+            try:
+                report = await self.scheduler.rpc(address).warmserve_status()
+            except Exception as e:  # a worker without the plugin, or one going away
+                logger.debug("no WarmServe status from %s: %r", address, e)
+                return
+            if address not in self.scheduler.workers:
+                return
+            if not report.get("closing"):
+                devices, instances, host = parse_report(report)
+                self.state.update_worker(address, devices, instances, host, time())
+                return
+        if address in self.state.workers:
+            lost = self.state.remove_worker(address)
+            logger.info("worker %s is closing; its instances %s are gone", address, lost)
 
     def _open(self, address: str) -> bool:
         """Whether ``address`` takes work. A closing worker tells the scheduler before it tears

@@ -148,6 +148,7 @@ class WarmServeWorker(WorkerPlugin):
         # still send work: every handler now answers that the worker is closing, a NoInstance
         # the callers already handle, instead of Dask's "no handler" traceback.
         worker.handlers.update(dict.fromkeys(self._handlers, self._closing))
+        worker.handlers[protocol.WORKER_STATUS] = self._closing_status
         worker.handlers[WORKER_GENERATE] = self._closing_stream
         self._liveness.stop()
         await self.jobs.close()
@@ -158,6 +159,11 @@ class WarmServeWorker(WorkerPlugin):
 
     async def _closing(self, **kwargs: object) -> None:
         raise WorkerClosing(f"worker {self.worker.address} is closing")
+
+    def _closing_status(self) -> dict:
+        # A status request is no error (the scheduler asks every tick): it learns the worker
+        # is leaving, which it may not have heard yet if teardown held this worker's loop.
+        return {"closing": True}
 
     async def _closing_stream(self, comm, **kwargs: object) -> dict:
         return {"error": {"kind": WorkerClosing.kind, "message": "the worker is closing"}}
