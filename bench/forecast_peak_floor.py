@@ -74,15 +74,8 @@ def main(draws: int, jobs: int) -> None:
         "auto-ses": (fc.auto_ses(s.avg), fc.auto_ses(s.peak)),
         "last-value": (fc.last_value(s.avg), fc.last_value(s.peak)),
     }
-    held = np.arange(s.tune_end, s.avg.shape[1])
-    rows = {
-        "models_only": [i for i, n in enumerate(s.names) if "/" not in str(n)],
-        "all_series": list(range(len(s.names))),
-    }
     results = {}
-    for where, r in rows.items():
-        at = np.ix_(r, held)
-        scores = {n: fe._scores(a[at], s.avg[at], p[at], s.peak[at]) for n, (a, p) in preds.items()}
+    for where, scores in fe.held_out_scores(s, preds).items():
         floor = scores["rate-oracle"]["wape_peak"]
         above = {n: sc["wape_peak"] - floor for n, sc in scores.items() if "oracle" not in n}
         results[where] = {
@@ -102,7 +95,7 @@ def main(draws: int, jobs: int) -> None:
         "command": "python " + " ".join(sys.argv),
         "servegen_seed": fe.SEED,
         "draw_seeds": seeds,
-        "held_out_windows": [int(held[0]), int(held[-1]) + 1],
+        "held_out_windows": [s.tune_end, s.avg.shape[1]],
         "results": results,
         "wall_s": round(time.perf_counter() - t0, 1),
     }

@@ -16,7 +16,6 @@ import json
 import os
 
 import click
-import numpy as np
 
 from warmserve import forecast_eval as fe
 from warmserve.policy import forecast as fc
@@ -34,15 +33,8 @@ def ratios(seed: int) -> dict:
         "autoets": fe.autoets_all(s),
         "last-value": (fc.last_value(s.avg), fc.last_value(s.peak)),
     }
-    held = np.arange(s.tune_end, s.avg.shape[1])
-    rows = {
-        "models_only": [i for i, n in enumerate(s.names) if "/" not in str(n)],
-        "all_series": list(range(len(s.names))),
-    }
     out = {}
-    for where, r in rows.items():
-        at = np.ix_(r, held)
-        sc = {n: fe._scores(a[at], s.avg[at], p[at], s.peak[at]) for n, (a, p) in preds.items()}
+    for where, sc in fe.held_out_scores(s, preds).items():
         out[where] = {
             "mixture": {m: sc["mixture"][m] for m in fe.MEASURES},
             **{

@@ -352,6 +352,23 @@ def _scores(pred: np.ndarray, actual: np.ndarray, pred_peak, actual_peak) -> dic
 MEASURES = ("wape_avg", "wape_peak", "missed_burst")
 
 
+def held_out_scores(series: Series, preds: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Scores of each ``name: (avg, peak)`` prediction on the held-out windows of ``series``,
+    over the per-model series (``models_only``, the issue's) and over every series."""
+    held = np.arange(series.tune_end, series.avg.shape[1])
+    rows = {
+        "models_only": [i for i, n in enumerate(series.names) if "/" not in str(n)],
+        "all_series": list(range(len(series.names))),
+    }
+    out = {}
+    for where, r in rows.items():
+        at = np.ix_(r, held)
+        out[where] = {
+            n: _scores(a[at], series.avg[at], p[at], series.peak[at]) for n, (a, p) in preds.items()
+        }
+    return out
+
+
 # Expert sets the tuning chooses between (one for both planes): the mixture without the
 # smoothing experts, with ses, and with ses moved by the seasonal slope of a few half widths.
 EXPERT_SETS = {
