@@ -10,7 +10,7 @@ recording its actions in one :class:`Accounting` so later steps see what earlier
    ``cold_start * activity * rank_decay**j``, times ``min(peak / avg, burst_weight_cap)`` for
    burst replicas (those beyond ``ceil(avg / capacity)``; a model with a zero average forecast
    counts every replica as burst at the cap). ``activity`` (:func:`activity`) is the chance that
-   the model is asked for at all, which matters for models whose forecast is a fraction of one
+   the model has a request in flight, which matters for models whose forecast is a fraction of one
    request in flight: without it such a model's replica scored as much as that of a model kept
    busy all day, and where memory is scarce prewarming evicted weights that were asked for
    minutes later. Existing instances take a model's first ranks, its resident replicas the next

@@ -158,7 +158,8 @@ class WarmServeExtension(SchedulerPlugin):
 
     def _open(self, address: str) -> bool:
         """Whether ``address`` takes work. A closing worker tells the scheduler before it tears
-        its plugins down, so from then on it gets no calls (they would reach no handler)."""
+        its plugins down, so from then on it gets no calls (its handlers only answer that it
+        closes)."""
         assert self.scheduler is not None
         ws = self.scheduler.workers.get(address)
         return ws is not None and ws.status in (Status.running, Status.paused)
