@@ -9,6 +9,7 @@ Tests run in order and share the cluster; each says what it starts from.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -190,8 +191,32 @@ def test_second_model_of_family_switches_in_place(cluster):
     assert [i["id"] for i in status["instances"]] == [iid]
 
 
+class _Records(logging.Handler):
+    """Keeps what Dask's comm layer logs on the worker (its log deque keeps only
+    ``distributed.worker``), so a test can see whether a handler's error was logged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _watch_comm_log(dask_worker) -> None:
+    dask_worker._warmserve_test_records = records = _Records()
+    logging.getLogger("distributed.core").addHandler(records)
+
+
+def _comm_log(dask_worker) -> list[str]:
+    records = dask_worker._warmserve_test_records
+    logging.getLogger("distributed.core").removeHandler(records)
+    return records.lines
+
+
 def test_request_without_instance_is_a_clear_error(cluster):
     client, address = cluster
+    client.run(_watch_comm_log, workers=[address])
     chunks, error = stream(cluster, request("tiny-0", "no-instance"))
     assert isinstance(error, NoInstance) and chunks == []
     chunks, error = stream(cluster, request("no-such-model", "unknown"))
@@ -200,6 +225,9 @@ def test_request_without_instance_is_a_clear_error(cluster):
         client.submit(generate, request("tiny-2", "x"), workers=[address], pure=False).result()
     with pytest.raises(UnknownModel):
         call(cluster, "warmserve_activate", model="no-such-model")
+    # An expected error is the handler's answer: the caller raises it, and the worker logs no
+    # traceback (Dask logs one for every exception a handler raises).
+    assert client.run(_comm_log, workers=[address])[address] == []
 
 
 def test_prewarm_that_does_not_fit_leaves_residents(cluster):

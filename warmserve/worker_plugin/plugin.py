@@ -11,6 +11,7 @@ metrics (``WorkerState.metrics["warmserve"]`` on the scheduler, the same dict as
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -19,7 +20,7 @@ from dataclasses import asdict
 
 from distributed import Worker, WorkerPlugin
 from distributed.comm import CommClosedError
-from distributed.core import Status
+from distributed.core import Status, error_message
 from tornado.ioloop import PeriodicCallback
 
 from warmserve import config, protocol
@@ -44,6 +45,25 @@ logger = logging.getLogger("warmserve.worker")
 NAME = "warmserve"  # plugin name on the worker, metrics key and event topic
 RESOURCE = "warmserve-device"
 KEEP_DEATHS = 32
+
+
+def answers_errors(handler):
+    """Wrap a handler so that the errors a caller can act on go back as its answer.
+
+    Dask logs every exception a handler raises with its traceback, so an expected answer
+    (a prewarm that does not fit, an unknown model, a worker that is closing) filled the
+    worker's log with tracebacks. Returned as Dask's ``uncaught-error`` message instead, the
+    caller's ``rpc`` raises the same exception, and nothing is logged here; any other
+    exception still propagates and is logged as the bug it is."""
+
+    @functools.wraps(handler)
+    async def answer(**kwargs: object) -> object:
+        try:
+            return await handler(**kwargs)
+        except WarmServeWorkerError as e:
+            return error_message(e, status="uncaught-error")
+
+    return answer
 
 
 def rejoin_after_scheduler_loss(worker: Worker) -> None:
@@ -121,10 +141,10 @@ class WarmServeWorker(WorkerPlugin):
         self.jobs = Jobs(self._job_finished)
         self.deaths: list[dict] = []
         self._handlers = {
-            protocol.WORKER_PREWARM: self.prewarm,
-            protocol.WORKER_EVICT: self.evict,
-            protocol.WORKER_ACTIVATE: self.activate,
-            protocol.WORKER_DEACTIVATE: self.deactivate,
+            protocol.WORKER_PREWARM: answers_errors(self.prewarm),
+            protocol.WORKER_EVICT: answers_errors(self.evict),
+            protocol.WORKER_ACTIVATE: answers_errors(self.activate),
+            protocol.WORKER_DEACTIVATE: answers_errors(self.deactivate),
             protocol.WORKER_STATUS: self.status,
             WORKER_GENERATE: self.stream,
         }
@@ -147,7 +167,7 @@ class WarmServeWorker(WorkerPlugin):
         # Until the worker stops listening, the scheduler (which has not yet seen it leave) may
         # still send work: every handler now answers that the worker is closing, a NoInstance
         # the callers already handle, instead of Dask's "no handler" traceback.
-        worker.handlers.update(dict.fromkeys(self._handlers, self._closing))
+        worker.handlers.update(dict.fromkeys(self._handlers, answers_errors(self._closing)))
         worker.handlers[protocol.WORKER_STATUS] = self._closing_status
         worker.handlers[WORKER_GENERATE] = self._closing_stream
         self._liveness.stop()
