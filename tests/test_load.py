@@ -1,11 +1,11 @@
-"""LoadMeter: concurrency integrated per window, shared by the plugin and the simulator."""
+"""LoadMeter and ShortLoad: concurrency per window, shared by the plugin and the simulator."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmserve.policy.load import LoadMeter
+from warmserve.policy.load import LoadMeter, ShortLoad
 
 
 def test_average_and_peak_over_windows():
@@ -26,6 +26,20 @@ def test_quiet_windows_are_reported_and_nothing_twice():
     assert [x.index for x in first] == [0, 1]
     assert m.close_until(12) == []
     assert [x.index for x in m.close_until(15)] == [2]
+
+
+def test_short_load_is_the_last_window_floored_by_what_is_in_flight():
+    s = ShortLoad(window=10)
+    s.arrive("a", 0)
+    s.arrive("b", 1)
+    s.depart("a", 5)  # a: mean 0.5 over [0, 10); b stays in flight
+    assert s.load(None) == {"b": 1.0}  # nothing closed yet: only what is in flight
+    assert s.load(10) == {"a": 0.5, "b": 1.0}
+    s.arrive("b", 12)
+    assert s.load() == {"a": 0.5, "b": 2.0}  # in flight beats b's closed mean of 0.9
+    s.depart("b", 14)
+    s.depart("b", 16)
+    assert s.load(20) == {"b": 0.8}  # a's empty window drops it; nothing in flight
 
 
 def test_depart_without_arrival_is_an_error():

@@ -108,3 +108,45 @@ class LoadMeter:
             self._advance(tr, model, t, out)
         out.sort(key=lambda w: (w.index, w.model))
         return out
+
+
+class ShortLoad:
+    """The autoscaler's load of each model: its mean concurrency over the last closed window
+    of ``window`` seconds, never below the requests in flight now.
+
+    A model whose last window was empty and has nothing in flight is left out, so the map
+    names only models with load (the planner rescores exactly those). The scheduler plugin
+    and the simulator both measure load with this class, so the policy sees the same map live
+    and simulated.
+    """
+
+    def __init__(self, window: float) -> None:
+        self._meter = LoadMeter(window)
+        self._recent: dict[str, float] = {}  # last closed window's mean, where nonzero
+        self._in_flight: dict[str, int] = {}  # requests in flight, where any
+
+    def arrive(self, model: str, t: float) -> None:
+        self._meter.arrive(model, t)
+        self._in_flight[model] = self._in_flight.get(model, 0) + 1
+
+    def depart(self, model: str, t: float) -> None:
+        self._meter.depart(model, t)
+        left = self._in_flight[model] - 1
+        if left:
+            self._in_flight[model] = left
+        else:
+            del self._in_flight[model]
+
+    def load(self, t: float | None = None) -> dict[str, float]:
+        """Load per model, after closing the windows that ended by ``t`` (None: close none, for
+        a caller between planning passes that must not move the windows on)."""
+        if t is not None:
+            for w in self._meter.close_until(t):
+                if w.avg > 0:
+                    self._recent[w.model] = w.avg
+                else:
+                    self._recent.pop(w.model, None)
+        out = dict(self._recent)
+        for model, level in self._in_flight.items():
+            out[model] = max(out.get(model, 0.0), float(level))
+        return out

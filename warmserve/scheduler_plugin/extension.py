@@ -33,7 +33,7 @@ from distributed.metrics import time
 from tornado.ioloop import PeriodicCallback
 
 from warmserve import protocol
-from warmserve.policy.load import LoadMeter
+from warmserve.policy.load import LoadMeter, ShortLoad
 from warmserve.policy.state import (
     Action,
     DeviceSnapshot,
@@ -78,8 +78,7 @@ class WarmServeExtension(SchedulerPlugin):
         self.tick = tick
         self.state = ClusterState(registry, capacity)
         self.meter = LoadMeter(window)  # forecaster's windows
-        self.short = LoadMeter(average)  # the autoscaler's short average
-        self.load: dict[str, float] = {}
+        self.short = ShortLoad(average)  # the autoscaler's load
         self.scheduler: Scheduler | None = None
         self._pc: PeriodicCallback | None = None
         self._lanes: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -177,20 +176,11 @@ class WarmServeExtension(SchedulerPlugin):
                 self.policy.observe(w.model, w.index, w.avg, w.peak)
             if closed and self.history is not None:
                 await self.history.closed(len({w.index for w in closed}))
-            for w in self.short.close_until(now):
-                self.load[w.model] = w.avg
-            actions = self.policy.plan(self.state.snapshot(now, self._load()))
+            actions = self.policy.plan(self.state.snapshot(now, self.short.load(now)))
             if actions:
                 logger.info("planner: %d actions", len(actions))
             self.enact(actions)
             return [repr(a) for a in actions]
-
-    def _load(self) -> dict[str, float]:
-        """Short-average concurrency, never below what is in flight right now."""
-        out = dict(self.load)
-        for m in self.registry:
-            out[m] = max(out.get(m, 0.0), float(self.short.level(m)))
-        return out
 
     def enact(self, actions: Iterable[Action]) -> list[Starting]:
         """Accept ``actions`` into the accounting and send them; return the starts begun."""
@@ -401,7 +391,7 @@ class WarmServeExtension(SchedulerPlugin):
         starting = self.state.starting_with_room(model)
         if starting is None:
             now = time()
-            actions = self.policy.on_demand(self.state.snapshot(now, self._load()), model)
+            actions = self.policy.on_demand(self.state.snapshot(now, self.short.load()), model)
             if actions:
                 logger.info("on demand for %s: %s", model, actions)
             self.enact(actions)
@@ -439,7 +429,7 @@ class WarmServeExtension(SchedulerPlugin):
             name: {"family": spec.family, "bytes": spec.nbytes, "tp": spec.tp}
             for name, spec in self.registry.items()
         }
-        out["load"] = self._load()
+        out["load"] = self.short.load()
         out["in_flight"] = {m: self.meter.level(m) for m in self.meter.models()}
         return out
 

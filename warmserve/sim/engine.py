@@ -26,7 +26,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from warmserve.policy.config import PolicyConfig
-from warmserve.policy.load import LoadMeter
+from warmserve.policy.load import LoadMeter, ShortLoad
 from warmserve.policy.state import ClusterSnapshot, Policy, Tier
 from warmserve.report.schema import DEVICE_SCHEMA, RESULT_SCHEMA
 from warmserve.sim.cluster import ClusterSpec, check_workload
@@ -91,13 +91,7 @@ class Simulator:
         self.queues: list[deque[int]] = [deque() for _ in self.names]
         self.meter = LoadMeter(config.window)
         nm = len(self.names)
-        self.level = [0] * nm  # requests of each model in flight (queued or admitted)
-        self.busy: set[int] = set()  # models with a request in flight
-        # The autoscaler's load, measured as the scheduler plugin measures it: the mean
-        # concurrency of each model's last closed window of ``config.average`` seconds (nonzero
-        # ones kept), never below what is in flight now.
-        self.short = LoadMeter(config.average)
-        self.recent: dict[str, float] = {}
+        self.short = ShortLoad(config.average)  # the autoscaler's load, as measured live
         self.next_demand = [-math.inf] * nm
         self.demand_version = [-1] * nm  # cluster version of a call that changed nothing
         self.retry_at = [math.inf] * nm  # when a queued model next asks again (one event each)
@@ -110,29 +104,12 @@ class Simulator:
     # -- load bookkeeping ------------------------------------------------------------------
 
     def _arrive_load(self, m: int, t: float) -> None:
-        self.level[m] += 1
-        self.busy.add(m)
         self.meter.arrive(self.names[m], t)
         self.short.arrive(self.names[m], t)
 
     def _depart_load(self, m: int, t: float) -> None:
-        self.level[m] -= 1
-        if not self.level[m]:
-            self.busy.discard(m)
         self.meter.depart(self.names[m], t)
         self.short.depart(self.names[m], t)
-
-    def _short_load(self, t: float) -> dict[str, float]:
-        for w in self.short.close_until(t):
-            if w.avg > 0:
-                self.recent[w.model] = w.avg
-            else:
-                self.recent.pop(w.model, None)
-        out = dict(self.recent)
-        for m in sorted(self.busy):
-            name = self.names[m]
-            out[name] = max(out.get(name, 0.0), float(self.level[m]))
-        return out
 
     def _queued(self) -> dict[str, int]:
         return {self.names[m]: len(q) for m, q in enumerate(self.queues) if q}
@@ -156,7 +133,7 @@ class Simulator:
         for w in self.meter.close_until(t):
             self.policy.observe(w.model, w.index, w.avg, w.peak)
         self._purge(t)
-        snap = self.cluster.snapshot(t, self._short_load(t), self._queued())
+        snap = self.cluster.snapshot(t, self.short.load(t), self._queued())
         self.policy_calls += 1
         t0 = time.perf_counter()
         actions = self.policy.plan(snap)
@@ -169,7 +146,7 @@ class Simulator:
         if self.demand_version[m] == self.cluster.version:
             return
         self.next_demand[m] = t + self.costs.demand_interval_s
-        snap = self.cluster.snapshot(t, self._short_load(t), self._queued())
+        snap = self.cluster.snapshot(t, self.short.load(t), self._queued())
         self.policy_calls += 1
         t0 = time.perf_counter()
         actions = self.policy.on_demand(snap, self.names[m])
