@@ -11,6 +11,8 @@ from warmserve.policy.forecast import (
     Forecaster,
     MixParams,
     auto_ses,
+    burst_shift,
+    choose_peak,
     csp,
     experts,
     last_value,
@@ -252,6 +254,72 @@ def test_online_mixture_matches_batch_with_the_seasonal_slope() -> None:
     peak = avg * rng.uniform(1.0, 2.0, (m, t))
     params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=MixParams())
     want_avg, want_peak = mixture_pair(avg, peak, params)
+    f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
+    for w in range(t):
+        got_avg, got_peak = f.predict(w)
+        np.testing.assert_allclose(got_avg, want_avg[:, w], err_msg=str(w))
+        np.testing.assert_allclose(got_peak, want_peak[:, w], err_msg=str(w))
+        f.observe_all(w, avg[:, w], peak[:, w])
+
+
+def _shift_cost(r: np.ndarray, d: float, cost: float, capacity: float) -> float:
+    return float(np.abs(r - d).sum() + cost * ((r - d) > capacity).sum())
+
+
+def test_burst_shift_minimises_error_plus_missed_bursts() -> None:
+    """The shift after the last window is the least of the absolute error plus the cost of the
+    missed bursts over the residuals of the window it looks back on, checked on a fine grid."""
+    rng = np.random.default_rng(4)
+    mix = MixParams(capacity=10.0, miss_cost=2.0, shift_periods=5)
+    r = np.round(rng.gamma(1.5, 6.0, 80) - 6.0, 1)  # right-skewed, with ties
+    central = np.zeros((1, 81))
+    peak = np.append(r, NAN)[None, :]
+    d = burst_shift(central, peak, mix, period=8)[0, -1]  # fitted on the last 40 residuals
+    window = r[-40:]
+    grid = np.linspace(window.min() - 15, window.max() + 15, 4001)
+    best = min(_shift_cost(window, g, 20.0, 10.0) for g in grid)
+    assert _shift_cost(window, d, 20.0, 10.0) <= best + 1e-9
+
+
+def test_burst_shift_is_the_median_unless_raising_buys_hits() -> None:
+    """Residuals far inside one capacity miss nothing: the shift is their median. Residuals
+    that now and then exceed it by a little: raising by that little costs less than the
+    misses it saves, so the shift is just enough to catch them."""
+    mix = MixParams(capacity=32.0, miss_cost=2.0, shift_periods=10)
+    central = np.zeros((1, 101))
+    calm = np.append(np.tile([-2.0, -1.0, 0.0, 1.0, 3.0], 20), NAN)[None, :]
+    assert burst_shift(central, calm, mix, period=10)[0, -1] == 0.0  # the median
+    spiky = np.append(np.tile([0.0, 0.0, 0.0, 0.0, 40.0], 20), NAN)[None, :]
+    # Raising to 8 (40 - 32) costs 8 per window, 6.4 on average; a miss costs 64, 12.8.
+    assert burst_shift(central, spiky, mix, period=10)[0, -1] == pytest.approx(8.0)
+
+
+def test_choose_peak_takes_the_forecast_that_did_better_so_far() -> None:
+    """The quantile forecast serves for the first windows and keeps ties; then whichever
+    has the lower product of absolute error and missed bursts (plus one) so far."""
+    peak = np.full((2, 30), 100.0)
+    exact, low = np.full((2, 30), 100.0), np.full((2, 30), 50.0)  # low misses every window
+    chosen = choose_peak(np.stack([exact[0], low[1]]), np.stack([low[0], exact[1]]), peak, 32.0)
+    assert (chosen[0] == 100.0).all()  # the quantile forecast is the better one
+    assert (chosen[1, :12] == 50.0).all() and (chosen[1, 12:] == 100.0).all()
+
+
+def test_online_burst_shift_and_peak_choice_match_batch() -> None:
+    """A capacity small against the peaks, so bursts are missed, the shift moves and some
+    windows take the shifted forecast; a short shift window, so the online ring wraps."""
+    rng = np.random.default_rng(11)
+    period, t, m = 6, 90, 4
+    avg = rng.gamma(2.0, 3.0, (m, t)) * (1 + np.sin(np.arange(t) * 2 * np.pi / period))
+    avg[rng.random((m, t)) < 0.1] = NAN
+    peak = avg * rng.uniform(1.0, 3.0, (m, t))
+    mix = MixParams(eta=(50.0, 50.0), capacity=4.0, shift_periods=3)
+    params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=mix)
+    want_avg, want_peak = mixture_pair(avg, peak, params)
+    e = experts(peak, params)
+    quantile = np.maximum(mix_experts(e, peak, mix, 1), want_avg)
+    central = mix_experts(e, peak, mix, 1, tau=0.5)
+    assert (burst_shift(central, peak, mix, period) != 0).any()
+    assert (want_peak != quantile).any()  # some windows take the shifted forecast
     f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
     for w in range(t):
         got_avg, got_peak = f.predict(w)

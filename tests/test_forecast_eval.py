@@ -92,7 +92,14 @@ def test_tuning_picks_the_setting_whose_worst_ratios_sort_lowest(monkeypatch) ->
     every expert set gets its best setting, and the chosen set's ratios, largest first, sort
     no higher than any other's; without AutoETS last-value is the only baseline."""
     monkeypatch.setattr(
-        fe, "GRID", {"eta": (300.0, 30_000.0), "discount": (0.99, 0.998), "tau_peak": (0.6, 0.65)}
+        fe,
+        "GRID",
+        {
+            "eta": (300.0, 30_000.0),
+            "discount": (0.99, 0.998),
+            "tau_peak": (0.6, 0.65),
+            "miss_cost": (1.0, 2.0),
+        },
     )
     rng = np.random.default_rng(1)
     period, days = 24, 9
@@ -114,4 +121,5 @@ def test_tuning_picks_the_setting_whose_worst_ratios_sort_lowest(monkeypatch) ->
     assert all(chosen <= key(label) for label in fe.EXPERT_SETS)
     best = out["by_expert_set"][out["chosen"]]
     assert best["eta"][0] in fe.GRID["eta"] and best["tau_peak"] in fe.GRID["tau_peak"]
+    assert best["miss_cost"] in fe.GRID["miss_cost"]
     assert isinstance(out["planner_defaults_are_best"], bool)

@@ -52,12 +52,15 @@ with corrections across period boundaries, decay 0.8 over 10 windows, 70% last v
 ``mixture`` (what the planner runs, :func:`warmserve.policy.planner.csp_params`: an online,
 per-series, exponentially weighted mixture of a CSP, last-value, seasonal-naive, the seasonal
 delta, recent medians and quantiles, simple exponential smoothing and the same moved by the
-seasonal slope, see :class:`warmserve.policy.forecast.MixParams`; it learns only from windows
-before each prediction), ``auto-ses`` (simple exponential smoothing whose weight each series
+seasonal slope, see :class:`warmserve.policy.forecast.MixParams`; for the peak, per series,
+the better so far of that mixture at a quantile above the median and the median mixture moved
+by a burst shift fitted on its last week of residuals, see
+:func:`warmserve.policy.forecast.mixture_pair`; it learns only from windows before each
+prediction), ``auto-ses`` (simple exponential smoothing whose weight each series
 picks online, :func:`warmserve.policy.forecast.auto_ses`: a one-pass stand-in for what
 AutoETS fits per window), ``autoets`` and, at the origins, ``mstl``.
-``peak_tradeoff`` scores the mixture with other pinball quantiles for its peak plane: a higher
-one predicts higher peaks, so fewer missed bursts for a larger WAPE.
+``peak_tradeoff`` scores the mixture with other pinball quantiles for its peak plane's quantile
+mixture: a higher one predicts higher peaks there, so fewer missed bursts for a larger WAPE.
 
 ``bar`` is the mixture's margin over each baseline on the held-out part, with a 95% interval
 from a paired block bootstrap (quarter days of a series resampled for both methods at once):
@@ -98,6 +101,7 @@ GRID = {  # the mixture's hyper-parameters searched on the tune part
     "eta": (100.0, 300.0, 1000.0, 3000.0, 10_000.0, 30_000.0),
     "discount": (0.9, 0.95, 0.97, 0.99, 0.995, 0.998),
     "tau_peak": (0.5, 0.55, 0.6, 0.65, 0.7),
+    "miss_cost": (1.0, 2.0),  # capacities of error a missed burst costs the burst shift
 }
 STATS_CACHE = os.path.expanduser("~/.cache/warmserve/forecast-stats")
 TRADEOFF_TAU = (0.5, 0.55, 0.6, 0.65, 0.7, 0.8)
@@ -394,7 +398,9 @@ def tune(loaded: dict[str, Series], autoets: dict[str, Forecasts] | None) -> dic
     """Choose the planner mixture's settings on the tune part of every series.
 
     A setting is an expert set (``EXPERT_SETS``), then per plane ``eta`` and ``discount``, and
-    the peak plane's ``tau``. It is scored by its ratio to a baseline, for every trace, baseline
+    the peak plane's ``tau`` (of its quantile mixture) and ``miss_cost`` (of its burst shift;
+    the shift's window, a week, and the choice between the two are fixed by design, not
+    searched). It is scored by its ratio to a baseline, for every trace, baseline
     (last-value and AutoETS, both on every tune window) and measure of the plane (average WAPE;
     peak WAPE and missed bursts). Each plane takes the setting whose ratios, largest first,
     sort lowest (its worst ratio decides, the next breaks ties); the peak plane is tuned over
@@ -439,21 +445,41 @@ def tune(loaded: dict[str, Series], autoets: dict[str, Forecasts] | None) -> dic
             avg_rows.append(((eta, discount), ratios(rows, ("wape_avg",)), preds))
         (eta_a, disc_a), avg_ratios, avg_pred = best(avg_rows)
         peak_rows = []
-        grid = itertools.product(GRID["eta"], GRID["discount"], GRID["tau_peak"])
-        for eta, discount, tau in grid:
-            mix = fc.MixParams((eta, eta), (discount, discount), (0.5, tau), **flags)
-            preds = {}
+        for eta, discount in itertools.product(GRID["eta"], GRID["discount"]):
+            # What the peak forecast chooses between (fc.mixture_pair): the central mixture
+            # moved by its burst shift, per miss cost, and the quantile mixture, per tau.
+            mix = fc.MixParams((eta, eta), (discount, discount), **flags)
+            shifted = {cost: {} for cost in GRID["miss_cost"]}
             for n, s in loaded.items():
-                a = avg_pred[n]
-                preds[n] = (a, np.maximum(fc.mix_experts(stacks[n][1], s.peak, mix, 1), a))
-            peak_rows.append(((eta, discount, tau), ratios(preds, MEASURES[1:]), None))
-        (eta_p, disc_p, tau), peak_ratios, _ = best(peak_rows)
+                central = fc.mix_experts(stacks[n][1], s.peak, mix, 1, tau=0.5)
+                for cost in GRID["miss_cost"]:
+                    shift = fc.burst_shift(central, s.peak, replace(mix, miss_cost=cost), s.period)
+                    shifted[cost][n] = np.maximum(central + shift, avg_pred[n])
+            for tau in GRID["tau_peak"]:
+                quantile = {
+                    n: np.maximum(
+                        fc.mix_experts(stacks[n][1], s.peak, mix, 1, tau=tau), avg_pred[n]
+                    )
+                    for n, s in loaded.items()
+                }
+                for cost in GRID["miss_cost"]:
+                    preds = {
+                        n: (
+                            avg_pred[n],
+                            fc.choose_peak(quantile[n], shifted[cost][n], s.peak, mix.capacity),
+                        )
+                        for n, s in loaded.items()
+                    }
+                    setting = (eta, discount, tau, cost)
+                    peak_rows.append((setting, ratios(preds, MEASURES[1:]), None))
+        (eta_p, disc_p, tau, cost), peak_ratios, _ = best(peak_rows)
         both = avg_ratios | peak_ratios
         chosen_sets[label] = {
             **flags,
             "eta": [eta_a, eta_p],
             "discount": [disc_a, disc_p],
             "tau_peak": tau,
+            "miss_cost": cost,
             "leading_ratios": {
                 k: round(v, 4) for k, v in sorted(both.items(), key=lambda kv: -kv[1])[:LEADING]
             },
@@ -468,6 +494,7 @@ def tune(loaded: dict[str, Series], autoets: dict[str, Forecasts] | None) -> dic
         "eta": list(default.eta),
         "discount": list(default.discount),
         "tau_peak": default.tau[1],
+        "miss_cost": default.miss_cost,
     }
     for v in chosen_sets.values():
         del v["_key"]

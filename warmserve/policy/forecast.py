@@ -16,8 +16,11 @@ seasonal part carries day-to-day noise straight into the prediction. What the pl
 online mixture (:class:`MixParams`, :func:`mixture`) in which the CSP is one expert beside
 last-value, seasonal-naive, the seasonal delta, recent quantiles and means, and exponential
 smoothing with and without the seasonal slope: each model's weights follow the experts' recent
-pinball losses, and the peak plane is scored at a quantile above the median, which predicts
-peaks a little high to miss fewer bursts.
+pinball losses. The peak has two forecasts, and each series takes the one that did better so
+far (:func:`choose_peak`): the mixture scored at a quantile above the median, which predicts
+peaks a little high to miss fewer bursts, and the median mixture moved by a *burst shift*
+(:func:`burst_shift`), fitted on its last week of residuals to trade absolute error against
+missed bursts (peaks more than one instance's capacity above the forecast).
 
 Two forms share the same arithmetic:
 
@@ -57,23 +60,33 @@ class MixParams:
     ``eta``, ``discount`` and ``tau`` are per plane (average, peak). They, and which experts
     take part, were chosen on the first part of each evaluated trace only (see
     ``warmserve forecast eval``, which scores the rest): the average plane learns slowly from a
-    long memory, the peak plane follows its best expert sharply and is scored at a quantile
+    long memory, the peak plane from its last few dozen windows, and it is scored at a quantile
     above the median, so it predicts peaks a little high and misses fewer bursts.
+
+    ``capacity``, ``miss_cost`` and ``shift_periods`` shape the other peak forecast, the median
+    mixture (the peak plane's ``eta`` and ``discount``) moved by its burst shift
+    (:func:`burst_shift`); ``miss_cost`` was chosen on the same tune part, the shift's window
+    (a week, so every day of the week is in it) by design.
     """
 
-    eta: tuple[float, float] = (300.0, 30_000.0)  # sharpness: weights exp(-eta * excess / level)
-    discount: tuple[float, float] = (0.998, 0.995)  # weight of an expert's past error per window
+    eta: tuple[float, float] = (300.0, 3_000.0)  # sharpness: weights exp(-eta * excess / level)
+    discount: tuple[float, float] = (0.998, 0.97)  # weight of an expert's past error per window
     tau: tuple[float, float] = (0.5, 0.65)  # pinball quantile scoring the avg and peak experts
     recent: tuple[tuple[int, float], ...] = ((3, 0.5), (6, 0.5), (12, 0.5), (6, 0.8), (2, 1.0))
     ewma: tuple[float, int] = (0.3, 12)
     ses: bool = True
-    slope: int = 9  # half width (windows) of the seasonal slope; 0: no seasonal-slope expert
+    slope: int = 12  # half width (windows) of the seasonal slope; 0: no seasonal-slope expert
+    capacity: float = 32.0  # one instance's requests: a peak this far above its forecast is missed
+    miss_cost: float = 2.0  # a missed burst costs this many capacities of absolute error
+    shift_periods: int = 7  # periods of residuals the burst shift is fitted on
 
     def __post_init__(self) -> None:
         if self.slope and not self.ses:
             raise ValueError("the seasonal-slope expert moves the ses expert: slope needs ses")
         if self.slope < 0:
             raise ValueError(f"slope must be >= 0, not {self.slope}")
+        if self.capacity <= 0 or self.miss_cost < 0 or self.shift_periods < 1:
+            raise ValueError("need capacity > 0, miss_cost >= 0 and shift_periods >= 1")
 
     @property
     def experts(self) -> int:
@@ -319,11 +332,14 @@ def mixture(history: np.ndarray, params: CSPParams, plane: int = 0) -> np.ndarra
     return mix_experts(experts(history, params), history, params.mix or MixParams(), plane)
 
 
-def mix_experts(e: np.ndarray, history: np.ndarray, mix: MixParams, plane: int) -> np.ndarray:
+def mix_experts(
+    e: np.ndarray, history: np.ndarray, mix: MixParams, plane: int, tau: float | None = None
+) -> np.ndarray:
     """The weighting of :func:`mixture` over any stack of expert predictions (experts x models
     x windows), so ``warmserve forecast eval`` can score candidate experts before the online
-    kernels learn them."""
-    tau, eta, discount = mix.tau[plane], mix.eta[plane], mix.discount[plane]
+    kernels learn them. ``tau`` overrides the plane's quantile (the central peak mixture)."""
+    eta, discount = mix.eta[plane], mix.discount[plane]
+    tau = mix.tau[plane] if tau is None else tau
     k, m, t = e.shape
     loss = np.zeros((k, m))
     level = np.zeros(m)
@@ -342,9 +358,140 @@ def mixture_pair(
     avg: np.ndarray, peak: np.ndarray, params: CSPParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """What :class:`Forecaster` predicts for ``avg`` and ``peak`` histories: the mixture of
-    each, the peak raised to the average where it falls below it."""
+    the averages, and for the peaks the better so far of two forecasts (:func:`choose_peak`):
+    the quantile mixture, and the central mixture moved by its burst shift
+    (:func:`burst_shift`); each peak raised to the average where it falls below it."""
+    mix = params.mix or MixParams()
     a = mixture(avg, params, 0)
-    return a, np.maximum(mixture(peak, params, 1), a)
+    e = experts(peak, params)
+    quantile = np.maximum(mix_experts(e, peak, mix, 1), a)
+    central = mix_experts(e, peak, mix, 1, tau=0.5)
+    shifted = np.maximum(central + burst_shift(central, peak, mix, params.period), a)
+    return a, choose_peak(quantile, shifted, peak, mix.capacity)
+
+
+MIN_WINDOWS = 12  # windows seen before the burst shift and the choice of peak forecast act
+
+
+@numba.njit(cache=True, nogil=True)
+def _best_shift(r, cost, capacity):  # pragma: no cover (compiled)
+    """The shift ``d`` minimising ``sum |r - d| + cost * #(r - d > capacity)`` over residuals
+    ``r`` (sorted ascending): the sum is piecewise linear and the count a step function, so
+    the least lies at a breakpoint, ``r_i`` or ``r_i - capacity`` (or 0). The sum is flat
+    between breakpoints where as many residuals lie on either side, so the first least (in
+    the order ``r``, ``r - capacity``, 0) wins unless a later one is lower by more than
+    rounding: the batch and online forecasters add the same numbers in different orders.
+
+    Within each list the breakpoints ascend, so the counts below ``d`` and above
+    ``d + capacity`` move one way: two pointers find them in one pass."""
+    n = r.shape[0]
+    pre = np.empty(n + 1)
+    pre[0] = 0.0
+    for i in range(n):
+        pre[i + 1] = pre[i] + r[i]
+    best = 0.0
+    arg = 0.0
+    for j in range(2 * n + 1):
+        if j == 0 or j == n:
+            below = 0  # residuals < d
+            within = 0  # residuals <= d + capacity
+        if j < n:
+            d = r[j]
+        elif j < 2 * n:
+            d = r[j - n] - capacity
+        else:
+            d = 0.0
+            below = np.searchsorted(r, d)
+            within = np.searchsorted(r, d + capacity, side="right")
+        while below < n and r[below] < d:
+            below += 1
+        while within < n and r[within] <= d + capacity:
+            within += 1
+        absdev = (d * below - pre[below]) + (pre[n] - pre[below] - d * (n - below))
+        obj = absdev + cost * (n - within)
+        if j == 0 or obj < best - 1e-9 * (1.0 + abs(best)):
+            best = obj
+            arg = d
+    return arg
+
+
+@numba.njit(cache=True, nogil=True)
+def _burst_shift(central, peak, n, cost, capacity, out):  # pragma: no cover (compiled)
+    """Batch :func:`burst_shift` for one series: after each observed window, the shift from
+    the residuals of the observed windows among the last ``n``, kept sorted as they come and
+    go (an insertion and a removal per window, not a sort)."""
+    t = central.shape[0]
+    wins = np.empty(t, np.int64)  # observed windows in order, and their residuals
+    vals = np.empty(t)
+    srt = np.empty(t)  # the residuals in the window, ascending
+    size = 0
+    head = 0
+    tail = 0
+    shift = 0.0
+    for j in range(t):
+        out[j] = shift
+        if np.isnan(peak[j]):
+            continue
+        v = peak[j] - central[j]
+        wins[tail] = j
+        vals[tail] = v
+        tail += 1
+        at = np.searchsorted(srt[:size], v)
+        srt[at + 1 : size + 1] = srt[at:size].copy()
+        srt[at] = v
+        size += 1
+        while wins[head] <= j - n:
+            at = np.searchsorted(srt[:size], vals[head])
+            srt[at : size - 1] = srt[at + 1 : size].copy()
+            size -= 1
+            head += 1
+        if size >= MIN_WINDOWS:
+            shift = _best_shift(srt[:size], cost, capacity)
+
+
+def burst_shift(central: np.ndarray, peak: np.ndarray, mix: MixParams, period: int) -> np.ndarray:
+    """The shift (series x windows) the central peak forecast takes to miss fewer bursts.
+
+    A missed burst is a peak more than one instance's capacity above its forecast: requests
+    that wait for a start. The shift minimises, over the residuals (peak minus central
+    forecast) of the last ``mix.shift_periods`` periods, the absolute error plus ``miss_cost``
+    capacities per missed burst: the median of the residuals where the capacity is small
+    against their spread, raised where a little more height turns many misses into hits. A
+    quantile would raise a broad series as much as a narrow one; this spends error where it
+    buys hits. Zero until ``MIN_WINDOWS`` residuals were seen."""
+    out = np.zeros(central.shape)
+    cost = mix.miss_cost * mix.capacity
+    for i in range(central.shape[0]):
+        _burst_shift(central[i], peak[i], mix.shift_periods * period, cost, mix.capacity, out[i])
+    return out
+
+
+def choose_peak(
+    quantile: np.ndarray, shifted: np.ndarray, peak: np.ndarray, capacity: float
+) -> np.ndarray:
+    """Per series and window, the peak forecast that did better on the windows before: the
+    lower product of its absolute error and its missed bursts (plus one) over all of them.
+
+    The product weighs a relative gain on either measure alike, whatever the series' scale.
+    The quantile mixture serves until ``MIN_WINDOWS`` windows were seen, and keeps ties. The
+    choice is a property of the series (where its peaks are coarse against one instance, as
+    when a request is a large part of the load, only the quantile mixture's state-dependent
+    height pays), so it weighs its whole history."""
+    m, t = peak.shape
+    out = quantile.copy()
+    err = np.zeros((2, m))
+    missed = np.zeros((2, m))
+    seen = np.zeros(m)
+    for i in range(t):
+        use = (seen >= MIN_WINDOWS) & (err[1] * (missed[1] + 1) < err[0] * (missed[0] + 1))
+        out[:, i] = np.where(use, shifted[:, i], quantile[:, i])
+        y = peak[:, i]
+        ok = ~np.isnan(y)
+        for c, pred in enumerate((quantile[:, i], shifted[:, i])):
+            err[c] += np.where(ok, np.abs(y - pred), 0.0)
+            missed[c] += np.where(ok, y - pred > capacity, 0.0)
+        seen += ok
+    return out
 
 
 def _weights(loss: np.ndarray, level: np.ndarray, eta: float) -> np.ndarray:
@@ -396,8 +543,9 @@ def _expert_kernel(  # pragma: no cover (compiled)
     the smoothing expert's state: it predicts the level of the weight with the least loss; with
     ``half`` >= 0 the seasonal slope over ``2 * half + 1`` windows moves it.
 
-    With ``weights`` (experts x 2 x columns) the weighted sum goes to ``pred`` (2 x columns; a
-    peak is never predicted below the average); otherwise each expert goes to ``out``
+    With ``weights`` (experts x planes x columns) the weighted sum goes to ``pred`` (planes x
+    columns; a peak is never predicted below the average, and a third plane weighs the peak
+    experts again for the central peak, left unfloored); otherwise each expert goes to ``out``
     (experts x 2 x columns). Every expert is built in the same pass, block by block, so a
     prediction reads each ring slot once and never materialises a full expert array."""
     span = obs.shape[0]
@@ -613,6 +761,11 @@ def _expert_kernel(  # pragma: no cover (compiled)
                     for e in range(k):
                         acc += weights[e, p, c0 + c] * vals[e]
                     pred[p, c0 + c] = acc if p == 0 else max(acc, pred[0, c0 + c])
+                    if p == 1 and pred.shape[0] == 3:  # the central peak mixture, unfloored
+                        acc = 0.0
+                        for e in range(k):
+                            acc += weights[e, 2, c0 + c] * vals[e]
+                        pred[2, c0 + c] = acc
                 else:
                     for e in range(k):
                         out[e, p, c0 + c] = vals[e]
@@ -622,7 +775,8 @@ def _expert_kernel(  # pragma: no cover (compiled)
 def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma: no cover
     """Score every expert's prediction on ``values`` (what :func:`mixture` does per window) and
     update, in place, the discounted losses, levels and weights of the models ``seen``.
-    ``tau``, ``discount`` and ``eta`` have one value per plane.
+    ``tau``, ``discount`` and ``eta`` have one value per plane of weights; a third plane (the
+    central peak mixture) scores the peak experts again, at its own quantile.
 
     Blocks of models run on all cores; within a block, loops run expert by expert over
     contiguous model rows (memory streams, not strides), and a weight below ``exp(-60)`` of the
@@ -637,16 +791,17 @@ def _learn(experts, values, seen, tau, discount, eta, loss, level, w):  # pragma
         factor = np.empty(hi - lo)
         top = np.empty(hi - lo)
         total = np.empty(hi - lo)
-        for p in range(2):
+        for p in range(loss.shape[1]):
+            src = min(p, 1)  # the plane of load the weights score
             for e in range(k):
                 for c in range(lo, hi):
                     if seen[c]:
-                        err = values[p, c] - experts[e, p, c]
+                        err = values[src, c] - experts[e, src, c]
                         pin = max(tau[p] * err, (tau[p] - 1.0) * err)
                         loss[e, p, c] = discount[p] * loss[e, p, c] + pin
             for c in range(lo, hi):
                 if seen[c]:
-                    level[p, c] = discount[p] * level[p, c] + abs(values[p, c])
+                    level[p, c] = discount[p] * level[p, c] + abs(values[src, c])
                     factor[c - lo] = -eta[p] / max(level[p, c], 1e-12)
             top[:] = -np.inf
             for e in range(k):  # exponents, and the largest (the least loss) to shift them by
@@ -688,6 +843,30 @@ def _smooth(values, seen, alphas, discount, level, loss):  # pragma: no cover (c
                             level[a, p, c] = old + alphas[a] * (x - old)
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _refit_shift(residual, window, cost, capacity, ring, last, shift):  # pragma: no cover
+    """Write ``residual`` (NaN: not observed) of ``window`` into each model's ring (slots of
+    the windows it skipped since its last one cleared), and refit the shift of every model
+    observed from its ring, as :func:`burst_shift` does."""
+    n = ring.shape[0]
+    for c in numba.prange(residual.shape[0]):
+        if np.isnan(residual[c]):
+            continue
+        gone = min(window - last[c] - 1, n) if last[c] >= 0 else n
+        for j in range(gone):
+            ring[(window - 1 - j) % n, c] = np.nan
+        ring[window % n, c] = residual[c]
+        last[c] = window
+        vals = np.empty(n)
+        count = 0
+        for j in range(n):
+            if not np.isnan(ring[j, c]):
+                vals[count] = ring[j, c]
+                count += 1
+        if count >= MIN_WINDOWS:
+            shift[c] = _best_shift(np.sort(vals[:count]), cost, capacity)
+
+
 class Forecaster:
     """Online forecaster over many models: ring buffers, computed for all models at once.
 
@@ -716,16 +895,27 @@ class Forecaster:
         self._last = np.full((2, 0), np.nan)
         self._last_win = np.full(0, -1, dtype=np.int64)
         self._k = mix.experts if mix else 0
-        self._loss = np.zeros((self._k, 2, 0))  # discounted pinball loss per expert
-        self._level = np.zeros((2, 0))  # discounted observed load
-        self._w = np.full((self._k, 2, 0), 1 / max(self._k, 1))  # expert weights, from the losses
+        # Planes of weights: average, peak (at the peak quantile), central peak (the median).
+        self._loss = np.zeros((self._k, 3, 0))  # discounted pinball loss per expert
+        self._level = np.zeros((3, 0))  # discounted observed load
+        self._w = np.full((self._k, 3, 0), 1 / max(self._k, 1))  # expert weights, from the losses
+        # The burst shift of the central peak (:func:`burst_shift`): a ring of residuals, the
+        # newest window in it, and the shift fitted on it; then what :func:`choose_peak` sums
+        # for the quantile and the shifted peak forecasts (absolute error, missed bursts).
+        self._nres = mix.shift_periods * params.period if mix else 1
+        self._res = np.full((self._nres, 0), np.nan)
+        self._res_last = np.full(0, -1, dtype=np.int64)
+        self._shift = np.zeros(0)
+        self._sel_err = np.zeros((2, 0))
+        self._sel_missed = np.zeros((2, 0))
+        self._sel_seen = np.zeros(0)
         # The ses expert (:func:`auto_ses`): a level and a discounted absolute error per weight.
         self._alphas = np.array(SES_ALPHAS if mix and mix.ses else (), dtype=float)
         self._ses_level = np.full((len(self._alphas), 2, 0), np.nan)
         self._ses_loss = np.zeros((len(self._alphas), 2, 0))
-        self._tau = np.array(mix.tau if mix else (0.5, 0.5))[:, None]
-        self._eta = np.array(mix.eta if mix else (0.0, 0.0), dtype=float)
-        self._discount = np.array(mix.discount if mix else (1.0, 1.0), dtype=float)
+        self._tau = np.array((*mix.tau, 0.5) if mix else (0.5, 0.5, 0.5))
+        self._eta = np.array((*mix.eta, mix.eta[1]) if mix else (0.0,) * 3, dtype=float)
+        self._discount = np.array((*mix.discount, mix.discount[1]) if mix else (1.0,) * 3)
         self._rn = np.array([n for n, _ in mix.recent] if mix else [], dtype=np.int64)
         self._rq = np.array([q for _, q in mix.recent] if mix else [], dtype=float)
         self._alpha, self._newma = (float(mix.ewma[0]), int(mix.ewma[1])) if mix else (0.0, 0)
@@ -759,6 +949,10 @@ class Forecaster:
             self._w = more(self._w, 1 / max(self._k, 1))
             self._ses_level = more(self._ses_level, np.nan)
             self._ses_loss = more(self._ses_loss, 0.0)
+            self._res, self._res_last = more(self._res, np.nan), more(self._res_last, -1)
+            self._shift = more(self._shift, 0.0)
+            self._sel_err, self._sel_missed = more(self._sel_err, 0.0), more(self._sel_missed, 0.0)
+            self._sel_seen = more(self._sel_seen, 0.0)
         return row
 
     def _past(self, cols: slice, window: int) -> np.ndarray:
@@ -810,7 +1004,7 @@ class Forecaster:
         k = self._k
         mixed = weights is not None
         out = np.empty((0 if mixed else k, 2, n))
-        pred = np.empty((2, n if mixed else 0))
+        pred = np.empty((weights.shape[1] if mixed else 2, n if mixed else 0))
         _expert_kernel(
             self._obs[:, :, cols],
             self._obs_win[:, cols],
@@ -861,11 +1055,13 @@ class Forecaster:
         if not seen.all():
             values = np.where(seen, values, 0.0)
         if mix is not None:
+            experts = self._experts(cols, window, window - 1)
+            self._score_peaks(cols, window, experts, values, seen)
             _learn(
-                self._experts(cols, window, window - 1),
+                experts,
                 values,
                 seen,
-                self._tau[:, 0],
+                self._tau,
                 self._discount,
                 self._eta,
                 self._loss[:, :, cols],
@@ -895,6 +1091,36 @@ class Forecaster:
         self._last[:, cols] = np.where(newer, values, self._last[:, cols])
         self._last_win[cols] = np.where(newer, window, self._last_win[cols])
 
+    def _score_peaks(
+        self, cols: slice, window: int, experts: np.ndarray, values: np.ndarray, seen: np.ndarray
+    ) -> None:
+        """Before the weights learn ``window``: add its errors to what :func:`choose_peak`
+        compares, and refit the burst shift on the residuals with it (models ``seen`` only)."""
+        mix = self.params.mix
+        assert mix is not None
+        w = self._w[:, :, cols]
+        avg = (w[:, 0] * experts[:, 0]).sum(axis=0)
+        central = (w[:, 2] * experts[:, 1]).sum(axis=0)
+        y = values[1]
+        for c, pred in enumerate(
+            (
+                np.maximum((w[:, 1] * experts[:, 1]).sum(axis=0), avg),
+                np.maximum(central + self._shift[cols], avg),
+            )
+        ):
+            self._sel_err[c, cols] += np.where(seen, np.abs(y - pred), 0.0)
+            self._sel_missed[c, cols] += np.where(seen, y - pred > mix.capacity, 0.0)
+        self._sel_seen[cols] += seen
+        _refit_shift(
+            np.where(seen, y - central, np.nan),
+            window,
+            mix.miss_cost * mix.capacity,
+            mix.capacity,
+            self._res[:, cols],
+            self._res_last[cols],
+            self._shift[cols],
+        )
+
     def predict(self, window: int) -> tuple[np.ndarray, np.ndarray]:
         """Predicted (average, peak) concurrency of ``window`` for every model, in row order."""
         p = self.params
@@ -904,6 +1130,12 @@ class Forecaster:
         newest = min(window, int(self._last_win[:n].max()) + 1 if n else 0) - 1
         if p.mix is not None:
             pred = self._kernel(cols, window, newest, self._w[:, :, cols])
+            shifted = np.maximum(pred[2] + self._shift[cols], pred[0])
+            err, missed = self._sel_err[:, cols], self._sel_missed[:, cols]
+            use = (self._sel_seen[cols] >= MIN_WINDOWS) & (
+                err[1] * (missed[1] + 1) < err[0] * (missed[0] + 1)
+            )
+            return pred[0], np.where(use, shifted, pred[1])
         else:
             pred = self._csp(cols, window, newest)
             if p.blend:
@@ -933,6 +1165,12 @@ class Forecaster:
         "_w",
         "_ses_level",
         "_ses_loss",
+        "_res",
+        "_res_last",
+        "_shift",
+        "_sel_err",
+        "_sel_missed",
+        "_sel_seen",
     )
 
     def state(self) -> dict[str, np.ndarray]:

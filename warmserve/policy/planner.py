@@ -60,14 +60,15 @@ def csp_params(config: PolicyConfig) -> CSPParams:
     """The forecaster the planner runs, scored as ``mixture`` by ``warmserve forecast eval``: an
     online expert mixture of a CSP (corrections across period boundaries, decay 0.8),
     last-value, seasonal-naive, recent medians and quantiles, and exponential smoothing with
-    and without the seasonal slope (:class:`MixParams`' defaults)."""
+    and without the seasonal slope (:class:`MixParams`' defaults); a missed burst is a peak one
+    instance's capacity above its forecast."""
     return CSPParams(
         period=config.windows_per_period,
         periods=config.periods,
         correction_windows=config.correction_windows,
         decay=0.8,
         reset=False,
-        mix=MixParams(),
+        mix=MixParams(capacity=float(config.instance_capacity)),
     )
 
 
