@@ -326,3 +326,24 @@ def test_online_burst_shift_and_peak_choice_match_batch() -> None:
         np.testing.assert_allclose(got_avg, want_avg[:, w], err_msg=str(w))
         np.testing.assert_allclose(got_peak, want_peak[:, w], err_msg=str(w))
         f.observe_all(w, avg[:, w], peak[:, w])
+
+
+def test_restored_forecaster_predicts_as_the_one_it_was_saved_from() -> None:
+    """state() and restore() carry the residual rings; restore rebuilds their sorted copies,
+    so the burst shift (acting here: a small capacity) goes on as it would have."""
+    rng = np.random.default_rng(12)
+    period, t, m = 6, 60, 3
+    avg = rng.gamma(2.0, 3.0, (m, t))
+    peak = avg * rng.uniform(1.0, 3.0, (m, t))
+    params = CSPParams(period, 3, 4, mix=MixParams(capacity=4.0, shift_periods=2))
+    names = tuple(f"m{i}" for i in range(m))
+    saved = Forecaster(params, names)
+    for w in range(30):
+        saved.observe_all(w, avg[:, w], peak[:, w])
+    restored = Forecaster(params)
+    restored.restore(names, saved.state())
+    assert (restored._shift != 0).any()
+    for w in range(30, t):
+        np.testing.assert_allclose(restored.predict(w), saved.predict(w))
+        saved.observe_all(w, avg[:, w], peak[:, w])
+        restored.observe_all(w, avg[:, w], peak[:, w])

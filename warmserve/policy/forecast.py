@@ -844,27 +844,40 @@ def _smooth(values, seen, alphas, discount, level, loss):  # pragma: no cover (c
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _refit_shift(residual, window, cost, capacity, ring, last, shift):  # pragma: no cover
-    """Write ``residual`` (NaN: not observed) of ``window`` into each model's ring (slots of
-    the windows it skipped since its last one cleared), and refit the shift of every model
-    observed from its ring, as :func:`burst_shift` does."""
+def _refit_shift(  # pragma: no cover (compiled)
+    residual, window, cost, capacity, ring, last, srt, count, shift
+):
+    """Write ``residual`` (NaN: not observed) of ``window`` into each model's ring, clearing
+    the slots of the windows it skipped since its last one, and refit the shift of every model
+    observed, as :func:`burst_shift` does. ``srt`` (models x ring) keeps each ring's residuals
+    sorted (``count`` of them), so a window moves values in and out of it, and no model's ring
+    is read or sorted whole."""
     n = ring.shape[0]
     for c in numba.prange(residual.shape[0]):
-        if np.isnan(residual[c]):
+        v = residual[c]
+        if np.isnan(v):
             continue
-        gone = min(window - last[c] - 1, n) if last[c] >= 0 else n
-        for j in range(gone):
-            ring[(window - 1 - j) % n, c] = np.nan
-        ring[window % n, c] = residual[c]
+        gone = min(window - last[c] - 1, n) if last[c] >= 0 else 0  # windows skipped
+        for j in range(gone + 1):  # their slots, then this window's: old residuals leave
+            slot = (window - j) % n
+            old = ring[slot, c]
+            if not np.isnan(old):
+                k = count[c]
+                at = np.searchsorted(srt[c, :k], old)
+                for i in range(at, k - 1):
+                    srt[c, i] = srt[c, i + 1]
+                count[c] = k - 1
+            ring[slot, c] = np.nan
+        ring[window % n, c] = v
+        k = count[c]
+        at = np.searchsorted(srt[c, :k], v)
+        for i in range(k, at, -1):
+            srt[c, i] = srt[c, i - 1]
+        srt[c, at] = v
+        count[c] = k + 1
         last[c] = window
-        vals = np.empty(n)
-        count = 0
-        for j in range(n):
-            if not np.isnan(ring[j, c]):
-                vals[count] = ring[j, c]
-                count += 1
-        if count >= MIN_WINDOWS:
-            shift[c] = _best_shift(np.sort(vals[:count]), cost, capacity)
+        if count[c] >= MIN_WINDOWS:
+            shift[c] = _best_shift(srt[c, : count[c]], cost, capacity)
 
 
 class Forecaster:
@@ -905,6 +918,8 @@ class Forecaster:
         self._nres = mix.shift_periods * params.period if mix else 1
         self._res = np.full((self._nres, 0), np.nan)
         self._res_last = np.full(0, -1, dtype=np.int64)
+        self._srt = np.full((0, self._nres), np.nan)  # each ring sorted (model rows), see
+        self._srt_n = np.zeros(0, dtype=np.int64)  # _refit_shift; rebuilt by restore
         self._shift = np.zeros(0)
         self._sel_err = np.zeros((2, 0))
         self._sel_missed = np.zeros((2, 0))
@@ -950,6 +965,8 @@ class Forecaster:
             self._ses_level = more(self._ses_level, np.nan)
             self._ses_loss = more(self._ses_loss, 0.0)
             self._res, self._res_last = more(self._res, np.nan), more(self._res_last, -1)
+            self._srt = np.concatenate([self._srt, np.full((grow, self._nres), np.nan)])
+            self._srt_n = more(self._srt_n, 0)
             self._shift = more(self._shift, 0.0)
             self._sel_err, self._sel_missed = more(self._sel_err, 0.0), more(self._sel_missed, 0.0)
             self._sel_seen = more(self._sel_seen, 0.0)
@@ -1118,6 +1135,8 @@ class Forecaster:
             mix.capacity,
             self._res[:, cols],
             self._res_last[cols],
+            self._srt[cols],
+            self._srt_n[cols],
             self._shift[cols],
         )
 
@@ -1191,3 +1210,7 @@ class Forecaster:
             if saved.shape != (*have.shape[:-1], len(models)):
                 raise ValueError(f"{name}: saved shape {saved.shape} does not fit {have.shape}")
             have[..., cols] = saved
+        for c in cols:  # the sorted copy of each residual ring
+            kept = np.sort(self._res[:, c][~np.isnan(self._res[:, c])])
+            self._srt[c, : len(kept)] = kept
+            self._srt_n[c] = len(kept)
