@@ -243,6 +243,17 @@ def test_slope_needs_the_smoothing_it_moves() -> None:
     assert MixParams(ses=False, slope=0).experts == MixParams().experts - 2
 
 
+def _assert_online_matches(params, avg, peak, want_avg, want_peak) -> None:
+    """Feed the windows to a Forecaster one by one (observe_all) and check each prediction
+    against the batch form's."""
+    f = Forecaster(params, models=tuple(f"m{i}" for i in range(avg.shape[0])))
+    for w in range(avg.shape[1]):
+        got_avg, got_peak = f.predict(w)
+        np.testing.assert_allclose(got_avg, want_avg[:, w], err_msg=str(w))
+        np.testing.assert_allclose(got_peak, want_peak[:, w], err_msg=str(w))
+        f.observe_all(w, avg[:, w], peak[:, w])
+
+
 def test_online_mixture_matches_batch_with_the_seasonal_slope() -> None:
     """The planner's defaults (a slope over 19 windows) on a daily pattern with gaps: the
     online forecaster reads the slope's ends from its ring, the batch form from the array."""
@@ -254,12 +265,7 @@ def test_online_mixture_matches_batch_with_the_seasonal_slope() -> None:
     peak = avg * rng.uniform(1.0, 2.0, (m, t))
     params = CSPParams(period, 3, 4, decay=0.8, reset=False, mix=MixParams())
     want_avg, want_peak = mixture_pair(avg, peak, params)
-    f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
-    for w in range(t):
-        got_avg, got_peak = f.predict(w)
-        np.testing.assert_allclose(got_avg, want_avg[:, w], err_msg=str(w))
-        np.testing.assert_allclose(got_peak, want_peak[:, w], err_msg=str(w))
-        f.observe_all(w, avg[:, w], peak[:, w])
+    _assert_online_matches(params, avg, peak, want_avg, want_peak)
 
 
 def _shift_cost(r: np.ndarray, d: float, cost: float, capacity: float) -> float:
@@ -320,12 +326,7 @@ def test_online_burst_shift_and_peak_choice_match_batch() -> None:
     central = mix_experts(e, peak, mix, 1, tau=0.5)
     assert (burst_shift(central, peak, mix, period) != 0).any()
     assert (want_peak != quantile).any()  # some windows take the shifted forecast
-    f = Forecaster(params, models=tuple(f"m{i}" for i in range(m)))
-    for w in range(t):
-        got_avg, got_peak = f.predict(w)
-        np.testing.assert_allclose(got_avg, want_avg[:, w], err_msg=str(w))
-        np.testing.assert_allclose(got_peak, want_peak[:, w], err_msg=str(w))
-        f.observe_all(w, avg[:, w], peak[:, w])
+    _assert_online_matches(params, avg, peak, want_avg, want_peak)
 
 
 def test_restored_forecaster_predicts_as_the_one_it_was_saved_from() -> None:
