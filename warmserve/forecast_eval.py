@@ -302,7 +302,8 @@ def methods(period: int) -> dict:
 
 def planner_params(period: int, mix: fc.MixParams | None = None) -> fc.CSPParams:
     """The planner's forecaster (:func:`warmserve.policy.planner.csp_params`) at ``period``."""
-    return fc.CSPParams(period, 3, 10, decay=0.8, reset=False, mix=mix or fc.MixParams())
+    mix = mix or fc.MixParams(capacity=CAPACITY)
+    return fc.CSPParams(period, 3, 10, decay=0.8, reset=False, mix=mix)
 
 
 def blend_params(period: int) -> fc.CSPParams:
@@ -448,13 +449,15 @@ def tune(loaded: dict[str, Series], autoets: dict[str, Forecasts] | None) -> dic
         for eta, discount in itertools.product(GRID["eta"], GRID["discount"]):
             # What the peak forecast chooses between (fc.mixture_pair): the central mixture
             # moved by its burst shift, per miss cost, and the quantile mixture, per tau.
-            mix = fc.MixParams((eta, eta), (discount, discount), **flags)
+            mix = fc.MixParams((eta, eta), (discount, discount), capacity=CAPACITY, **flags)
             shifted = {cost: {} for cost in GRID["miss_cost"]}
             for n, s in loaded.items():
                 central = fc.mix_experts(stacks[n][1], s.peak, mix, 1, tau=0.5)
                 for cost in GRID["miss_cost"]:
-                    shift = fc.burst_shift(central, s.peak, replace(mix, miss_cost=cost), s.period)
-                    shifted[cost][n] = np.maximum(central + shift, avg_pred[n])
+                    costed = replace(mix, miss_cost=cost)
+                    shifted[cost][n] = fc.shifted_peak(
+                        central, s.peak, avg_pred[n], costed, s.period
+                    )
             for tau in GRID["tau_peak"]:
                 quantile = {
                     n: np.maximum(

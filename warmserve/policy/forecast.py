@@ -366,8 +366,16 @@ def mixture_pair(
     e = experts(peak, params)
     quantile = np.maximum(mix_experts(e, peak, mix, 1), a)
     central = mix_experts(e, peak, mix, 1, tau=0.5)
-    shifted = np.maximum(central + burst_shift(central, peak, mix, params.period), a)
+    shifted = shifted_peak(central, peak, a, mix, params.period)
     return a, choose_peak(quantile, shifted, peak, mix.capacity)
+
+
+def shifted_peak(
+    central: np.ndarray, peak: np.ndarray, avg: np.ndarray, mix: MixParams, period: int
+) -> np.ndarray:
+    """The central peak forecast moved by its burst shift, never below the average forecast
+    ``avg``: one of the two peak forecasts :func:`choose_peak` takes from."""
+    return np.maximum(central + burst_shift(central, peak, mix, period), avg)
 
 
 MIN_WINDOWS = 12  # windows seen before the burst shift and the choice of peak forecast act
@@ -483,15 +491,33 @@ def choose_peak(
     missed = np.zeros((2, m))
     seen = np.zeros(m)
     for i in range(t):
-        use = (seen >= MIN_WINDOWS) & (err[1] * (missed[1] + 1) < err[0] * (missed[0] + 1))
+        use = _takes_shift(err, missed, seen)
         out[:, i] = np.where(use, shifted[:, i], quantile[:, i])
-        y = peak[:, i]
-        ok = ~np.isnan(y)
-        for c, pred in enumerate((quantile[:, i], shifted[:, i])):
-            err[c] += np.where(ok, np.abs(y - pred), 0.0)
-            missed[c] += np.where(ok, y - pred > capacity, 0.0)
+        ok = ~np.isnan(peak[:, i])
+        _tally(err, missed, peak[:, i], ok, (quantile[:, i], shifted[:, i]), capacity)
         seen += ok
     return out
+
+
+def _takes_shift(err: np.ndarray, missed: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """Where the shifted peak forecast did better so far (:func:`choose_peak`), from the sums
+    of :func:`_tally` (quantile first) over ``seen`` windows."""
+    return (seen >= MIN_WINDOWS) & (err[1] * (missed[1] + 1) < err[0] * (missed[0] + 1))
+
+
+def _tally(
+    err: np.ndarray,
+    missed: np.ndarray,
+    peak: np.ndarray,
+    ok: np.ndarray,
+    forecasts: tuple[np.ndarray, np.ndarray],
+    capacity: float,
+) -> None:
+    """Add, in place and where ``ok``, one window's absolute error and missed burst of each
+    peak forecast (quantile, shifted)."""
+    for c, pred in enumerate(forecasts):
+        err[c] += np.where(ok, np.abs(peak - pred), 0.0)
+        missed[c] += np.where(ok, peak - pred > capacity, 0.0)
 
 
 def _weights(loss: np.ndarray, level: np.ndarray, eta: float) -> np.ndarray:
@@ -1119,14 +1145,11 @@ class Forecaster:
         avg = (w[:, 0] * experts[:, 0]).sum(axis=0)
         central = (w[:, 2] * experts[:, 1]).sum(axis=0)
         y = values[1]
-        for c, pred in enumerate(
-            (
-                np.maximum((w[:, 1] * experts[:, 1]).sum(axis=0), avg),
-                np.maximum(central + self._shift[cols], avg),
-            )
-        ):
-            self._sel_err[c, cols] += np.where(seen, np.abs(y - pred), 0.0)
-            self._sel_missed[c, cols] += np.where(seen, y - pred > mix.capacity, 0.0)
+        forecasts = (
+            np.maximum((w[:, 1] * experts[:, 1]).sum(axis=0), avg),
+            np.maximum(central + self._shift[cols], avg),
+        )
+        _tally(self._sel_err[:, cols], self._sel_missed[:, cols], y, seen, forecasts, mix.capacity)
         self._sel_seen[cols] += seen
         _refit_shift(
             np.where(seen, y - central, np.nan),
@@ -1150,9 +1173,8 @@ class Forecaster:
         if p.mix is not None:
             pred = self._kernel(cols, window, newest, self._w[:, :, cols])
             shifted = np.maximum(pred[2] + self._shift[cols], pred[0])
-            err, missed = self._sel_err[:, cols], self._sel_missed[:, cols]
-            use = (self._sel_seen[cols] >= MIN_WINDOWS) & (
-                err[1] * (missed[1] + 1) < err[0] * (missed[0] + 1)
+            use = _takes_shift(
+                self._sel_err[:, cols], self._sel_missed[:, cols], self._sel_seen[cols]
             )
             return pred[0], np.where(use, shifted, pred[1])
         else:

@@ -123,7 +123,10 @@ class ShortLoad:
     def __init__(self, window: float) -> None:
         self._meter = LoadMeter(window)
         self._recent: dict[str, float] = {}  # last closed window's mean, where nonzero
-        self._in_flight: dict[str, int] = {}  # requests in flight, where any
+        # Requests in flight, where any. The meter knows each level too, but this keeps the
+        # map's cost to the models in flight, not every model ever seen (the simulator asks
+        # at every policy call).
+        self._in_flight: dict[str, int] = {}
 
     def arrive(self, model: str, t: float) -> None:
         self._meter.arrive(model, t)
