@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from warmserve.policy.forecast import (
+    SHIFT_REACH,
+    SHIFT_STEPS,
     CSPParams,
     Forecaster,
     MixParams,
@@ -273,17 +275,22 @@ def _shift_cost(r: np.ndarray, d: float, cost: float, capacity: float) -> float:
 
 
 def test_burst_shift_minimises_error_plus_missed_bursts() -> None:
-    """The shift after the last window is the least of the absolute error plus the cost of the
-    missed bursts over the residuals of the window it looks back on, checked on a fine grid."""
+    """The shift after the last window is the least, over its lattice (multiples of
+    capacity / SHIFT_STEPS within SHIFT_REACH capacities), of the absolute error plus the cost
+    of the missed bursts over the residuals of the window it looks back on, checked against
+    every lattice point; some residuals lie beyond the lattice's reach."""
     rng = np.random.default_rng(4)
     mix = MixParams(capacity=10.0, miss_cost=2.0, shift_periods=5)
     r = np.round(rng.gamma(1.5, 6.0, 80) - 6.0, 1)  # right-skewed, with ties
+    r[[45, 60]] = (-95.0, 130.0)
     central = np.zeros((1, 81))
     peak = np.append(r, NAN)[None, :]
     d = burst_shift(central, peak, mix, period=8)[0, -1]  # fitted on the last 40 residuals
     window = r[-40:]
-    grid = np.linspace(window.min() - 15, window.max() + 15, 4001)
-    best = min(_shift_cost(window, g, 20.0, 10.0) for g in grid)
+    step = 10.0 / SHIFT_STEPS
+    lattice = np.arange(-SHIFT_REACH * SHIFT_STEPS, (SHIFT_REACH - 1) * SHIFT_STEPS + 1) * step
+    assert d in lattice and d > 0
+    best = min(_shift_cost(window, g, 20.0, 10.0) for g in lattice)
     assert _shift_cost(window, d, 20.0, 10.0) <= best + 1e-9
 
 

@@ -108,10 +108,11 @@ def test_tuning_picks_the_setting_whose_worst_ratios_sort_lowest(monkeypatch) ->
     level = np.repeat(rng.uniform(0.7, 1.3, days), period)
     avg = (40.0 + ramp) * level + rng.normal(0.0, 3.0, (2, t))
     peak = avg * 1.4 + rng.gamma(2.0, 4.0, (2, t))
-    s = fe.Series("servegen", ["a", "b"], avg, peak, 600.0, period, 3 * period)
+    s = fe.Series("servegen", ["a", "a/c1"], avg, peak, 600.0, period, 3 * period)
     out = fe.tune({"servegen": s}, None)
     assert set(out["by_expert_set"]) == set(fe.EXPERT_SETS)
-    assert set(out["baselines"]["servegen"]) == {"last-value"}
+    assert set(out["baselines"]) == {"servegen", "servegen models"}  # a client: models alone too
+    assert set(out["baselines"]["servegen models"]) == {"last-value"}
 
     def key(label: str) -> list[float]:
         return list(out["by_expert_set"][label]["leading_ratios"].values())

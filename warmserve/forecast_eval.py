@@ -362,7 +362,7 @@ def held_out_scores(series: Series, preds: dict) -> dict[str, dict[str, dict[str
     over the per-model series (``models_only``, the issue's) and over every series."""
     held = np.arange(series.tune_end, series.avg.shape[1])
     rows = {
-        "models_only": [i for i, n in enumerate(series.names) if "/" not in str(n)],
+        "models_only": model_rows(series),
         "all_series": list(range(len(series.names))),
     }
     out = {}
@@ -407,26 +407,38 @@ def tune(loaded: dict[str, Series], autoets: dict[str, Forecasts] | None) -> dic
     sort lowest (its worst ratio decides, the next breaks ties); the peak plane is tuned over
     the tuned average, which floors it. The expert set is then chosen the same way over both
     planes' ratios. Below 1 everywhere beats both baselines on the tune part. Without
-    ``autoets`` (``--no-stats``) last-value is the only baseline."""
-    refs: dict = {}  # trace -> baseline -> scores on the tune windows
-    cols = {name: np.arange(s.warmup, s.tune_end) for name, s in loaded.items()}
+    ``autoets`` (``--no-stats``) last-value is the only baseline.
+
+    Every trace is scored whole, and where it has client series (ServeGen) its models alone
+    too: the issue's bar is on the per-model series, and a setting that wins on all series
+    may owe it to the clients."""
+    pools = {}  # what is scored: every trace, and a trace's models alone where it has clients
     for name, s in loaded.items():
-        w = cols[name]
-        lv_a, lv_p = fc.last_value(s.avg), fc.last_value(s.peak)
-        refs[name] = {"last-value": _scores(lv_a[:, w], s.avg[:, w], lv_p[:, w], s.peak[:, w])}
+        pools[name] = (name, np.arange(len(s.names)))
+        if len(models := model_rows(s)) < len(s.names):
+            pools[f"{name} models"] = (name, models)
+
+    def scores(pool: str, preds: Forecasts) -> dict[str, float]:
+        """Scores of ``preds`` (the pool's trace, every series) on the pool's tune windows."""
+        name, rows = pools[pool]
+        s = loaded[name]
+        at = np.ix_(rows, np.arange(s.warmup, s.tune_end))
+        return _scores(preds[0][at], s.avg[at], preds[1][at], s.peak[at])
+
+    refs: dict = {}  # pool -> baseline -> scores on the tune windows
+    for pool, (name, _) in pools.items():
+        s = loaded[name]
+        refs[pool] = {"last-value": scores(pool, (fc.last_value(s.avg), fc.last_value(s.peak)))}
         if autoets is not None:
-            ets_a, ets_p = autoets[name]
-            refs[name]["autoets"] = _scores(ets_a[:, w], s.avg[:, w], ets_p[:, w], s.peak[:, w])
+            refs[pool]["autoets"] = scores(pool, autoets[name])
 
     def ratios(preds: dict, measures: tuple[str, ...]) -> dict[str, float]:
         out = {}
-        for name, s in loaded.items():
-            a, p = preds[name]
-            w = cols[name]
-            mine = _scores(a[:, w], s.avg[:, w], p[:, w], s.peak[:, w])
-            for b, theirs in refs[name].items():
+        for pool, (name, _) in pools.items():
+            mine = scores(pool, preds[name])
+            for b, theirs in refs[pool].items():
                 for m in measures:
-                    out[f"{name} {m} / {b}"] = mine[m] / theirs[m]
+                    out[f"{pool} {m} / {b}"] = mine[m] / theirs[m]
         return out
 
     def best(rows: list[tuple]) -> tuple:
@@ -505,13 +517,20 @@ def tune(loaded: dict[str, Series], autoets: dict[str, Forecasts] | None) -> dic
         "grid": {"experts": EXPERT_SETS, **GRID},
         "objective": "per plane, then over both: the ratios of the mixture to last-value"
         + (" and to AutoETS" if autoets is not None else "")
-        + ", on every tune window of every trace, largest first (leximin)",
+        + ", on every tune window of every trace (all series, and the models alone), largest"
+        + " first (leximin)",
         "baselines": refs,
         "by_expert_set": chosen_sets,
         "chosen": label,
         "planner_defaults": planner,
         "planner_defaults_are_best": all(best_set[k] == v for k, v in planner.items()),
     }
+
+
+def model_rows(series: Series) -> np.ndarray:
+    """Rows of ``series`` that are models (ServeGen's client series are ``model/client``): the
+    rows the issue's bar is on."""
+    return np.array([i for i, n in enumerate(series.names) if "/" not in str(n)], dtype=np.int64)
 
 
 def _part(s: Series, part: str) -> slice:
@@ -613,7 +632,7 @@ def evaluate(series: Series, stats: bool = True, autoets: Forecasts | None = Non
     for part in ("tune", "held_out"):
         result[part] = {n: _part_scores(series, a, p, part) for n, (a, p) in preds.items()}
     # The bar of the issue is on per-model series (ServeGen's largest clients are extra rows).
-    models = [i for i, n in enumerate(series.names) if "/" not in str(n)]
+    models = model_rows(series)
     sub_series = replace(series, avg=series.avg[models], peak=series.peak[models])
     result["held_out_models_only"] = {
         n: _part_scores(sub_series, a[models], p[models], "held_out") for n, (a, p) in preds.items()
@@ -716,7 +735,7 @@ def bar(result: dict, series: Series) -> dict:
     preds = result["_preds"]
     held = np.arange(series.tune_end, series.avg.shape[1])
     everyone = np.arange(len(series.names))
-    models = np.array([i for i, n in enumerate(series.names) if "/" not in str(n)])
+    models = model_rows(series)
     rows = {
         "all_held_out": (result["held_out"], everyone, held, preds),
         "models_only": (result["held_out_models_only"], models, held, preds),
