@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from warmserve.policy.forecast import (
+    SHIFT_BINS,
+    SHIFT_COLUMNS,
     SHIFT_REACH,
     SHIFT_STEPS,
     CSPParams,
@@ -334,6 +336,20 @@ def test_online_burst_shift_and_peak_choice_match_batch() -> None:
     assert (burst_shift(central, peak, mix, period) != 0).any()
     assert (want_peak != quantile).any()  # some windows take the shifted forecast
     _assert_online_matches(params, avg, peak, want_avg, want_peak)
+
+
+def test_a_window_observed_again_replaces_its_residual() -> None:
+    """A window delivered twice (a retried report) leaves one residual per window in the burst
+    shift's binned ring, not two."""
+    rng = np.random.default_rng(13)
+    params = CSPParams(6, 3, 4, mix=MixParams(capacity=4.0, shift_periods=10))
+    f = Forecaster(params, ("a", "b"))
+    for w in range(30):
+        avg = rng.gamma(2.0, 3.0, 2)
+        f.observe_all(w, avg, 2 * avg)
+        f.observe_all(w, avg, 2 * avg)
+    assert (f._hist[:2, 0, SHIFT_COLUMNS - 1] == 30).all()  # the count of all residuals
+    assert (f._hist[:2, 0, :SHIFT_BINS].sum(axis=1) == 30).all()
 
 
 def test_restored_forecaster_predicts_as_the_one_it_was_saved_from() -> None:

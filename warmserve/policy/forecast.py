@@ -61,7 +61,7 @@ class MixParams:
     ``eta``, ``discount`` and ``tau`` are per plane (average, peak). They, and which experts
     take part, were chosen on the first part of each evaluated trace only (see
     ``warmserve forecast eval``, which scores the rest): the average plane learns slowly from a
-    long memory, the peak plane from its last few dozen windows, and it is scored at a quantile
+    long memory, the peak plane from its last hundred or so windows, and it is scored at a quantile
     above the median, so it predicts peaks a little high and misses fewer bursts.
 
     ``capacity``, ``miss_cost`` and ``shift_periods`` shape the other peak forecast, the median
@@ -70,15 +70,15 @@ class MixParams:
     (a week, so every day of the week is in it) by design.
     """
 
-    eta: tuple[float, float] = (300.0, 3_000.0)  # sharpness: weights exp(-eta * excess / level)
-    discount: tuple[float, float] = (0.998, 0.97)  # weight of an expert's past error per window
+    eta: tuple[float, float] = (300.0, 30_000.0)  # sharpness: weights exp(-eta * excess / level)
+    discount: tuple[float, float] = (0.998, 0.99)  # weight of an expert's past error per window
     tau: tuple[float, float] = (0.5, 0.65)  # pinball quantile scoring the avg and peak experts
     recent: tuple[tuple[int, float], ...] = ((3, 0.5), (6, 0.5), (12, 0.5), (6, 0.8), (2, 1.0))
     ewma: tuple[float, int] = (0.3, 12)
     ses: bool = True
     slope: int = 12  # half width (windows) of the seasonal slope; 0: no seasonal-slope expert
     capacity: float = 32.0  # one instance's requests: a peak this far above its forecast is missed
-    miss_cost: float = 2.0  # a missed burst costs this many capacities of absolute error
+    miss_cost: float = 1.0  # a missed burst costs this many capacities of absolute error
     shift_periods: int = 7  # periods of residuals the burst shift is fitted on
 
     def __post_init__(self) -> None:
