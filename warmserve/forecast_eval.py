@@ -39,7 +39,8 @@ The first ``warmup`` days are not scored (seasonal methods need history). The re
 time: the *tune* part (``TUNE_DAYS`` days after the warmup) is where the mixture's settings
 were chosen (``tuning`` in the JSON, see :func:`tune`: which experts take part, and per plane
 the weighting's sharpness and memory, by the ratios to last-value and AutoETS on every tune
-window of both traces); the *held-out* part after it is scored with those settings fixed, and
+window of both traces, ServeGen's scored over all its series and over its models alone); the
+*held-out* part after it is scored with those settings fixed, and
 is the result. statsforecast's AutoETS refits at every window after the warmup, on the
 ``STATS_DAYS`` days before it (gaps carried forward), so it is scored like every other method
 on every window (some 25,000 fits, in parallel, cached by a hash of their inputs in
