@@ -40,8 +40,8 @@ time: the *tune* part (``TUNE_DAYS`` days after the warmup) is where the mixture
 were chosen (``tuning`` in the JSON, see :func:`tune`: which experts take part, and per plane
 the weighting's sharpness and memory, by the ratios to last-value and AutoETS on every tune
 window of both traces, ServeGen's scored over all its series and over its models alone); the
-*held-out* part after it is scored with those settings fixed, and
-is the result. statsforecast's AutoETS refits at every window after the warmup, on the
+*held-out* part after it is scored with those settings fixed, and is the result.
+statsforecast's AutoETS refits at every window after the warmup, on the
 ``STATS_DAYS`` days before it (gaps carried forward), so it is scored like every other method
 on every window (some 25,000 fits, in parallel, cached by a hash of their inputs in
 ``STATS_CACHE``; about 10 minutes on two cores the first time). MSTL is slower still, so it

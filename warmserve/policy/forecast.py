@@ -382,8 +382,6 @@ def shifted_peak(
 MIN_WINDOWS = 12  # windows seen before the burst shift and the choice of peak forecast act
 SHIFT_STEPS = 16  # burst shifts per instance's capacity: the shift is a multiple of capacity / 16
 SHIFT_REACH = 8  # capacities the shift may move either way
-
-
 SHIFT_BINS = 2 * SHIFT_REACH * SHIFT_STEPS + 2  # bins of residuals, see _shift_bin
 SHIFT_COLUMNS = SHIFT_BINS + 2  # then the residuals below the middle bin, then all of them
 
@@ -613,9 +611,9 @@ def _expert_kernel(  # pragma: no cover (compiled)
 
     With ``weights`` (experts x planes x columns) the weighted sum goes to ``pred`` (planes x
     columns; a peak is never predicted below the average, and a third plane weighs the peak
-    experts again for the central peak, left unfloored); where ``out`` has rows each expert
-    goes there too (experts x 2 x columns). Every expert is built in the same pass, block by
-    block, so a prediction reads each ring slot once."""
+    experts again for the central peak, left unfloored); otherwise each expert goes to ``out``
+    (experts x 2 x columns). Every expert is built in the same pass, block by block, so a
+    prediction reads each ring slot once and never materialises a full expert array."""
     span = obs.shape[0]
     nerr = err.shape[0]
     depth = 0
@@ -834,7 +832,7 @@ def _expert_kernel(  # pragma: no cover (compiled)
                         for e in range(k):
                             acc += weights[e, 2, c0 + c] * vals[e]
                         pred[2, c0 + c] = acc
-                if out.shape[0] > 0:
+                else:
                     for e in range(k):
                         out[e, p, c0 + c] = vals[e]
 
@@ -1002,10 +1000,6 @@ class Forecaster:
         self._tau = np.array((*mix.tau, 0.5) if mix else (0.5, 0.5, 0.5))
         self._eta = np.array((*mix.eta, mix.eta[1]) if mix else (0.0,) * 3, dtype=float)
         self._discount = np.array((*mix.discount, mix.discount[1]) if mix else (1.0,) * 3)
-        # The experts the last predict() computed for every model, for the window's observe_all
-        # to score, and what they were computed from: stores and restores move the version on.
-        self._kept: tuple[tuple[int, int, int, int], np.ndarray] | None = None
-        self._version = 0
         self._rn = np.array([n for n, _ in mix.recent] if mix else [], dtype=np.int64)
         self._rq = np.array([q for _, q in mix.recent] if mix else [], dtype=float)
         self._alpha, self._newma = (float(mix.ewma[0]), int(mix.ewma[1])) if mix else (0.0, 0)
@@ -1087,16 +1081,14 @@ class Forecaster:
             weight *= p.decay
         return np.maximum(seasonal + num / np.where(den > 0, den, 1.0), 0.0)
 
-    def _kernel(
-        self, cols: slice, window: int, newest: int, weights: np.ndarray | None, keep: bool = False
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Run :func:`_expert_kernel` on ``cols``: the weighted sum of the experts (planes x
-        cols, given ``weights``), and every expert (experts x 2 x cols, without ``weights`` or
-        with ``keep``); an empty array for what was not asked."""
+    def _kernel(self, cols: slice, window: int, newest: int, weights: np.ndarray | None):
+        """Run :func:`_expert_kernel` on ``cols``: every expert (``weights`` None) or their
+        weighted sum."""
         p = self.params
         n = len(range(*cols.indices(self._n)))
+        k = self._k
         mixed = weights is not None
-        out = np.empty((self._k if keep or not mixed else 0, 2, n))
+        out = np.empty((0 if mixed else k, 2, n))
         pred = np.empty((weights.shape[1] if mixed else 2, n if mixed else 0))
         _expert_kernel(
             self._obs[:, :, cols],
@@ -1123,16 +1115,11 @@ class Forecaster:
             out,
             pred,
         )
-        return pred, out
+        return pred if mixed else out
 
     def _experts(self, cols: slice, window: int, newest: int) -> np.ndarray:
-        """Every expert's prediction (experts x 2 x cols) of ``window``; see :func:`experts`.
-        The last :meth:`predict` kept them for every model: they are reused when nothing was
-        stored since and the window and its newest error are the same."""
-        key = (window, newest, self._version, len(self._rows))
-        if self._kept is not None and self._kept[0] == key and cols == slice(0, key[3]):
-            return self._kept[1]
-        return self._kernel(cols, window, newest, None)[1]
+        """Every expert's prediction (experts x 2 x cols) of ``window``; see :func:`experts`."""
+        return self._kernel(cols, window, newest, None)
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         """Record the closed window ``window`` of ``model``."""
@@ -1188,7 +1175,6 @@ class Forecaster:
         newer = seen & (window >= self._last_win[cols])
         self._last[:, cols] = np.where(newer, values, self._last[:, cols])
         self._last_win[cols] = np.where(newer, window, self._last_win[cols])
-        self._version += 1
 
     def _score_peaks(
         self, cols: slice, window: int, experts: np.ndarray, values: np.ndarray, seen: np.ndarray
@@ -1226,8 +1212,7 @@ class Forecaster:
         # The newest error is that of the last closed window, even when predicting further out.
         newest = min(window, int(self._last_win[:n].max()) + 1 if n else 0) - 1
         if p.mix is not None:
-            pred, kept = self._kernel(cols, window, newest, self._w[:, :, cols], keep=True)
-            self._kept = ((window, newest, self._version, n), kept)
+            pred = self._kernel(cols, window, newest, self._w[:, :, cols])
             shifted = np.maximum(pred[2] + self._shift[cols], pred[0])
             use = _takes_shift(
                 self._sel_err[:, cols], self._sel_missed[:, cols], self._sel_seen[cols]
@@ -1283,7 +1268,6 @@ class Forecaster:
         the arrays do not fit this forecaster's shape (its parameters changed), since windows
         would land in the wrong ring slots."""
         cols = [self._row(m) for m in models]
-        self._version += 1
         for name in self._STATE:
             have, saved = getattr(self, name), state[name.lstrip("_")]
             if saved.shape != (*have.shape[:-1], len(models)):
