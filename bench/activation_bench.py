@@ -45,7 +45,7 @@ from warmserve.engine.engine import (
     preload,
 )
 from warmserve.models.make import REGISTRY_FILE, make_family
-from warmserve.models.weights import load_weights, weights_file
+from warmserve.models.weights import load_weights, weights_files
 from warmserve.protocol import GenerateRequest
 from warmserve.registry import ModelSpec, Registry
 
@@ -63,12 +63,13 @@ _ids = itertools.count()
 
 
 def drop_page_cache(spec: ModelSpec) -> None:
-    """Ask the kernel to drop the weights file's cached pages, so the next read hits the disk."""
-    fd = os.open(weights_file(spec.path), os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    """Ask the kernel to drop the weights files' cached pages, so the next read hits the disk."""
+    for path in weights_files(spec.path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def first_token(engine: Engine) -> float:

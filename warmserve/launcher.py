@@ -1,11 +1,12 @@
 """``warmserve up``: the whole system on one machine, for a first run, demos and tests.
 
 It starts what the distributed deployment starts by hand, the same way: a scheduler with
-``--preload warmserve.scheduler_plugin``, one worker per device with ``--preload
-warmserve.worker_plugin --warmserve-devices cpu:I`` (a ``SpecCluster``, because each worker gets a
-different device flag), and the front door on uvicorn, all on 127.0.0.1. vLLM starts child
-processes, so workers are not daemonic (``distributed.worker.daemon: False``). SIGINT and SIGTERM
-stop the server first, then the cluster, so engines and their memory go away with it.
+``--preload warmserve.scheduler_plugin``, one worker process per device with ``--preload
+warmserve.worker_plugin --warmserve-devices cuda:I`` for each GPU (the worker pins its process to
+it) or ``cpu:I`` for each CPU slot, in a ``SpecCluster`` because each worker gets a different
+device flag, and the front door on uvicorn, all on 127.0.0.1. vLLM starts child processes, so
+workers are not daemonic (``distributed.worker.daemon: False``). SIGINT and SIGTERM stop the
+server first, then the cluster, so engines and their memory go away with it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from distributed import Nanny, Scheduler, SpecCluster
 from warmserve import config
 from warmserve.policy.factory import POLICIES
 from warmserve.registry import Registry
+from warmserve.worker_plugin.devices import UP_CPU_SLOTS, expand_devices
 
 logger = logging.getLogger("warmserve.launcher")
 
@@ -48,8 +50,9 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def cluster_spec(registry_file: str, policy: str, devices: int) -> tuple[dict, dict]:
-    """Scheduler and worker specs for a SpecCluster: one worker (one process) per CPU slot."""
+def cluster_spec(registry_file: str, policy: str, devices: list[str]) -> tuple[dict, dict]:
+    """Scheduler and worker specs for a SpecCluster: one worker (one process) per device, a GPU
+    (``cuda:N``) or a CPU slot (``cpu:N``), as :func:`expand_devices` lists them."""
     scheduler = {
         "cls": Scheduler,
         "options": {
@@ -70,17 +73,24 @@ def cluster_spec(registry_file: str, policy: str, devices: int) -> tuple[dict, d
                 "memory_limit": 0,
                 "preload": ["warmserve.worker_plugin"],
                 "preload_argv": [
-                    ["--warmserve-devices", f"cpu:{i}", "--warmserve-registry", registry_file]
+                    ["--warmserve-devices", device, "--warmserve-registry", registry_file]
                 ],
             },
         }
-        for i in range(devices)
+        for i, device in enumerate(devices)
     }
     return scheduler, workers
 
 
-async def start_cluster(registry_file: str, policy: str, devices: int) -> SpecCluster:
-    """An asynchronous SpecCluster running WarmServe's scheduler and worker plugins."""
+async def start_cluster(
+    registry_file: str, policy: str, devices: int | str | list[str] | None
+) -> SpecCluster:
+    """An asynchronous SpecCluster running WarmServe's scheduler and worker plugins.
+
+    ``devices``: a list of :func:`expand_devices`, or what it expands (a count of CPU slots,
+    ``"cuda"``, a list as one string, None for the visible GPUs or else CPU slots)."""
+    if not isinstance(devices, list):
+        devices = expand_devices(devices)
     dask.config.set({"distributed.worker.daemon": False})
     scheduler, workers = cluster_spec(os.path.abspath(registry_file), policy, devices)
     return await SpecCluster(
@@ -111,12 +121,13 @@ async def serving(
     registry: Registry,
     registry_file: str,
     policy: str = "warmserve",
-    devices: int = 2,
+    devices: int | str | list[str] | None = 2,
     port: int = 0,
     **app_options,
 ) -> AsyncIterator[Serving]:
     """Cluster plus front door on 127.0.0.1 for the body of the block; both stop after it.
 
+    ``devices`` as :func:`start_cluster` takes them (default: 2 CPU slots, GPUs or not);
     ``app_options`` go to :func:`~warmserve.frontdoor.app.create_app` (queue limits, timeout).
     Tests and benchmarks use this too, so they run what ``warmserve up`` runs.
     """
@@ -140,7 +151,7 @@ async def serving(
 
 
 async def up(
-    policy: str, devices: int, port: int, models_dir: str, demo: bool, registry: Registry
+    policy: str, devices: list[str], port: int, models_dir: str, demo: bool, registry: Registry
 ) -> None:
     """Start everything, serve until a signal (or the demo's end), then stop everything."""
     registry_file = os.path.join(models_dir, "registry.yaml")
@@ -151,7 +162,7 @@ async def up(
             loop.add_signal_handler(sig, lambda: setattr(stack.server, "should_exit", True))
         click.echo(
             f"WarmServe is up in {time.perf_counter() - t0:.1f}s: {stack.url}/v1 "
-            f"({len(registry)} models, {devices} devices, policy {policy}); "
+            f"({len(registry)} models, devices {','.join(devices)}, policy {policy}); "
             f"scheduler {stack.cluster.scheduler_address}, "
             f"dashboard {stack.cluster.dashboard_link}"
         )
@@ -226,9 +237,23 @@ async def run_demo(url: str, registry: Registry) -> None:
             click.echo(f"[{label}] TTFT {ttft * 1000:.0f} ms: {text!r}")
 
 
+def _devices_option(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str]:
+    try:
+        return expand_devices(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
 @click.command("up")
 @click.option("--policy", type=click.Choice(POLICIES), default="warmserve", show_default=True)
-@click.option("--devices", default=2, show_default=True, help="Devices (one worker each).")
+@click.option(
+    "--devices",
+    default=None,
+    callback=_devices_option,
+    help="Devices, one worker each: a count of CPU slots (2: cpu:0 and cpu:1), cuda (every "
+    "visible GPU) or a list (cuda:0,cuda:1 or cpu:0,cpu:1) [default: every visible GPU, "
+    f"else {UP_CPU_SLOTS} CPU slots].",
+)
 @click.option("--port", default=8000, show_default=True, help="Front door port (0: any free).")
 @click.option(
     "--models-dir",
@@ -237,12 +262,10 @@ async def run_demo(url: str, registry: Registry) -> None:
     help="Model families; generated if missing [default: warmserve.models-dir].",
 )
 @click.option("--demo", is_flag=True, help="Send a few example requests, print them, exit.")
-def command(policy: str, devices: int, port: int, models_dir: str | None, demo: bool) -> None:
+def command(policy: str, devices: list[str], port: int, models_dir: str | None, demo: bool) -> None:
     """Start a local cluster with WarmServe and its OpenAI-compatible front door."""
     from warmserve.models.make import ensure_default_models
 
-    if devices < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--devices")
     # A demo prints its answers; the engines' and planners' logs would bury them.
     logging.basicConfig(
         level=logging.WARNING if demo else logging.INFO,

@@ -76,6 +76,15 @@ class EngineConfig:
     warmup: bool = True  # run one short request at start (see the module docstring)
 
 
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """How an in-place switch went: its seconds, and ``"copy"`` (the copy plan: one copy per
+    tensor, addresses kept) or ``"reload"`` (vLLM's ``reload_weights``)."""
+
+    seconds: float
+    method: str
+
+
 @dataclass(slots=True)
 class _Stream:
     """Where one request's output goes: a queue on the caller's event loop."""
@@ -126,25 +135,33 @@ class Engine:
         """Whether the engine can serve: not shut down and its thread has not died."""
         return not self._closed and self._error is None and self._thread.is_alive()
 
-    def switch(self, model: ModelSpec, weights: Mapping[str, torch.Tensor] | None = None) -> float:
-        """Serve ``model`` from now on; return the seconds the switch took (blocking).
+    def switch(
+        self,
+        model: ModelSpec,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        use_plan: bool = True,
+    ) -> Switch:
+        """Serve ``model`` from now on; say how long the switch took and how (blocking).
 
-        ``weights`` are the model's tensors in checkpoint format, already in host memory (the
-        weight store's host tier); ``None`` reads them from ``model.path``. The prefix cache is
-        reset, since its blocks hold keys and values computed with the old weights.
+        ``weights`` are the model's tensors in checkpoint format, already in memory (the weight
+        store's device pool or host tier); ``None`` reads them from ``model.path``. The prefix
+        cache is reset, since its blocks hold keys and values computed with the old weights.
+        ``use_plan=False`` forces vLLM's ``reload_weights`` (see ``extension``).
         """
         if model.family != self.family:
             raise ValueError(f"{model.name} is of family {model.family}, not {self.family}")
 
-        def do_switch() -> float:
+        def do_switch() -> Switch:
             if self._streams:
                 raise EngineBusy(f"{len(self._streams)} requests in flight on {self._model.name}")
             start = time.perf_counter()
             with MODEL_LOCK:
-                self._llm.collective_rpc("warmserve_switch_weights", args=(weights, model.path))
+                (method,) = self._llm.collective_rpc(
+                    "warmserve_switch_weights", args=(weights, model.path, use_plan)
+                )
             self._llm.reset_prefix_cache()
             self._model = model
-            return time.perf_counter() - start
+            return Switch(time.perf_counter() - start, method)
 
         return self._call(do_switch)
 
@@ -196,6 +213,8 @@ class Engine:
             llm.engine_core.shutdown()
         del llm
         gc.collect()
+        if torch.cuda.is_available():  # give the freed weights and KV cache back to the device
+            torch.cuda.empty_cache()
 
     # --- on the engine thread -------------------------------------------------------------
 
@@ -298,9 +317,14 @@ def preload() -> None:
     """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import vllm.model_executor.models.llama
-    import vllm.v1.worker.cpu_model_runner
-    import vllm.v1.worker.cpu_worker  # noqa: F401
     from vllm import EngineArgs, SamplingParams  # noqa: F401
+
+    if torch.cuda.is_available():
+        import vllm.v1.worker.gpu_model_runner
+        import vllm.v1.worker.gpu_worker
+    else:
+        import vllm.v1.worker.cpu_model_runner
+        import vllm.v1.worker.cpu_worker  # noqa: F401
     from vllm.v1.engine.llm_engine import LLMEngine  # noqa: F401
 
     gc.collect()
@@ -386,11 +410,33 @@ def _start_llm(path: str, config: EngineConfig) -> Any:
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
         kv_cache_memory_bytes=config.kv_cache_bytes,
-        enforce_eager=True,
         worker_extension_cls=EXTENSION_CLS,
         disable_log_stats=True,
+        **_device_args(),
     )
     return LLMEngine.from_engine_args(args)
+
+
+def _device_args() -> dict[str, Any]:
+    """Engine arguments that differ between a GPU and a CPU.
+
+    On a GPU, CUDA graphs are captured at start (no ``enforce_eager``): switches keep parameter
+    addresses, so the graphs stay valid. The KV cache is ``kv_cache_memory_bytes``, from the
+    device's budget; vLLM still refuses to start unless the free memory covers
+    ``gpu_memory_utilization`` of the device, a figure it then no longer uses, so it is set to
+    what is free now (the weight pool and other engines hold the rest). On a CPU, eager mode:
+    vLLM's CPU backend captures no graphs.
+    """
+    if not torch.cuda.is_available():
+        return {"enforce_eager": True}
+    free, total = torch.cuda.mem_get_info()
+    return {"enforce_eager": False, "gpu_memory_utilization": utilization(free, total)}
+
+
+def utilization(free: int, total: int) -> float:
+    """The ``gpu_memory_utilization`` that passes vLLM's start check with ``free`` bytes free:
+    just under the free fraction (rounded down to 0.001), at least 0.001."""
+    return max(0.001, (free * 1000 // total) / 1000 - 0.001)
 
 
 def _prompt(req: GenerateRequest) -> Any:

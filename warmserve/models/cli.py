@@ -19,7 +19,13 @@ def command() -> None:
     default=None,
     help="Folder for the models and registry.yaml [default: warmserve.models-dir].",
 )
-@click.option("--size", type=click.Choice(["tiny", "mini", "small"]), default="tiny")
+@click.option(
+    "--size",
+    type=click.Choice(["tiny", "mini", "small", "8b"]),
+    default="tiny",
+    show_default=True,
+    help="tiny/mini: MBs, for tests; small: hundreds of MB; 8b: Llama-3-8B's shape (16 GB bf16).",
+)
 @click.option("--seed", default=0, show_default=True, help="Replica i gets seed SEED+i.")
 def make(family: str, replicas: int, out: str | None, size: str, seed: int) -> None:
     """Make (or complete) a family of models and merge it into OUT/registry.yaml."""

@@ -47,6 +47,17 @@ SIZES: dict[str, Shape] = {
     "mini": Shape(vocab=1536, hidden=192, layers=2, heads=3, kv_heads=1, intermediate=512),
     # Hundreds of MB: loading from disk costs measurable time, as for a real model.
     "small": Shape(vocab=8192, hidden=1024, layers=8, heads=16, kv_heads=4, intermediate=2816),
+    # Llama-3-8B's dimensions (16 GB in bf16), for GPU benchmarks where no weights can be
+    # downloaded. Generated on a GPU when there is one (seconds; minutes on a CPU).
+    "8b": Shape(
+        vocab=128256,
+        hidden=4096,
+        layers=32,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        max_len=8192,
+    ),
 }
 
 # What `ensure_default_models` makes: (family, size, replicas). Two families, so the embedded
@@ -81,13 +92,19 @@ def llama_config(shape: Shape, tokenizer: Tokenizer) -> dict:
 
 
 def random_weights(shape: Shape, seed: int) -> dict[str, torch.Tensor]:
-    """Llama weights drawn from N(0, 0.02) (norms at 1), named as in a Hugging Face checkpoint."""
-    gen = torch.Generator().manual_seed(seed)
+    """Llama weights drawn from N(0, 0.02) (norms at 1), named as in a Hugging Face checkpoint.
+
+    Drawn on the GPU when there is one (an 8B shape takes seconds there, minutes on a CPU), then
+    moved to host memory; the draws, and so the weights, differ between the two for one seed.
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(seed)
     dtype = getattr(torch, shape.dtype)
     head_dim = shape.hidden // shape.heads
 
     def normal(*dims: int) -> torch.Tensor:
-        return (torch.randn(*dims, generator=gen) * 0.02).to(dtype)
+        drawn = torch.randn(*dims, generator=gen, device=device, dtype=torch.float32) * 0.02
+        return drawn.to(dtype).cpu()
 
     w = {"model.embed_tokens.weight": normal(shape.vocab, shape.hidden)}
     for i in range(shape.layers):

@@ -9,9 +9,11 @@ Start a worker with::
 (under a nanny, as ``dask worker`` starts it, so that it comes back after a scheduler restart:
 see :func:`~warmserve.worker_plugin.plugin.rejoin_after_scheduler_loss`)
 or register :class:`WarmServeWorker` from a client. Engines run inside the worker process
-(``warmserve.engine``), so no daemon setting is needed for them. Heavy imports (torch, vLLM) wait
-until the plugin is set up, so the front door can import :mod:`warmserve.worker_plugin.client`
-and :func:`generate` cheaply.
+(``warmserve.engine``), so no daemon setting is needed for them. A worker given one GPU
+(``cuda:N``) pins its process to it before anything initialises CUDA, unless
+``CUDA_VISIBLE_DEVICES`` is set (see :mod:`warmserve.worker_plugin.devices`), so its engines run
+there. Heavy imports (torch, vLLM) wait until the plugin is set up, so the front door can import
+:mod:`warmserve.worker_plugin.client` and :func:`generate` cheaply.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ __all__ = ["dask_setup", "generate"]
 @click.option(
     "--warmserve-devices",
     default=None,
-    help="Devices of this worker, e.g. cpu:0,cpu:1 or cuda:0,cuda:1 (default: visible GPUs, "
-    "else warmserve.worker.cpu-slots CPU slots).",
+    help="Devices of this worker, e.g. cuda:0, cpu:0,cpu:1 or cuda:0,cuda:1 (default: visible "
+    "GPUs, else warmserve.worker.cpu-slots CPU slots). With one GPU cuda:N and "
+    "CUDA_VISIBLE_DEVICES unset, the process sets CUDA_VISIBLE_DEVICES=N.",
 )
 @click.option(
     "--warmserve-device-memory",
@@ -54,6 +57,9 @@ async def dask_setup(
     warmserve_registry: str | None,
 ) -> None:
     """The ``--preload`` entry point: attach the plugin to this worker."""
+    from warmserve.worker_plugin.devices import pin_cuda
+
+    pinned = pin_cuda(warmserve_devices)  # first: the plugin's imports bring torch and vLLM
     from warmserve.worker_plugin.plugin import WarmServeWorker, rejoin_after_scheduler_loss
 
     plugin = WarmServeWorker(
@@ -61,6 +67,7 @@ async def dask_setup(
         node=warmserve_node,
         device_memory=warmserve_device_memory,
         registry=warmserve_registry,
+        pinned=pinned,
     )
     await worker.plugin_add(plugin, name=plugin.name)
     rejoin_after_scheduler_loss(worker)  # before the worker registers: it takes the stream then

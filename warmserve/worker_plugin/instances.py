@@ -205,8 +205,11 @@ class Instances:
             slot = await self.start_engine(spec, device, keep=spec.name)
         elif slot.model != spec.name:
             weights = self.store.weights(spec.name, device)
-            seconds = await self._run_blocking(slot.engine.switch, spec, weights)
-            logger.debug("%s: switched to %s in %.3f s", device, spec.name, seconds)
+            switch = await self._run_blocking(slot.engine.switch, spec, weights)
+            logger.debug(
+                "%s: switched to %s in %.3f s (%s)",
+                *(device, spec.name, switch.seconds, switch.method),
+            )
         instance = Instance(
             f"{device}/{spec.name}/{self._token}{next(self._ids)}", spec.name, device, slot
         )

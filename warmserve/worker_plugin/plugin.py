@@ -100,7 +100,9 @@ class WarmServeWorker(WorkerPlugin):
 
     ``devices``, ``node`` and ``device_memory`` are the preload flags (None: discover, see
     :func:`warmserve.worker_plugin.devices.discover`); ``registry`` is a registry YAML path
-    (None: ``<warmserve.models-dir>/registry.yaml``).
+    (None: ``<warmserve.models-dir>/registry.yaml``). ``pinned``: the preload pinned the process
+    to the one GPU of ``devices`` (:func:`warmserve.worker_plugin.devices.pin_cuda`); a plugin
+    registered from a client comes too late for that and leaves ``CUDA_VISIBLE_DEVICES`` alone.
     """
 
     idempotent = True
@@ -112,8 +114,9 @@ class WarmServeWorker(WorkerPlugin):
         node: str | None = None,
         device_memory: str | int | None = None,
         registry: str | None = None,
+        pinned: bool = False,
     ) -> None:
-        self._args = (devices, node, device_memory)
+        self._args = (devices, node, device_memory, pinned)
         self._registry_path = registry
 
     # --- lifecycle --------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Run a command on the lent GPU machine, which has Python 3.12 and torch but no vLLM, no Dask and
+# no package index. What it lacks travels in parts (each call of the device tool carries at most
+# 64 MiB; see ../shared/gpu/README.md), built here with
+#   bash ../shared/gpu/make_site.sh .gpu/site 54     # vLLM 0.26.0 and its closure, 2 parts
+#   pip download --no-deps ... -d .gpu/whl            # dask, distributed, ... (bench/README.md)
+# and staged there by consecutive calls (the machine stays up about 30 s between calls):
+#   bash bench/gpu_run.sh stage .gpu/site/p1          # carry .gpu/site/p1
+#   bash bench/gpu_run.sh stage .gpu/site/p2          # carry .gpu/site/p2
+#   bash bench/gpu_run.sh run python3 -m bench.gpu_engine --out '$OUT/gpu_engine.json'
+#                                                     # carry .gpu/whl (and .gpu/llvm if asked)
+# `run` unpacks the staged parts once into /tmp/site, installs the wheels carried with it, sets
+# the environment and runs the command (quoted $OUT expands there). If the machine was taken back
+# between calls, `run` says which part is missing: stage again from the first.
+set -euo pipefail
+stage=/tmp/g
+site=/tmp/site
+case "${1:-}" in
+  stage)
+    mkdir -p "$stage"
+    cp "$2"/* "$stage"/
+    ls -la "$stage"
+    nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
+    python3 -c "import numba" 2>/dev/null && echo "numba: present" || echo "numba: missing (carry .gpu/llvm)"
+    ;;
+  run)
+    shift
+    if [ ! -f "$site/.unpacked" ]; then
+      for part in site.part00 site.part01; do
+        [ -f "$stage/$part" ] || { echo "missing $stage/$part: stage the parts again" >&2; exit 3; }
+      done
+      mkdir -p "$site"
+      cat "$stage"/site.part* | xz -d -T8 | tar -x -C "$site"
+      python3 -m pip install -q --no-index --no-deps --target "$site" .gpu/whl/*.whl
+      if [ -d .gpu/llvm ]; then
+        python3 -m pip install -q --no-index --no-deps --target "$site" .gpu/llvm/*.whl
+      fi
+      touch "$site/.unpacked"
+    fi
+    export PYTHONPATH="$PWD:$site" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+    export OUT="${OUT:-/tmp/out}"
+    mkdir -p "$OUT"
+    eval "$@"
+    ;;
+  *)
+    echo "usage: bash bench/gpu_run.sh stage DIR | run COMMAND..." >&2
+    exit 2
+    ;;
+esac
