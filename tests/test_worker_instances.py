@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import pytest
 
+from warmserve.engine.engine import Switch
 from warmserve.policy.state import Tier
 from warmserve.registry import ModelSpec
 from warmserve.worker_plugin import instances as instances_module
@@ -38,10 +39,10 @@ class FakeEngine:
     def alive(self) -> bool:
         return not self.closed
 
-    def switch(self, model: ModelSpec, weights) -> float:
+    def switch(self, model: ModelSpec, weights) -> Switch:
         self.switches.append(model.name)
         self.model = model
-        return 0.0
+        return Switch(0.0, "copy")
 
     def shutdown(self) -> None:
         self.closed = True

@@ -1,0 +1,295 @@
+"""Time to first token at an HTTP client, through the whole live system on a GPU, by warmth tier.
+
+The stack is what ``warmserve up --devices cuda`` starts (``warmserve.launcher.serving``: the
+scheduler with its plugin, one worker per GPU with vLLM engines and the CUDA weight pool, the
+OpenAI front door). The client streams ``/v1/completions`` (a 128-token prompt, one greedy token)
+and times the first token. The policy is ``autoscale`` with a short grace, so an idle instance is
+deactivated within seconds and the planner prewarms nothing by itself; the bench sets each tier
+up through the worker's own handlers (``warmserve_prewarm``, ``warmserve_evict``), as the planner
+would, then sends the request:
+
+- ``cold``: no engine on the GPU; the worker starts one (weights from disk, page cache dropped).
+- ``resident``: an instance of the model is serving.
+- ``engine_held``: the instance was deactivated; its engine still holds the model.
+- ``device``: the model's weights are in the GPU's pool (prewarmed); an idle engine of the family
+  holds another model: a switch in place from device memory.
+- ``host``: as ``device`` with the weights in pinned host memory instead.
+
+Every activation is followed by a 16-token greedy completion, whose text must equal a fresh vLLM
+engine's on that model (and so its token ids: one tokenizer, deterministic decoding). The
+anchors, in the same run on the same GPU before the stack starts, in a child process that exits
+(so the stack gets the whole GPU): a fresh ``vllm.LLM()`` start to its first token, and vLLM's
+sleep mode level 1 (``sleep()``, ``wake_up()``, first token).
+
+    python -m bench.gpu_live --models-dir /tmp/models --out $OUT/gpu_live.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import dask.config
+import httpx
+from distributed.core import rpc
+
+from bench.activation_bench import drop_page_cache
+from warmserve.launcher import serving
+from warmserve.models.make import REGISTRY_FILE, make_family
+from warmserve.registry import ModelSpec, Registry
+
+KV_GIB = 4
+MAX_MODEL_LEN = 2048
+CHILD_MARK = "GPU_LIVE_ANCHORS "
+
+
+class Report:
+    """The JSON report, rewritten after every step (a machine taken back keeps what was done)."""
+
+    def __init__(self, path: str, command: str) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"command": command}
+
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        with open(self.path, "w") as f:
+            json.dump(self.data, f, indent=1, default=str)
+        print(f"{key}: {json.dumps(value, default=str)[:400]}", flush=True)
+
+
+def prompt_text(spec: ModelSpec, tokens: int) -> str:
+    """A prompt of exactly ``tokens`` tokens (BOS included) in the family's tokenizer."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(spec.path, "tokenizer.json"))
+    words = " ".join(f"w{i}" for i in range(4 * tokens))
+    ids = tok.encode(words).ids  # BOS first (the template adds it)
+    text = tok.decode(ids[1:tokens], skip_special_tokens=True)
+    while len(tok.encode(text).ids) > tokens:
+        text = text[:-1]
+    return text
+
+
+def anchors_child(spec_a: ModelSpec, spec_b: ModelSpec, prompt: str) -> dict:
+    """In a child process: fresh LLM() on each model (greedy texts), then sleep/wake on b."""
+    from vllm import LLM, SamplingParams
+
+    one = SamplingParams(max_tokens=1, temperature=0.0)
+    sixteen = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    out: dict[str, Any] = {"texts": {}}
+
+    def ttft(llm: Any) -> float:
+        start = time.perf_counter()
+        llm.generate([prompt], one, use_tqdm=False)
+        return time.perf_counter() - start
+
+    for spec in (spec_a, spec_b):
+        drop_page_cache(spec)
+        start = time.perf_counter()
+        llm = LLM(
+            model=spec.path,
+            max_model_len=MAX_MODEL_LEN,
+            kv_cache_memory_bytes=KV_GIB << 30,
+            gpu_memory_utilization=0.9,
+            enable_sleep_mode=True,
+        )
+        started = time.perf_counter() - start
+        first = ttft(llm)
+        out.setdefault("fresh_llm", []).append(
+            {"model": spec.name, "start_s": started, "first_token_s": first, "s": started + first}
+        )
+        out["texts"][spec.name] = llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].text
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        llm.sleep(level=1)
+        slept = time.perf_counter() - start
+        start = time.perf_counter()
+        llm.wake_up()
+        woke = time.perf_counter() - start
+        token = ttft(llm)
+        samples.append(
+            {"sleep_s": slept, "wake_s": woke, "first_token_s": token, "s": woke + token}
+        )
+    text = llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].text
+    out["sleep_wake"] = {
+        "samples": samples,
+        "median_s": statistics.median(s["s"] for s in samples),
+        "same_text_after_wake": text == out["texts"][spec_b.name],
+    }
+    return out
+
+
+def run_anchors(registry_file: str, a: str, b: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_live", "--anchors-child", registry_file, a, b],
+        capture_output=True,
+        text=True,
+    )
+    for line in result.stdout.splitlines():
+        if line.startswith(CHILD_MARK):
+            return json.loads(line.removeprefix(CHILD_MARK))
+    return {"error": result.stderr[-3000:]}
+
+
+async def first_token(client: httpx.AsyncClient, model: str, prompt: str) -> float:
+    """Seconds from sending a streamed one-token completion to its first token."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {await response.aread()!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                return time.perf_counter() - start
+    raise RuntimeError("the stream ended without a token")
+
+
+async def greedy_text(client: httpx.AsyncClient, model: str, prompt: str) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+    body["ignore_eos"] = True
+    response = await client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    return response.json()["choices"][0]["text"]
+
+
+class Live:
+    """The running stack and the calls the bench makes on it."""
+
+    def __init__(self, stack: Any, prompt: str, texts: dict[str, str]) -> None:
+        self.stack = stack
+        self.prompt = prompt
+        self.texts = texts
+        self.client = httpx.AsyncClient(base_url=stack.url, timeout=600)
+
+    async def scheduler(self, op: str, **kwargs: Any) -> Any:
+        async with rpc(self.stack.cluster.scheduler_address) as s:
+            return await getattr(s, op)(**kwargs)
+
+    async def worker(self, op: str, **kwargs: Any) -> Any:
+        (address,) = self.stack.cluster.scheduler_info["workers"]
+        async with rpc(address) as w:
+            return await getattr(w, op)(**kwargs)
+
+    async def idle(self, timeout: float = 120) -> None:
+        """Wait until no instance serves (the autoscaler's grace has passed)."""
+        deadline = time.monotonic() + timeout
+        while (await self.scheduler("warmserve_status"))["instances"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("instances still up")
+            await asyncio.sleep(0.5)
+
+    async def sample(self, model: str) -> dict:
+        ttft = await first_token(self.client, model, self.prompt)
+        text = await greedy_text(self.client, model, self.prompt)
+        expected = self.texts.get(model)
+        return {
+            "model": model,
+            "first_token_s": ttft,
+            "text_equals_fresh": None if expected is None else text == expected,
+        }
+
+
+def summary(samples: list[dict]) -> dict:
+    return {
+        "samples": samples,
+        "median_s": statistics.median(s["first_token_s"] for s in samples),
+        "all_equal_fresh": all(s["text_equals_fresh"] is not False for s in samples),
+    }
+
+
+async def measure(live: Live, a: ModelSpec, b: ModelSpec, repeats: int, report: Report) -> None:
+    device = (await live.scheduler("warmserve_status"))["devices"][0]["id"]
+    drop_page_cache(a)
+    report.set("cold", summary([await live.sample(a.name)]))
+    report.set("resident", summary([await live.sample(a.name) for _ in range(repeats)]))
+    await live.idle()
+    report.set("engine_held", summary([await live.sample(a.name)]))
+    for tier in ("device", "host"):
+        samples = []
+        for spec in [b, a] * repeats:
+            await live.idle()
+            await live.worker(
+                "warmserve_prewarm", model=spec.name, tier="device", devices=[device], wait=True
+            )
+            if tier == "host":
+                await live.worker("warmserve_evict", model=spec.name, tier="host")
+            samples.append(await live.sample(spec.name))
+        report.set(tier, summary(samples))
+    status = await live.worker("warmserve_status")
+    report.set("worker_status", status)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models-dir", default="/tmp/models")
+    parser.add_argument("--size", default="8b")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-anchors", action="store_true")
+    parser.add_argument("--out", default="gpu_live.json")
+    parser.add_argument("--anchors-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.anchors_child:
+        registry_file, a, b = args.anchors_child
+        registry = Registry.from_yaml(registry_file)
+        prompt = prompt_text(registry[a], 128)
+        print(CHILD_MARK + json.dumps(anchors_child(registry[a], registry[b], prompt)))
+        return
+    import torch
+
+    report = Report(args.out, shlex.join(["python", "-m", "bench.gpu_live", *sys.argv[1:]]))
+    report.set("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    start = time.perf_counter()
+    family = make_family(f"l{args.size}", args.size, 2, args.models_dir)
+    a, b = family.values()
+    report.set("model", {"bytes": a.nbytes, "make_s": time.perf_counter() - start})
+    registry_file = os.path.join(args.models_dir, REGISTRY_FILE)
+    prompt = prompt_text(a, 128)
+    anchors = {} if args.skip_anchors else run_anchors(registry_file, a.name, b.name)
+    report.set("anchors", anchors)
+    settings = {
+        "warmserve.engine.max-model-len": MAX_MODEL_LEN,
+        "warmserve.worker.engine-kv": f"{KV_GIB}GiB",
+        "warmserve.worker.host-memory": "48GiB",
+        "warmserve.autoscaler.grace": 2,
+        "warmserve.autoscaler.average": 1,
+        "warmserve.planner.tick": 1,
+    }
+    report.set("settings", settings)
+
+    async def go() -> None:
+        with dask.config.set(settings):
+            async with serving(Registry(family.values()), registry_file, "autoscale", "cuda") as st:
+                live = Live(st, prompt, anchors.get("texts", {}))
+                try:
+                    await measure(live, a, b, args.repeats, report)
+                finally:
+                    await live.client.aclose()
+
+    asyncio.run(go())
+    medians = {
+        k: v["median_s"] for k, v in report.data.items() if isinstance(v, dict) and "median_s" in v
+    }
+    sleep = anchors.get("sleep_wake", {}).get("median_s")
+    report.set(
+        "summary",
+        {
+            "median_s": medians,
+            "sleep_wake_median_s": sleep,
+            "sleep_wake_over_device": sleep / medians["device"]
+            if sleep and "device" in medians
+            else None,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
