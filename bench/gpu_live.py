@@ -46,7 +46,6 @@ from warmserve.launcher import serving
 from warmserve.models.make import REGISTRY_FILE, make_family
 from warmserve.registry import ModelSpec, Registry
 
-KV_GIB = 4
 MAX_MODEL_LEN = 2048
 CHILD_MARK = "GPU_LIVE_ANCHORS "
 
@@ -78,7 +77,7 @@ def prompt_text(spec: ModelSpec, tokens: int) -> str:
     return text
 
 
-def anchors_child(spec_a: ModelSpec, spec_b: ModelSpec, prompt: str) -> dict:
+def anchors_child(spec_a: ModelSpec, spec_b: ModelSpec, prompt: str, kv_bytes: int) -> dict:
     """In a child process: fresh LLM() on each model (greedy texts), then sleep/wake on b."""
     from vllm import LLM, SamplingParams
 
@@ -97,7 +96,7 @@ def anchors_child(spec_a: ModelSpec, spec_b: ModelSpec, prompt: str) -> dict:
         llm = LLM(
             model=spec.path,
             max_model_len=MAX_MODEL_LEN,
-            kv_cache_memory_bytes=KV_GIB << 30,
+            kv_cache_memory_bytes=kv_bytes,
             gpu_memory_utilization=0.9,
             enable_sleep_mode=True,
         )
@@ -128,9 +127,12 @@ def anchors_child(spec_a: ModelSpec, spec_b: ModelSpec, prompt: str) -> dict:
     return out
 
 
-def run_anchors(registry_file: str, a: str, b: str) -> dict:
+def run_anchors(registry_file: str, a: str, b: str, kv_bytes: int) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_live", "--anchors-child", registry_file, a, b],
+        [
+            *(sys.executable, "-m", "bench.gpu_live", "--anchors-child"),
+            *(registry_file, a, b, str(kv_bytes)),
+        ],
         capture_output=True,
         text=True,
     )
@@ -179,6 +181,15 @@ class Live:
         async with rpc(address) as w:
             return await getattr(w, op)(**kwargs)
 
+    async def device(self, timeout: float = 300) -> str:
+        """The first device, once a worker has reported it (its preload imports vLLM first)."""
+        deadline = time.monotonic() + timeout
+        while not (devices := (await self.scheduler("warmserve_status"))["devices"]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no device reported")
+            await asyncio.sleep(0.5)
+        return devices[0]["id"]
+
     async def idle(self, timeout: float = 120) -> None:
         """Wait until no instance serves (the autoscaler's grace has passed)."""
         deadline = time.monotonic() + timeout
@@ -207,7 +218,7 @@ def summary(samples: list[dict]) -> dict:
 
 
 async def measure(live: Live, a: ModelSpec, b: ModelSpec, repeats: int, report: Report) -> None:
-    device = (await live.scheduler("warmserve_status"))["devices"][0]["id"]
+    device = await live.device()
     drop_page_cache(a)
     report.set("cold", summary([await live.sample(a.name)]))
     report.set("resident", summary([await live.sample(a.name) for _ in range(repeats)]))
@@ -233,15 +244,18 @@ def main() -> None:
     parser.add_argument("--models-dir", default="/tmp/models")
     parser.add_argument("--size", default="8b")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-gib", type=float, default=4.0, help="KV cache per engine")
+    parser.add_argument("--devices", default="cuda", help="as warmserve up takes them")
     parser.add_argument("--skip-anchors", action="store_true")
     parser.add_argument("--out", default="gpu_live.json")
-    parser.add_argument("--anchors-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--anchors-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    kv_bytes = int(args.kv_gib * (1 << 30))
     if args.anchors_child:
-        registry_file, a, b = args.anchors_child
+        registry_file, a, b, kv = args.anchors_child
         registry = Registry.from_yaml(registry_file)
         prompt = prompt_text(registry[a], 128)
-        print(CHILD_MARK + json.dumps(anchors_child(registry[a], registry[b], prompt)))
+        print(CHILD_MARK + json.dumps(anchors_child(registry[a], registry[b], prompt, int(kv))))
         return
     import torch
 
@@ -253,11 +267,11 @@ def main() -> None:
     report.set("model", {"bytes": a.nbytes, "make_s": time.perf_counter() - start})
     registry_file = os.path.join(args.models_dir, REGISTRY_FILE)
     prompt = prompt_text(a, 128)
-    anchors = {} if args.skip_anchors else run_anchors(registry_file, a.name, b.name)
+    anchors = {} if args.skip_anchors else run_anchors(registry_file, a.name, b.name, kv_bytes)
     report.set("anchors", anchors)
     settings = {
         "warmserve.engine.max-model-len": MAX_MODEL_LEN,
-        "warmserve.worker.engine-kv": f"{KV_GIB}GiB",
+        "warmserve.worker.engine-kv": kv_bytes,
         "warmserve.worker.host-memory": "48GiB",
         "warmserve.autoscaler.grace": 2,
         "warmserve.autoscaler.average": 1,
@@ -267,7 +281,9 @@ def main() -> None:
 
     async def go() -> None:
         with dask.config.set(settings):
-            async with serving(Registry(family.values()), registry_file, "autoscale", "cuda") as st:
+            async with serving(
+                Registry(family.values()), registry_file, "autoscale", args.devices
+            ) as st:
                 live = Live(st, prompt, anchors.get("texts", {}))
                 try:
                     await measure(live, a, b, args.repeats, report)
