@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from warmserve.engine.engine import (
     Engine,
@@ -19,6 +20,7 @@ from warmserve.engine.engine import (
     EngineConfig,
     EngineError,
     compute_dtype,
+    utilization,
     weight_bytes,
 )
 from warmserve.models.weights import load_weights
@@ -91,12 +93,17 @@ def test_switch_equals_fresh_engine_tiny(
     tiny_engine: Engine, tiny_registry: Registry, tiny_fresh: dict[str, list[int]]
 ) -> None:
     on_a = greedy(tiny_engine, "tiny-0")
-    tiny_engine.switch(tiny_registry["tiny-1"], load_weights(tiny_registry["tiny-1"].path))
+    switch = tiny_engine.switch(tiny_registry["tiny-1"], load_weights(tiny_registry["tiny-1"].path))
+    # vLLM's CPU backend repacks the projections, so there is no copy plan: reload_weights.
+    assert switch.method == ("copy" if torch.cuda.is_available() else "reload")
     assert tiny_engine.model.name == "tiny-1"
     assert greedy(tiny_engine, "tiny-1") == tiny_fresh["tiny-1"]
-    tiny_engine.switch(tiny_registry["tiny-2"])  # from disk
+    assert tiny_engine.switch(tiny_registry["tiny-2"]).method == "reload"  # from disk
     on_c = greedy(tiny_engine, "tiny-2")
-    tiny_engine.switch(tiny_registry["tiny-0"])
+    forced = tiny_engine.switch(
+        tiny_registry["tiny-0"], load_weights(tiny_registry["tiny-0"].path), use_plan=False
+    )
+    assert forced.method == "reload"
     assert greedy(tiny_engine, "tiny-0") == on_a
     assert len({tuple(on_a), tuple(tiny_fresh["tiny-1"]), tuple(on_c)}) == 3
 
@@ -215,3 +222,14 @@ def test_switch_equals_fresh_engine_small(small_registry: Registry) -> None:
         assert engine.weight_bytes() >= 2 * 8192 * 1024 * size  # embedding and head
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("free", "total", "expected"),
+    [(80, 80, 0.999), (40, 80, 0.499), (1, 1000, 0.001), (0, 80, 0.001), (7999, 10000, 0.798)],
+)
+def test_utilization_passes_vllms_start_check(free: int, total: int, expected: float) -> None:
+    """vLLM starts only if free memory covers utilization x total; the KV cache size is ours."""
+    value = utilization(free, total)
+    assert value == pytest.approx(expected)
+    assert value * total <= max(free, 0.001 * total)
