@@ -3,8 +3,8 @@
 The stack is what ``warmserve up --devices cuda`` starts (``warmserve.launcher.serving``: the
 scheduler with its plugin, one worker per GPU with vLLM engines and the CUDA weight pool, the
 OpenAI front door). The client streams ``/v1/completions`` (a 128-token prompt, one greedy token)
-and times the first token. The policy is ``autoscale`` with a short grace, so an idle instance is
-deactivated within seconds and the planner prewarms nothing by itself; the bench sets each tier
+and times the first token. The policy is ``autoscale`` with a short grace and keep-alive, so an
+idle instance is deactivated within seconds and the planner prewarms nothing by itself; the bench sets each tier
 up through the worker's own handlers (``warmserve_prewarm``, ``warmserve_evict``), as the planner
 would, then sends the request:
 
@@ -17,9 +17,11 @@ would, then sends the request:
 
 Every activation is followed by a 16-token greedy completion, whose text must equal a fresh vLLM
 engine's on that model (and so its token ids: one tokenizer, deterministic decoding). The
-anchors, in the same run on the same GPU before the stack starts, in a child process that exits
-(so the stack gets the whole GPU): a fresh ``vllm.LLM()`` start to its first token, and vLLM's
-sleep mode level 1 (``sleep()``, ``wake_up()``, first token).
+anchors, on the same GPU before the stack starts, in a child process that exits (so the stack
+gets the whole GPU): a fresh ``vllm.LLM()`` start to its first token, and vLLM's sleep mode level
+1 (``sleep()``, ``wake_up()``, first token). The device tool's calls last at most 10 minutes, so
+a run may be split: ``--only-anchors`` first (they are kept in ``--anchors-file`` on the machine),
+then the same command without it.
 
     python -m bench.gpu_live --models-dir /tmp/models --out $OUT/gpu_live.json
 """
@@ -77,35 +79,34 @@ def prompt_text(spec: ModelSpec, tokens: int) -> str:
     return text
 
 
-def anchors_child(spec_a: ModelSpec, spec_b: ModelSpec, prompt: str, kv_bytes: int) -> dict:
-    """In a child process: fresh LLM() on each model (greedy texts), then sleep/wake on b."""
+def anchors_child(spec: ModelSpec, prompt: str, kv_bytes: int) -> dict:
+    """In a child process: a fresh ``LLM()`` on ``spec`` (its greedy text), then sleep level 1
+    and wake, three times."""
     from vllm import LLM, SamplingParams
 
     one = SamplingParams(max_tokens=1, temperature=0.0)
     sixteen = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    out: dict[str, Any] = {"texts": {}}
 
     def ttft(llm: Any) -> float:
         start = time.perf_counter()
         llm.generate([prompt], one, use_tqdm=False)
         return time.perf_counter() - start
 
-    for spec in (spec_a, spec_b):
-        drop_page_cache(spec)
-        start = time.perf_counter()
-        llm = LLM(
-            model=spec.path,
-            max_model_len=MAX_MODEL_LEN,
-            kv_cache_memory_bytes=kv_bytes,
-            gpu_memory_utilization=0.9,
-            enable_sleep_mode=True,
-        )
-        started = time.perf_counter() - start
-        first = ttft(llm)
-        out.setdefault("fresh_llm", []).append(
-            {"model": spec.name, "start_s": started, "first_token_s": first, "s": started + first}
-        )
-        out["texts"][spec.name] = llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].text
+    def text(llm: Any) -> str:
+        return llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].text
+
+    drop_page_cache(spec)
+    start = time.perf_counter()
+    llm = LLM(
+        model=spec.path,
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_memory_bytes=kv_bytes,
+        gpu_memory_utilization=0.9,
+        enable_sleep_mode=True,
+    )
+    started = time.perf_counter() - start
+    first = ttft(llm)
+    fresh = text(llm)
     samples = []
     for _ in range(3):
         start = time.perf_counter()
@@ -118,27 +119,38 @@ def anchors_child(spec_a: ModelSpec, spec_b: ModelSpec, prompt: str, kv_bytes: i
         samples.append(
             {"sleep_s": slept, "wake_s": woke, "first_token_s": token, "s": woke + token}
         )
-    text = llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].text
-    out["sleep_wake"] = {
-        "samples": samples,
-        "median_s": statistics.median(s["s"] for s in samples),
-        "same_text_after_wake": text == out["texts"][spec_b.name],
+    return {
+        "model": spec.name,
+        "fresh_llm": {"start_s": started, "first_token_s": first, "s": started + first},
+        "sleep_wake": {
+            "samples": samples,
+            "median_s": statistics.median(s["s"] for s in samples),
+            "same_text_after_wake": text(llm) == fresh,
+        },
+        "texts": {spec.name: fresh},
     }
-    return out
 
 
-def run_anchors(registry_file: str, a: str, b: str, kv_bytes: int) -> dict:
+def anchors(path: str, registry_file: str, model: str, kv_bytes: int) -> dict:
+    """The anchors, from ``path`` if an earlier call on this machine measured them (a run may
+    be split over calls of the device tool), else measured now in a child process and saved."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return {**json.load(f), "from_file": path}
     result = subprocess.run(
         [
             *(sys.executable, "-m", "bench.gpu_live", "--anchors-child"),
-            *(registry_file, a, b, str(kv_bytes)),
+            *(registry_file, model, str(kv_bytes)),
         ],
         capture_output=True,
         text=True,
     )
     for line in result.stdout.splitlines():
         if line.startswith(CHILD_MARK):
-            return json.loads(line.removeprefix(CHILD_MARK))
+            measured = json.loads(line.removeprefix(CHILD_MARK))
+            with open(path, "w") as f:
+                json.dump(measured, f)
+            return measured
     return {"error": result.stderr[-3000:]}
 
 
@@ -206,10 +218,13 @@ class Live:
             "model": model,
             "first_token_s": ttft,
             "text_equals_fresh": None if expected is None else text == expected,
+            "text": text,
         }
 
 
 def summary(samples: list[dict]) -> dict:
+    for sample in samples:
+        sample.pop("text", None)
     return {
         "samples": samples,
         "median_s": statistics.median(s["first_token_s"] for s in samples),
@@ -218,15 +233,19 @@ def summary(samples: list[dict]) -> dict:
 
 
 async def measure(live: Live, a: ModelSpec, b: ModelSpec, repeats: int, report: Report) -> None:
+    """The tiers in turn. ``a`` has a fresh vLLM engine's text from the anchors; ``b`` starts
+    cold, in a fresh engine, whose text is then ``b``'s reference."""
     device = await live.device()
-    drop_page_cache(a)
-    report.set("cold", summary([await live.sample(a.name)]))
-    report.set("resident", summary([await live.sample(a.name) for _ in range(repeats)]))
+    drop_page_cache(b)
+    cold = await live.sample(b.name)
+    live.texts.setdefault(b.name, cold.pop("text"))
+    report.set("cold", summary([cold]))
+    report.set("resident", summary([await live.sample(b.name) for _ in range(repeats)]))
     await live.idle()
-    report.set("engine_held", summary([await live.sample(a.name)]))
+    report.set("engine_held", summary([await live.sample(b.name)]))
     for tier in ("device", "host"):
         samples = []
-        for spec in [b, a] * repeats:
+        for spec in [a, b] * repeats:
             await live.idle()
             await live.worker(
                 "warmserve_prewarm", model=spec.name, tier="device", devices=[device], wait=True
@@ -235,8 +254,7 @@ async def measure(live: Live, a: ModelSpec, b: ModelSpec, repeats: int, report: 
                 await live.worker("warmserve_evict", model=spec.name, tier="host")
             samples.append(await live.sample(spec.name))
         report.set(tier, summary(samples))
-    status = await live.worker("warmserve_status")
-    report.set("worker_status", status)
+    report.set("worker_status", await live.worker("warmserve_status"))
 
 
 def main() -> None:
@@ -247,15 +265,20 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=4.0, help="KV cache per engine")
     parser.add_argument("--devices", default="cuda", help="as warmserve up takes them")
     parser.add_argument("--skip-anchors", action="store_true")
+    parser.add_argument(
+        "--anchors-file",
+        default="/tmp/gpu_live_anchors.json",
+        help="anchors measured by an earlier call are read from here; new ones are saved here",
+    )
+    parser.add_argument("--only-anchors", action="store_true", help="stop after the anchors")
     parser.add_argument("--out", default="gpu_live.json")
-    parser.add_argument("--anchors-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--anchors-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     kv_bytes = int(args.kv_gib * (1 << 30))
     if args.anchors_child:
-        registry_file, a, b, kv = args.anchors_child
-        registry = Registry.from_yaml(registry_file)
-        prompt = prompt_text(registry[a], 128)
-        print(CHILD_MARK + json.dumps(anchors_child(registry[a], registry[b], prompt, int(kv))))
+        registry_file, model, kv = args.anchors_child
+        spec = Registry.from_yaml(registry_file)[model]
+        print(CHILD_MARK + json.dumps(anchors_child(spec, prompt_text(spec, 128), int(kv))))
         return
     import torch
 
@@ -267,13 +290,18 @@ def main() -> None:
     report.set("model", {"bytes": a.nbytes, "make_s": time.perf_counter() - start})
     registry_file = os.path.join(args.models_dir, REGISTRY_FILE)
     prompt = prompt_text(a, 128)
-    anchors = {} if args.skip_anchors else run_anchors(registry_file, a.name, b.name, kv_bytes)
-    report.set("anchors", anchors)
+    measured = (
+        {} if args.skip_anchors else anchors(args.anchors_file, registry_file, a.name, kv_bytes)
+    )
+    report.set("anchors", measured)
+    if args.only_anchors:
+        return
     settings = {
         "warmserve.engine.max-model-len": MAX_MODEL_LEN,
         "warmserve.worker.engine-kv": kv_bytes,
         "warmserve.worker.host-memory": "48GiB",
         "warmserve.autoscaler.grace": 2,
+        "warmserve.autoscaler.keep-alive": 2,  # the last idle instance stops after this
         "warmserve.autoscaler.average": 1,
         "warmserve.planner.tick": 1,
     }
@@ -284,7 +312,7 @@ def main() -> None:
             async with serving(
                 Registry(family.values()), registry_file, "autoscale", args.devices
             ) as st:
-                live = Live(st, prompt, anchors.get("texts", {}))
+                live = Live(st, prompt, dict(measured.get("texts", {})))
                 try:
                     await measure(live, a, b, args.repeats, report)
                 finally:
@@ -294,7 +322,7 @@ def main() -> None:
     medians = {
         k: v["median_s"] for k, v in report.data.items() if isinstance(v, dict) and "median_s" in v
     }
-    sleep = anchors.get("sleep_wake", {}).get("median_s")
+    sleep = measured.get("sleep_wake", {}).get("median_s")
     report.set(
         "summary",
         {
