@@ -4,9 +4,9 @@ The stack is what ``warmserve up --devices cuda`` starts (``warmserve.launcher.s
 scheduler with its plugin, one worker per GPU with vLLM engines and the CUDA weight pool, the
 OpenAI front door). The client streams ``/v1/completions`` (a 128-token prompt, one greedy token)
 and times the first token. The policy is ``autoscale`` with a short grace and keep-alive, so an
-idle instance is deactivated within seconds and the planner prewarms nothing by itself; the bench sets each tier
-up through the worker's own handlers (``warmserve_prewarm``, ``warmserve_evict``), as the planner
-would, then sends the request:
+idle instance is deactivated within seconds and the planner prewarms nothing by itself; the bench
+sets each tier up through the worker's own handlers (``warmserve_prewarm``, ``warmserve_evict``),
+as the planner would, then sends the request:
 
 - ``cold``: no engine on the GPU; the worker starts one (weights from disk, page cache dropped).
 - ``resident``: an instance of the model is serving.
