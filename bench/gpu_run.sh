@@ -8,7 +8,7 @@
 #   bash bench/gpu_run.sh stage .gpu/site/p1          # carry .gpu/site/p1
 #   bash bench/gpu_run.sh stage .gpu/site/p2          # carry .gpu/site/p2
 #   bash bench/gpu_run.sh run python3 -m bench.gpu_engine --out '$OUT/gpu_engine.json'
-#                                                     # carry .gpu/whl (and .gpu/llvm if asked)
+#                                                     # carry .gpu/whl
 # `run` unpacks the staged parts once into /tmp/site, installs the wheels carried with it, sets
 # the environment and runs the command (quoted $OUT expands there). If the machine was taken back
 # between calls, `run` says which part is missing: stage again from the first.
@@ -21,7 +21,6 @@ case "${1:-}" in
     cp "$2"/* "$stage"/
     ls -la "$stage"
     nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
-    python3 -c "import numba" 2>/dev/null && echo "numba: present" || echo "numba: missing (carry .gpu/llvm)"
     ;;
   run)
     shift
@@ -32,12 +31,13 @@ case "${1:-}" in
       mkdir -p "$site"
       cat "$stage"/site.part* | xz -d -T8 | tar -x -C "$site"
       python3 -m pip install -q --no-index --no-deps --target "$site" .gpu/whl/*.whl
-      if [ -d .gpu/llvm ]; then
-        python3 -m pip install -q --no-index --no-deps --target "$site" .gpu/llvm/*.whl
-      fi
+      # numba comes with the machine, built for its NumPy; a carried one would shadow it.
+      rm -rf "$site"/numba "$site"/numba-*.dist-info
       touch "$site/.unpacked"
     fi
-    export PYTHONPATH="$PWD:$site" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+    # The trimmed site leaves FlashInfer out (../shared/gpu/README.md); its sampler is optional.
+    export PYTHONPATH="$PWD:$site" HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+      VLLM_USE_FLASHINFER_SAMPLER=0
     export OUT="${OUT:-/tmp/out}"
     mkdir -p "$OUT"
     eval "$@"
