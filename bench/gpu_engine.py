@@ -5,7 +5,8 @@ The engine is WarmServe's (``warmserve.engine.Engine``: vLLM's ``LLMEngine`` in 
 graphs captured at start); the weights come from the worker's real weight store (a memfd in host
 memory, pinned for the GPU, and a region of the CUDA memory pool). Each activation is timed to
 its first token (a 128-token prompt, one greedy token), then checked: the greedy token ids of a
-16-token completion must equal those of a fresh vLLM engine on that model.
+16-token completion must equal those of a fresh vLLM engine on that model, computed the same way
+(after a first-token request, so the prompt is in the prefix cache in both).
 
 - ``anchor_fresh_llm``: ``vllm.LLM(model)`` from disk (page cache dropped), then the first token.
 - ``anchor_sleep_wake``: vLLM sleep mode level 1: ``sleep()`` (weights to host, KV dropped),
@@ -232,6 +233,10 @@ def main() -> None:
     start = time.perf_counter()
     engine = Engine(b, config)
     report.set("engine_start_s", {"seconds": time.perf_counter() - start, "model": b.name})
+    # As every sample: the first-token request first, then the greedy ids (with the prompt in the
+    # prefix cache). On random weights the logits are nearly tied, so a prefill split another
+    # way can flip an argmax; the reference and the samples must be computed alike.
+    first_token(engine)
     reference[b.name] = greedy_ids(engine)
     try:
         tier(

@@ -67,6 +67,16 @@ def test_plan_fills_fused_parameters_exactly(checkpoint):
     )
 
 
+def test_plan_writes_parameters_that_require_grad(checkpoint):
+    """vLLM's GPU runner leaves requires_grad on; the copies must still write in place."""
+    params = {
+        name: torch.nn.Parameter(t, requires_grad=True) for name, t in fused(checkpoint).items()
+    }
+    apply(plan_copies(specs(params), specs(checkpoint), PACKED), params, checkpoint)
+    name = "model.norm.weight"
+    assert torch.equal(params[name], checkpoint[name])
+
+
 def test_unused_rotary_buffers_are_skipped(checkpoint):
     params = fused(checkpoint)
     with_rotary = {**checkpoint, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(16)}

@@ -98,9 +98,14 @@ def apply(
     params: Mapping[str, torch.Tensor],
     weights: Mapping[str, torch.Tensor],
 ) -> None:
-    """Run the copies (asynchronously on the current stream on a GPU; the caller syncs)."""
-    for c in copies:
-        params[c.param].narrow(0, c.row, c.rows).copy_(weights[c.source], non_blocking=True)
+    """Run the copies (asynchronously on the current stream on a GPU; the caller syncs).
+
+    Under ``no_grad``: engines keep ``requires_grad`` on their parameters (vLLM's GPU runner
+    does), and autograd refuses in-place writes to those.
+    """
+    with torch.no_grad():
+        for c in copies:
+            params[c.param].narrow(0, c.row, c.rows).copy_(weights[c.source], non_blocking=True)
 
 
 def specs(tensors: Mapping[str, torch.Tensor]) -> dict[str, Spec]:
