@@ -9,7 +9,7 @@ import pytest
 from warmserve.policy.state import DeviceMode, DeviceSnapshot
 from warmserve.registry import ModelSpec, Registry
 from warmserve.scheduler_plugin.extension import parse_report
-from warmserve.scheduler_plugin.state import ClusterState, Starting
+from warmserve.scheduler_plugin.state import START_ATTEMPTS, ClusterState, Instance, Starting
 
 MODELS = Registry([ModelSpec("a", "f", 100), ModelSpec("b", "f", 100)])
 
@@ -85,6 +85,28 @@ def test_a_start_under_way_counts_as_dedicating_its_device():
         snap = s.snapshot(0.0, {})
         assert snap.mode("n/cpu:0") is DeviceMode.DEDICATED
         assert s.starting_with_room("a") is s.starting[0] and s.starting_with_room("b") is None
+
+    asyncio.run(main())
+
+
+def test_starts_failing_in_a_row_make_a_model_unstartable_until_one_succeeds():
+    async def main():
+        s = ClusterState(MODELS, capacity=2)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            assert s.start_failing("a") is None
+            starting = Starting("a", ("n/cpu:0",), "tcp://w")
+            s.starting.append(starting)
+            s.end_start(starting, None, "EngineDied" if attempt % 2 else "OSError")
+            assert starting.ready.result() is None
+        reason = s.start_failing("a")
+        assert reason is not None and f"{START_ATTEMPTS} times" in reason and "EngineDied" in reason
+        left = Starting("a", ("n/cpu:0",), "tcp://w")
+        s.end_start(left, None)  # its worker left: not a failure of the model
+        assert f"{START_ATTEMPTS} times" in s.start_failing("a")
+        assert s.start_failing("b") is None
+        ok = Starting("a", ("n/cpu:0",), "tcp://w")
+        s.end_start(ok, Instance("i", "a", ("n/cpu:0",), "tcp://w"))
+        assert s.start_failing("a") is None
 
     asyncio.run(main())
 

@@ -121,5 +121,9 @@ class Admission:
         if status == "unknown":
             raise APIError(404, f"The model `{model}` does not exist.", param="model")
         if status != "queued":
-            raise APIError(503, f"the scheduler cannot place {model}: {answer.get('reason')}")
+            raise APIError(
+                503,
+                f"the scheduler cannot place {model}: {answer.get('reason')}",
+                headers={"Retry-After": str(self.retry_after)},
+            )
         return None

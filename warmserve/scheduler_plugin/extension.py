@@ -254,6 +254,7 @@ class WarmServeExtension(SchedulerPlugin):
         assert self.scheduler is not None
         t0 = time()
         instance: Instance | None = None
+        error: str | None = None
         try:
             while self.state.draining_on(s.devices):  # its deactivation is then first in line
                 await asyncio.sleep(DRAIN_POLL_S)
@@ -270,10 +271,11 @@ class WarmServeExtension(SchedulerPlugin):
                 self.state.instances[iid] = instance
                 logger.info("%s serves %s (%.2fs)", iid, s.model, time() - t0)
         except Exception as e:
-            logger.info("activating %s on %s failed: %s", s.model, s.devices, e)
+            error = type(e).__name__
+            logger.warning("activating %s on %s failed: %s: %s", s.model, s.devices, error, e)
             await self.refresh(s.worker)
         finally:
-            self.state.end_start(s, instance)
+            self.state.end_start(s, instance, error)
 
     def _stop(self, iid: str) -> None:
         inst = self.state.instances.get(iid)
@@ -308,7 +310,9 @@ class WarmServeExtension(SchedulerPlugin):
 
         ``{"status": "ok", "worker", "instance", "lease"}``; ``{"status": "queued"}`` when no
         instance has room and the policy starts none (the caller waits and asks again; the request
-        counts as load meanwhile); ``{"status": "unknown"}`` for a model not in the registry. A
+        counts as load meanwhile); ``{"status": "unknown"}`` for a model not in the registry;
+        ``{"status": "failed", "reason"}`` when the model's starts keep failing
+        (:meth:`ClusterState.start_failing`; the request is then forgotten). A
         retry after a failed instance passes the same ``request_id`` and the failed instance in
         ``exclude``. With ``lease`` > 0, up to that many slots of the chosen instance (the
         request's own included) are leased to ``holder`` (a client id), and ``"lease"`` says how
@@ -340,6 +344,10 @@ class WarmServeExtension(SchedulerPlugin):
                     "instance": inst.id,
                     "lease": granted,
                 }
+            failing = self.state.start_failing(model)
+            if failing is not None:
+                self._finish(request_id, time())
+                return {"status": "failed", "reason": failing}
         return {"status": "queued"}
 
     def sync(

@@ -78,6 +78,12 @@ class Request:
     holder: str | None = None  # the front door whose lease the slot comes from, if any
 
 
+START_ATTEMPTS = 3
+"""Failed starts of a model in a row after which its waiting requests fail (503) instead of
+waiting for a start that fails every time (a corrupt checkpoint, an engine that cannot load it)
+until the front door's request timeout."""
+
+
 class ClusterState:
     """Accounting of the whole cluster as the planner and the router see it."""
 
@@ -94,6 +100,9 @@ class ClusterState:
         self.lent: dict[str, int] = {}
         # Slots leased to each front door (a Dask client id), per instance, in use or not.
         self.leases: dict[str, dict[str, int]] = {}
+        # Starts of each model that failed since its last successful one, and the last error's
+        # kind: a start that fails every time fails its waiting requests (``START_ATTEMPTS``).
+        self.failed_starts: dict[str, tuple[int, str]] = {}
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -145,13 +154,29 @@ class ClusterState:
             self.end_start(s, None)
         return lost
 
-    def end_start(self, starting: Starting, instance: Instance | None) -> None:
-        """A start is over (``instance`` is None if it failed or its worker left); wake its
-        waiters. Ending one twice (its worker left, then its call failed) does nothing."""
+    def end_start(
+        self, starting: Starting, instance: Instance | None, error: str | None = None
+    ) -> None:
+        """A start is over (``instance`` is None if it failed or its worker left; ``error``
+        names the failure's kind if its call failed); wake its waiters. Ending one twice (its
+        worker left, then its call failed) does nothing."""
         if starting in self.starting:
             self.starting.remove(starting)
+        if instance is not None:
+            self.failed_starts.pop(starting.model, None)
+        elif error is not None:
+            count, _ = self.failed_starts.get(starting.model, (0, ""))
+            self.failed_starts[starting.model] = (count + 1, error)
         if not starting.ready.done():
             starting.ready.set_result(instance)
+
+    def start_failing(self, model: str) -> str | None:
+        """Why ``model`` cannot be started, once its last ``START_ATTEMPTS`` starts all failed
+        (None while it may still start)."""
+        count, error = self.failed_starts.get(model, (0, ""))
+        if count < START_ATTEMPTS:
+            return None
+        return f"starting {model} failed {count} times in a row ({error}); see the scheduler log"
 
     def _drop_instance(self, iid: str) -> None:
         """Forget an instance; its requests become waiting (the front door retries or fails)."""
