@@ -105,7 +105,7 @@ def test_starts_failing_in_a_row_make_a_model_unstartable_until_one_succeeds():
         assert f"{START_ATTEMPTS} times" in s.start_failing("a")
         assert s.start_failing("b") is None
         ok = Starting("a", ("n/cpu:0",), "tcp://w")
-        s.end_start(ok, Instance("i", "a", ("n/cpu:0",), "tcp://w"))
+        s.end_start(ok, Instance("i", "a", ("n/cpu:0",), "tcp://w", started=0.0))
         assert s.start_failing("a") is None
 
     asyncio.run(main())
