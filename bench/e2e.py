@@ -149,50 +149,58 @@ def history(observer) -> dict[str, dict[float, tuple]]:
     return out
 
 
+async def replay_sampled(stack, policy: str, workload: Path, out: Path, log: Path) -> dict:
+    """Replay ``workload`` against ``stack`` through ``warmserve replay`` in a child process (so
+    the client does not share the scheduler's event loop), copying the observer's history every
+    ``SAMPLE_EVERY`` seconds; return that history (see :func:`history`)."""
+    observer = stack.cluster.scheduler.extensions["warmserve-observer"]
+    samples: dict[str, dict[float, tuple]] = {}
+    cmd = [
+        sys.executable,
+        "-m",
+        "warmserve",
+        "replay",
+        str(workload),
+        "--url",
+        stack.url,
+        "--out",
+        str(out),
+        "--label",
+        policy,
+        "--max-output-tokens",
+        str(MAX_OUTPUT),
+        "--max-input-tokens",
+        str(MAX_INPUT),
+        "--timeout",
+        # Past the front door's own limit, so a request that takes too long is ended (and
+        # recorded) by the server's 504, not by the client giving up at the same moment.
+        str(dask.config.get("warmserve.frontdoor.request-timeout") + CLIENT_MARGIN),
+    ]
+    with open(log, "w") as f:
+        proc = await asyncio.create_subprocess_exec(*cmd, stdout=f, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                await asyncio.wait_for(proc.wait(), SAMPLE_EVERY)
+                break
+            except TimeoutError:
+                for m, s in history(observer).items():
+                    samples.setdefault(m, {}).update(s)
+    for m, s in history(observer).items():
+        samples.setdefault(m, {}).update(s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"replay for {policy} exited {proc.returncode}; see {log}")
+    return samples
+
+
 async def live(
     policy: str, registry: Registry, registry_file: str, workload: Path, out: Path, log: Path
 ) -> dict:
     """One policy, live: start the stack, replay, keep the history, stop. Returns timings."""
     t0 = time.perf_counter()
-    samples: dict[str, dict[float, tuple]] = {}
     async with serving(registry, registry_file, policy, DEVICES, 0) as stack:
         started = time.perf_counter() - t0
-        observer = stack.cluster.scheduler.extensions["warmserve-observer"]
         t_replay = time.time()
-        cmd = [
-            sys.executable,
-            "-m",
-            "warmserve",
-            "replay",
-            str(workload),
-            "--url",
-            stack.url,
-            "--out",
-            str(out),
-            "--label",
-            policy,
-            "--max-output-tokens",
-            str(MAX_OUTPUT),
-            "--max-input-tokens",
-            str(MAX_INPUT),
-            "--timeout",
-            # Past the front door's own limit, so a request that takes too long is ended (and
-            # recorded) by the server's 504, not by the client giving up at the same moment.
-            str(dask.config.get("warmserve.frontdoor.request-timeout") + CLIENT_MARGIN),
-        ]
-        with open(log, "w") as f:
-            proc = await asyncio.create_subprocess_exec(*cmd, stdout=f, stderr=subprocess.STDOUT)
-            while True:
-                try:
-                    await asyncio.wait_for(proc.wait(), SAMPLE_EVERY)
-                    break
-                except TimeoutError:
-                    for m, s in history(observer).items():
-                        samples.setdefault(m, {}).update(s)
-        for m, s in history(observer).items():
-            samples.setdefault(m, {}).update(s)
-        if proc.returncode != 0:
-            raise RuntimeError(f"replay for {policy} exited {proc.returncode}; see {log}")
+        samples = await replay_sampled(stack, policy, workload, out, log)
     return {
         "start_s": started,
         "replay_s": time.time() - t_replay,
@@ -238,11 +246,17 @@ def as_replayed(workload: pa.Table) -> pa.Table:
     return workload
 
 
-def simulate(workload: pa.Table, registry_file: str, policy: str, base: PolicyConfig) -> pa.Table:
+def simulate(
+    workload: pa.Table,
+    registry_file: str,
+    policy: str,
+    base: PolicyConfig,
+    cluster: str | os.PathLike = CLUSTER,
+) -> pa.Table:
     """The simulator on the same workload as replayed and the same policy, with the live run's
     forecast window, season and tick (``warmserve simulate`` builds its PolicyConfig from the
     defaults and the cost model's tick, so the bench calls the same classes itself)."""
-    spec = load_cluster(CLUSTER, registry_file)
+    spec = load_cluster(cluster, registry_file)
     spec.check()
     config = replace(policy_config(spec, base), tick=base.tick)  # the live run's tick
     sim = Simulator(spec, build_policy(policy, spec, config), as_replayed(workload), config)

@@ -48,6 +48,7 @@ from warmserve.policy.state import (
 from warmserve.registry import Registry
 from warmserve.scheduler_plugin.history import History
 from warmserve.scheduler_plugin.state import ClusterState, Instance, Starting
+from warmserve.worker_plugin.errors import DeviceBusy, DoesNotFit, WorkerClosing
 
 logger = logging.getLogger("warmserve.scheduler")
 action_logger = logging.getLogger("warmserve.scheduler.actions")
@@ -271,8 +272,12 @@ class WarmServeExtension(SchedulerPlugin):
                 self.state.instances[iid] = instance
                 logger.info("%s serves %s (%.2fs)", iid, s.model, time() - t0)
         except Exception as e:
-            error = type(e).__name__
-            logger.warning("activating %s on %s failed: %s: %s", s.model, s.devices, error, e)
+            # Memory taken or the worker going away may pass: the model's requests keep waiting.
+            # Any other failure counts toward giving up on the model (ClusterState.start_failing).
+            if not isinstance(e, (DoesNotFit, DeviceBusy, WorkerClosing)):
+                error = type(e).__name__
+            kind = type(e).__name__
+            logger.warning("activating %s on %s failed: %s: %s", s.model, s.devices, kind, e)
             await self.refresh(s.worker)
         finally:
             self.state.end_start(s, instance, error)
