@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from dask.utils import parse_bytes
+
 from warmserve import config
 from warmserve.engine.engine import Engine, EngineConfig, EngineError, weight_bytes
 from warmserve.engine.engine import preload as preload_engine
@@ -103,6 +105,7 @@ class Instances:
             max_model_len=int(config.get("engine.max-model-len")),
             dtype=str(config.get("engine.dtype")),
         )
+        self._overhead = int(parse_bytes(config.get("planner.engine-bytes") or 0))
         self._interval = liveness_interval
         self._on_death = on_death
         # Instance ids are ``device/model/<token><n>``: the token differs per process, so ids
@@ -161,10 +164,12 @@ class Instances:
 
     def engine_bytes(self, spec: ModelSpec) -> int:
         """What an engine of ``spec``'s family takes on its device: its weights as it computes
-        with them (a bf16 checkpoint run in float32 on a CPU takes twice its file) and its KV
-        cache."""
+        with them (a bf16 checkpoint run in float32 on a CPU takes twice its file), its KV
+        cache, and ``warmserve.planner.engine-bytes`` besides (runtime context, activation
+        workspace, CUDA graphs: about 2 GB for an 8B model on a GPU), the figure the planner
+        charges per engine, so the two ledgers agree."""
         weights = weight_bytes(spec.nbytes, spec.path, self._engine_config.dtype)
-        return weights + self._engine_config.kv_cache_bytes
+        return weights + self._engine_config.kv_cache_bytes + self._overhead
 
     # --- activation -------------------------------------------------------------------------
 
