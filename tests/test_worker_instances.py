@@ -34,12 +34,15 @@ class FakeEngine:
         self.model = model
         self.switches: list[str] = []
         self.closed = False
+        self.in_flight = 0
         FakeEngine.started.append(model.name)
 
     def alive(self) -> bool:
         return not self.closed
 
     def switch(self, model: ModelSpec, weights) -> Switch:
+        if self.in_flight:  # as Engine.switch: EngineBusy
+            raise RuntimeError(f"{self.in_flight} requests in flight")
         self.switches.append(model.name)
         self.model = model
         return Switch(0.0, "copy")
@@ -152,3 +155,25 @@ def test_dead_engine_frees_its_share_of_the_device(make):
     assert inst.store.memory[DEV].free_bytes == 6 * MiB
     run(inst.activate(A1, DEV))
     assert len(inst.instances) == 2
+
+
+def test_a_switch_waits_for_the_idle_engine_to_let_its_last_request_go(make):
+    """The scheduler may stop an instance a moment before its engine has finished the last
+    request; the activation that reuses the engine waits for it instead of failing."""
+    inst = make(16 * MiB)
+
+    async def main():
+        first = await inst.activate(A0, DEV)
+        engine = first.slot.engine
+        await inst.deactivate(first.id)
+        engine.in_flight = 1
+        asyncio.get_running_loop().call_later(0.05, setattr, engine, "in_flight", 0)
+        second = await inst.activate(A1, DEV)
+        assert second.slot.engine is engine and engine.switches == ["a-1"]
+        await inst.deactivate(second.id)
+        engine.in_flight = 1  # never lets go: the device is busy, nothing switched
+        with pytest.raises(DeviceBusy, match="in flight"):
+            await inst.activate(A2, DEV)
+        assert engine.switches == ["a-1"]
+
+    run(main())

@@ -35,6 +35,9 @@ from warmserve.worker_plugin.weight_store import WeightStore
 
 logger = logging.getLogger("warmserve.worker.instances")
 
+DRAIN_POLL_S = 0.005  # how often a switch waiting for an idle engine to drain looks again
+DRAIN_INTERVALS = 10  # liveness intervals it waits at most
+
 
 @dataclass(eq=False)
 class EngineSlot:
@@ -209,6 +212,7 @@ class Instances:
         if slot is None:
             slot = await self.start_engine(spec, device, keep=spec.name)
         elif slot.model != spec.name:
+            await self._drained(slot)
             weights = self.store.weights(spec.name, device)
             switch = await self._run_blocking(slot.engine.switch, spec, weights)
             logger.debug(
@@ -222,6 +226,24 @@ class Instances:
         slot.last_used = time.monotonic()
         self.instances[instance.id] = instance
         return instance
+
+    async def _drained(self, slot: EngineSlot) -> None:
+        """Wait until an idle engine has let its last requests go, so it can switch.
+
+        The scheduler stops an instance once its requests are done at the front door, which can
+        be a moment before the engine has finished or aborted them; a switch then would raise
+        ``EngineBusy`` (seen on a GPU under replay). No new request reaches an engine without an
+        instance, so this ends within a step; DeviceBusy (the scheduler retries) if it does not
+        within ``DRAIN_INTERVALS`` liveness intervals.
+        """
+        deadline = time.monotonic() + DRAIN_INTERVALS * self._interval
+        while slot.engine.in_flight:
+            if time.monotonic() > deadline:
+                raise DeviceBusy(
+                    f"{slot.device}: the idle engine of {slot.family} still has "
+                    f"{slot.engine.in_flight} requests in flight"
+                )
+            await asyncio.sleep(DRAIN_POLL_S)
 
     async def start_engine(self, spec: ModelSpec, device: str, keep: str) -> EngineSlot:
         """An idle engine of ``spec``'s family on ``device``: the one there is, else a new one,
