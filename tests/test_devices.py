@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import dask
 import pytest
 from click.testing import CliRunner
 
@@ -112,6 +113,18 @@ def test_pinned_gpu_keeps_its_id_and_is_the_process_cuda0(monkeypatch):
         ("n/cpu:1", 1),
     ]
     assert Device("n", "cpu", 4, MiB).local_index == 4
+
+
+def test_gpu_budget_is_nvml_total_unless_configured(monkeypatch):
+    monkeypatch.setattr(devices, "_gpu_memory", lambda i: 80 * MiB)
+    assert [d.memory for d in parse_devices("cuda:0,cpu:0", "n")] == [
+        80 * MiB,
+        2048 * MiB,  # warmserve.worker.device-memory
+    ]
+    with dask.config.set({"warmserve.worker.gpu-memory": "60MiB"}):
+        gpu, cpu = parse_devices("cuda:0,cpu:0", "n")
+        assert (gpu.memory, cpu.memory) == (60 * MiB, 2048 * MiB)
+        assert parse_devices("cuda:0", "n", memory=MiB)[0].memory == MiB  # the flag wins
 
 
 def test_device_pool_uses_the_local_index(monkeypatch):

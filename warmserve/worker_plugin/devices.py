@@ -134,14 +134,18 @@ def parse_devices(
 ) -> list[Device]:
     """Devices from a flag like ``"cpu:0,cpu:1"`` or ``"cuda:0,cuda:1"``.
 
-    ``memory`` overrides every device's budget; otherwise GPUs ask NVML and CPU slots take
+    ``memory`` overrides every device's budget; otherwise GPUs take
+    ``warmserve.worker.gpu-memory`` if set, else what NVML says they have, and CPU slots take
     ``warmserve.worker.device-memory``. ``pinned``: the process pinned itself to the one GPU of
     ``spec`` (:func:`pin_cuda`), which it sees as cuda:0.
     """
     devices = []
+    gpu_memory = settings.get("gpu-memory")
     for kind, index in parse_list(spec):
         local = 0 if pinned and kind == "cuda" else index
-        mem = memory or (_gpu_memory(local) if kind == "cuda" else None)
+        mem = memory
+        if not mem and kind == "cuda":
+            mem = int(parse_bytes(gpu_memory)) if gpu_memory else _gpu_memory(local)
         budget = mem or settings.get_bytes("device-memory")
         devices.append(Device(node, kind, index, budget, local))
     return devices
