@@ -79,8 +79,10 @@ def test_visible_gpus_honours_cuda_visible_devices(monkeypatch):
         ("cuda:3", None, "3"),  # one GPU, variable unset: pin
         ("cuda:0", None, "0"),
         ("cuda:1,cpu:0", None, "1"),  # CPU slots beside it need no GPU
-        ("cuda:1", "2,3", None),  # set: cuda:1 is its second GPU, as before
-        ("cuda:0", "", None),  # set to nothing is set
+        ("cuda:1", "2,3", "3"),  # set: cuda:1 is its second GPU, the process sees only it
+        ("cuda:0", "GPU-aa, GPU-bb", "GPU-aa"),
+        ("cuda:0", "", None),  # set to nothing: no GPU to pin to
+        ("cuda:2", "5", None),  # listed no more: pinned already
         ("cuda:0,cuda:1", None, None),  # several GPUs: the process sees them all
         ("cpu:0,cpu:1", None, None),
         (None, None, None),  # no flag: every visible GPU

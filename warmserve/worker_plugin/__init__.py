@@ -10,8 +10,8 @@ Start a worker with::
 see :func:`~warmserve.worker_plugin.plugin.rejoin_after_scheduler_loss`)
 or register :class:`WarmServeWorker` from a client. Engines run inside the worker process
 (``warmserve.engine``), so no daemon setting is needed for them. A worker given one GPU
-(``cuda:N``) pins its process to it before anything initialises CUDA, unless
-``CUDA_VISIBLE_DEVICES`` is set (see :mod:`warmserve.worker_plugin.devices`), so its engines run
+(``cuda:N``, the N-th visible one) pins its process to it through ``CUDA_VISIBLE_DEVICES`` before
+anything initialises CUDA (see :mod:`warmserve.worker_plugin.devices`), so its engines run
 there. Heavy imports (torch, vLLM) wait until the plugin is set up, so the front door can import
 :mod:`warmserve.worker_plugin.client` and :func:`generate` cheaply.
 """
@@ -30,8 +30,8 @@ __all__ = ["dask_setup", "generate"]
     "--warmserve-devices",
     default=None,
     help="Devices of this worker, e.g. cuda:0, cpu:0,cpu:1 or cuda:0,cuda:1 (default: visible "
-    "GPUs, else warmserve.worker.cpu-slots CPU slots). With one GPU cuda:N and "
-    "CUDA_VISIBLE_DEVICES unset, the process sets CUDA_VISIBLE_DEVICES=N.",
+    "GPUs, else warmserve.worker.cpu-slots CPU slots). With one GPU cuda:N (the N-th visible "
+    "one), the process sets CUDA_VISIBLE_DEVICES to that GPU alone.",
 )
 @click.option(
     "--warmserve-device-memory",

@@ -105,14 +105,21 @@ def cuda_pin(spec: str | None, visible: str | None) -> str | None:
     """The ``CUDA_VISIBLE_DEVICES`` a process owning ``spec``'s devices sets, or None: leave it.
 
     ``visible`` is the variable's current value (None: unset). A process owning exactly one GPU
-    ``cuda:N`` with the variable unset pins itself to it (``"N"``). With it set, ``cuda:N`` is the
-    N-th GPU it lists, as it always was, and is left alone; so is a process owning several GPUs
-    (see :class:`Device`) or none, or one with no ``spec`` (it takes every visible GPU).
+    ``cuda:N`` pins itself to it: ``"N"`` with the variable unset, else the N-th entry it lists
+    (``cuda:N`` always meant the N-th visible GPU), so that ``warmserve up`` under
+    ``CUDA_VISIBLE_DEVICES=2,3`` runs one worker on each. A process owning several GPUs (see
+    :class:`Device`) or none, one with no ``spec`` (it takes every visible GPU), or one whose
+    ``N`` the variable does not list (it pinned itself already) leaves the variable alone.
     """
-    if spec is None or visible is not None:
+    if spec is None:
         return None
     gpus = [index for kind, index in parse_list(spec) if kind == "cuda"]
-    return str(gpus[0]) if len(gpus) == 1 else None
+    if len(gpus) != 1:
+        return None
+    if visible is None:
+        return str(gpus[0])
+    listed = [v.strip() for v in visible.split(",") if v.strip()]
+    return listed[gpus[0]] if gpus[0] < len(listed) else None
 
 
 def pin_cuda(spec: str | None) -> bool:
