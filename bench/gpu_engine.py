@@ -29,10 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
-import shlex
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +38,7 @@ from typing import Any
 import torch
 
 from bench.activation_bench import drop_page_cache
+from bench.gpu_live import MAX_MODEL_LEN, Report, fresh_llm, sleep_wake
 from warmserve.engine.engine import Engine, EngineConfig, preload
 from warmserve.models.make import make_family
 from warmserve.protocol import GenerateRequest
@@ -50,26 +48,6 @@ from warmserve.worker_plugin.weight_store import WeightStore
 
 PROMPT_IDS = list(range(1000, 1128))  # 128 tokens
 GiB = 1 << 30
-
-
-class Report:
-    """The JSON report, rewritten after every step."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {
-            "command": shlex.join(["python", "-m", "bench.gpu_engine", *sys.argv[1:]]),
-            "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "vllm": __import__("vllm").__version__,
-            "prompt_tokens": len(PROMPT_IDS),
-        }
-
-    def set(self, key: str, value: Any) -> None:
-        self.data[key] = value
-        with open(self.path, "w") as f:
-            json.dump(self.data, f, indent=1, default=str)
-        print(f"{key}: {json.dumps(value, default=str)[:300]}", flush=True)
 
 
 def request(model: str, max_tokens: int) -> GenerateRequest:
@@ -102,60 +80,38 @@ def greedy_ids(engine: Engine) -> list[int]:
 
 def anchors(spec: ModelSpec, config: EngineConfig, report: Report) -> list[int]:
     """vLLM alone: a fresh ``LLM()`` and sleep level 1 then wake; returns the greedy ids."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     one = SamplingParams(max_tokens=1, temperature=0.0)
     sixteen = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompt = {"prompt_token_ids": PROMPT_IDS}
+    llm, started = fresh_llm(spec, config.kv_cache_bytes)
 
-    def ttft(llm: Any) -> float:
+    def ttft() -> float:
         start = time.perf_counter()
         llm.generate([prompt], one, use_tqdm=False)
         return time.perf_counter() - start
 
-    drop_page_cache(spec)
-    start = time.perf_counter()
-    llm = LLM(
-        model=spec.path,
-        max_model_len=config.max_model_len,
-        max_num_seqs=config.max_num_seqs,
-        kv_cache_memory_bytes=config.kv_cache_bytes,
-        gpu_memory_utilization=0.9,
-        enable_sleep_mode=True,
-    )
-    started = time.perf_counter() - start
-    first = ttft(llm)
+    def ids() -> list[int]:
+        return list(llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].token_ids)
+
+    first = ttft()
     report.set(
         "anchor_fresh_llm", {"start_s": started, "first_token_s": first, "s": started + first}
     )
-    ids = list(llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].token_ids)
-    resident = statistics.median(ttft(llm) for _ in range(5))
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        llm.sleep(level=1)
-        slept = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.wake_up()
-        woke = time.perf_counter() - start
-        token = ttft(llm)
-        samples.append(
-            {"sleep_s": slept, "wake_s": woke, "first_token_s": token, "s": woke + token}
-        )
-    after = list(llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].token_ids)
+    fresh = ids()
+    resident = statistics.median(ttft() for _ in range(5))
+    samples = sleep_wake(llm, ttft)
     report.set(
         "anchor_sleep_wake",
         {
             "samples": samples,
             "median_s": statistics.median(s["s"] for s in samples),
             "resident_first_token_s": resident,
-            "same_ids_after_wake": after == ids,
+            "same_ids_after_wake": ids() == fresh,
         },
     )
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-    return ids
+    return fresh
 
 
 def tier(
@@ -204,13 +160,16 @@ def main() -> None:
     parser.add_argument("--skip-anchors", action="store_true")
     parser.add_argument("--out", default="gpu_engine.json")
     args = parser.parse_args()
-    report = Report(args.out)
+    report = Report(args.out, "bench.gpu_engine")
+    report.set("prompt_tokens", len(PROMPT_IDS))
 
     start = time.perf_counter()
     a, b = make_family(f"l{args.size}", args.size, 2, args.models_dir).values()
     report.set("model", {"bytes": a.nbytes, "make_s": time.perf_counter() - start})
-    config = EngineConfig(max_model_len=2048, kv_cache_bytes=int(args.kv_gib * GiB))
-    report.set("engine_config", {"max_model_len": 2048, "kv_cache_bytes": config.kv_cache_bytes})
+    config = EngineConfig(max_model_len=MAX_MODEL_LEN, kv_cache_bytes=int(args.kv_gib * GiB))
+    report.set(
+        "engine_config", {"max_model_len": MAX_MODEL_LEN, "kv_cache_bytes": config.kv_cache_bytes}
+    )
 
     start = time.perf_counter()
     preload()
@@ -218,6 +177,8 @@ def main() -> None:
     reference: dict[str, list[int]] = {}
     if not args.skip_anchors:
         reference[a.name] = anchors(a, config, report)
+        gc.collect()  # the anchor's LLM went with anchors(): give its memory back
+        torch.cuda.empty_cache()
 
     # The weight store as a worker has it: host memfds, a CUDA pool on the GPU.
     (device,) = discover("cuda:0")

