@@ -302,6 +302,20 @@ def test_activation_evicts_only_what_memory_demands(cluster):
     call(cluster, "warmserve_deactivate", instance=iid)
 
 
+def test_prewarm_to_engine_beside_a_serving_engine_of_its_family(cluster):
+    # B: the idle engine of tiny-2 (14 MiB) and tiny-1, tiny-2 in the pool: full.
+    iid = call(cluster, "warmserve_activate", model="tiny-2", device=B)
+    call(cluster, "warmserve_evict", model="tiny-1", devices=[B])
+    # The family's engine serves, so it is the engine tier the planner charged for: tiny-0
+    # goes to the pool beside it. A second engine (14 MiB more) would not fit.
+    done = call(cluster, "warmserve_prewarm", model="tiny-0", tier="engine", devices=[B], wait=True)
+    assert done["state"] == "done", done
+    status = device(call(cluster, "warmserve_status"), B)
+    assert sorted(status["resident"]) == ["tiny-0", "tiny-2"]
+    assert [s["model"] for s in status["engine_slots"]] == ["tiny-2"]
+    call(cluster, "warmserve_deactivate", instance=iid)
+
+
 def _memory(dask_worker) -> dict:
     proc = psutil.Process()
     return {"rss": proc.memory_info().rss, "fds": proc.num_fds()}

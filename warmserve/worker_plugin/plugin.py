@@ -275,13 +275,28 @@ class WarmServeWorker(WorkerPlugin):
             if target == Tier.ENGINE:
                 for d in job.devices:
                     async with self.instances.device_lock(d):
-                        await self.instances.start_engine(spec, d, keep=spec.name)
+                        # The planner charges one engine per family and device: one of the
+                        # family there, serving or not, is the tier it asked for. A second
+                        # engine (weights, KV and runtime again) is memory it did not charge,
+                        # which an activation makes room for; started here, it failed to fit
+                        # on a GPU and the planner asked again at every tick.
+                        if not self.instances.slots(d, spec.family):
+                            await self.instances.start_engine(spec, d, keep=spec.name)
 
         return work
 
     def _job_finished(self, job: Job) -> None:
         level = logging.INFO if job.state == "done" else logging.WARNING
-        logger.log(level, "prewarm %s to %s on %s: %s", job.model, job.tier, job.devices, job.state)
+        reason = f" ({job.error})" if job.error else ""
+        logger.log(
+            level,
+            "prewarm %s to %s on %s: %s%s",
+            job.model,
+            job.tier,
+            job.devices,
+            job.state,
+            reason,
+        )
         self.worker.log_event(NAME, {"event": "prewarm", **job.to_dict()})
 
     async def evict(
