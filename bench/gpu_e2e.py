@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -284,7 +285,13 @@ async def live_run(
     t0 = time.perf_counter()
     staged: list[dict] = []
     statuses: list[dict] = []
-    async with serving(registry, registry_file, args.policy, args.devices, 0) as stack:
+    stop_error = None
+    # A stack that fails to stop (on the H100 a worker's kill timed out) must not lose the run.
+    stopped = contextlib.AsyncExitStack()
+    stack = await stopped.enter_async_context(
+        serving(registry, registry_file, args.policy, args.devices, 0)
+    )
+    try:
         live = Live(stack, "", {})
         try:
             await live.device()  # the worker has reported its device
@@ -313,7 +320,14 @@ async def live_run(
             final = await live.worker("warmserve_status")
         finally:
             await live.client.aclose()
-        stopping = time.perf_counter()
+    except BaseException:
+        await stopped.aclose()
+        raise
+    stopping = time.perf_counter()
+    try:
+        await stopped.aclose()
+    except Exception as e:  # the run is in hand; say why the stack did not stop
+        stop_error = f"{type(e).__name__}: {e}"
     jobs = Counter(f"{j['tier']}:{j['state']}" for j in final.pop("jobs", []))
     return {
         "timings": {
@@ -322,6 +336,7 @@ async def live_run(
             "stop_s": time.perf_counter() - stopping,
             "total_s": time.perf_counter() - t0,
         },
+        "stop_error": stop_error,
         "replay_started_at": t_replay,
         "staged": staged,
         "activity_warmup": activity(events, t_replay, 0.0, t["warmup_s"]),
@@ -433,7 +448,7 @@ def run_policy(args: argparse.Namespace) -> None:
         report.set("config", {k: v for k, v in cfg.items() if k != "env"})
         report.set("extra", extra)
         r = launcher.run(live_run(args, registry, registry_file, t))
-        for key in ("timings", "staged", "activity_warmup", "activity", "warnings"):
+        for key in ("timings", "stop_error", "staged", "activity_warmup", "activity", "warnings"):
             report.set(key, r[key])
         table = e2e.measured(
             pq.read_table(out_dir / f"{PREFIX}_{args.policy}.parquet"), t["warmup_s"]
