@@ -49,25 +49,23 @@ compressed instead (2 days in 2 minutes at the default 60 s period, window 4 s) 
 measured part can be long. Per policy: about 0.5 min of stack start, 2 min of warm-up,
 ``--minutes``, at most the front door's request timeout (60 s here) for the last requests, 0.3
 min to stop. ``--minutes 10`` (the default, the issue's 10 minutes) takes about 14 minutes, more
-than one call of the device tool allows (10); ``--minutes 4.5`` fits three policies, the
-machine's start and the staging into one session's 30 minutes of device time. Every policy must
-replay the same workload (same ``--minutes --period --rps --seed --models``): the summary checks.
+than one call of the device tool allows (10), so it runs detached over two calls; one policy
+and the machine's start fit one session's 30 minutes of device time. Every policy must replay
+the same workload (same ``--minutes --period --rps --seed --models``): the summary checks.
 
 P99 TTFT. ``ttft_p99_s`` (``warmserve.report.metrics``) is over the requests served; a policy
 that serves one model and lets the others' requests time out has a small one. The targets use
 ``ttft_p99_all_s``: over every request due, one not served counting as never.
 
 On the lent GPU (``bench/gpu_run.sh``; staged parts as bench/gpu_live.py's), calls back to back
-so the machine stays warm between them (``--prepare`` only makes the model; the first policy's
-run makes it otherwise)::
+so the machine stays warm between them (the run makes the model if it is not there)::
 
     bash bench/gpu_run.sh stage .gpu/site/p1                          # carry .gpu/site/p1
-    bash bench/gpu_run.sh stage .gpu/site/p2 && bash bench/gpu_run.sh run \
-        python3 -m bench.gpu_e2e --policy warmserve --minutes 4.5 --out-dir '$OUT'
-                                                      # carry .gpu/site/p2 .gpu/whl
-    bash bench/gpu_run.sh run python3 -m bench.gpu_e2e --policy autoscale --minutes 4.5 \
-        --out-dir '$OUT'                                                   # then share alike
-    python -m bench.gpu_e2e --summarize DIR   # here, on the three runs' files copied into DIR
+    bash bench/gpu_run.sh stage .gpu/site/p2                          # carry .gpu/site/p2
+    bash bench/gpu_run.sh detach e2e python3 -m bench.gpu_e2e --policy warmserve \
+        --out-dir /tmp/e2e                                            # carry .gpu/whl
+    bash bench/gpu_run.sh wait e2e 580 /tmp/e2e                       # twice, till it exits
+    python -m bench.gpu_e2e --summarize DIR   # here, on the policies' files copied into DIR
 
 Dry run on CPU slots: ``--size tiny --devices 1 --kv-gib 0.125 --minutes 1 --out-dir /tmp/ge``
 per policy, then ``--summarize /tmp/ge --cluster C --result /tmp/ge/gpu_e2e.json`` with a
