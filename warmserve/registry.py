@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import yaml
 
+REGISTRY_FILE = "registry.yaml"  # a models folder's registry, as `warmserve models make` writes it
+
 
 class RegistryError(ValueError):
     """A registry file is missing, malformed or inconsistent."""

@@ -20,9 +20,7 @@ from tokenizers import Tokenizer
 
 from warmserve.models.tokenizer import BOS, EOS, PAD, save_tokenizer, train_tokenizer
 from warmserve.models.weights import WEIGHTS_FILE, weights_nbytes
-from warmserve.registry import ModelSpec, Registry
-
-REGISTRY_FILE = "registry.yaml"
+from warmserve.registry import REGISTRY_FILE, ModelSpec, Registry
 
 
 @dataclass(frozen=True, slots=True)

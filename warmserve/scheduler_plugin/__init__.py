@@ -1,7 +1,8 @@
 """WarmServe's scheduler plugin: ``dask scheduler --preload warmserve.scheduler_plugin``.
 
 The preload merges ``--warmserve-config`` (a YAML of ``warmserve.*`` keys) into dask.config,
-reads the model registry, builds the policy named by ``--warmserve-policy`` and installs
+reads the model registry (both checked as the flags are parsed, see :mod:`warmserve.options`),
+builds the policy named by ``--warmserve-policy`` and installs
 :class:`~warmserve.scheduler_plugin.extension.WarmServeExtension` on the scheduler. Operators
 drive it from a client with :class:`~warmserve.scheduler_plugin.proxy.WarmServeProxy`.
 """
@@ -13,30 +14,14 @@ import os
 
 import click
 import dask.config
-import yaml
 
-from warmserve import config, dashboard
+from warmserve import config, dashboard, options
+from warmserve.policy.factory import POLICIES
 from warmserve.registry import Registry
 
 logger = logging.getLogger("warmserve.scheduler")
 
 dashboard.register_page()  # before the scheduler builds its dashboard
-
-
-def load_config_file(path: str) -> None:
-    """Merge a YAML file of ``warmserve.*`` keys (with or without the top key) into dask.config."""
-    with open(path) as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, dict):
-        raise click.BadParameter(f"{path}: expected a mapping", param_hint="--warmserve-config")
-    if "warmserve" not in doc:
-        doc = {"warmserve": doc}
-    dask.config.update(dask.config.config, dask.config.expand_environment_variables(doc))
-
-
-def registry_path(path: str | None) -> str:
-    """The registry file: the flag, else ``<warmserve.models-dir>/registry.yaml``."""
-    return path or os.path.join(config.get("models-dir"), "registry.yaml")
 
 
 def build_extension(registry: Registry, policy_name: str):
@@ -69,24 +54,22 @@ def build_extension(registry: Registry, policy_name: str):
     )
 
 
+def check_config() -> None:
+    """Build the policy configuration from dask.config, so a bad value fails at parse time."""
+    from warmserve.policy.config import PolicyConfig
+
+    PolicyConfig.from_mapping(dask.config.get("warmserve"))
+
+
 @click.command(context_settings={"ignore_unknown_options": True})
-@click.option("--warmserve-config", default=None, type=click.Path(exists=True, dir_okay=False))
-@click.option("--warmserve-policy", default="warmserve", show_default=True)
+@options.config_option("--warmserve-config", check_config)
 @click.option(
-    "--warmserve-registry",
-    default=None,
-    help="Model registry YAML [default: <warmserve.models-dir>/registry.yaml].",
+    "--warmserve-policy", type=click.Choice(POLICIES), default="warmserve", show_default=True
 )
-def dask_setup(
-    scheduler,
-    warmserve_config: str | None,
-    warmserve_policy: str,
-    warmserve_registry: str | None,
-) -> None:
-    """Install WarmServe on this scheduler."""
-    if warmserve_config:
-        load_config_file(warmserve_config)
-    registry = Registry.from_yaml(registry_path(warmserve_registry))
+@options.registry_option("--warmserve-registry")
+def dask_setup(scheduler, warmserve_policy: str, warmserve_registry: str) -> None:
+    """Install WarmServe on this scheduler (its flags were checked when they were parsed)."""
+    registry = Registry.from_yaml(warmserve_registry)
     extension = build_extension(registry, warmserve_policy)
     # Preloads run before the scheduler starts its plugins, so adding is enough: it starts ours.
     scheduler.add_plugin(extension, name=extension.name, idempotent=True)

@@ -4,7 +4,7 @@ Start a worker with::
 
     dask worker tcp://HOST:8786 --preload warmserve.worker_plugin \
         [--warmserve-devices cpu:0,cpu:1 | cuda:0,cuda:1] [--warmserve-device-memory 2GiB] \
-        [--warmserve-node NAME] [--warmserve-registry PATH]
+        [--warmserve-node NAME] [--warmserve-registry PATH] [--warmserve-config C.yaml]
 
 (under a nanny, as ``dask worker`` starts it, so that it comes back after a scheduler restart:
 see :func:`~warmserve.worker_plugin.plugin.rejoin_after_scheduler_loss`)
@@ -19,16 +19,41 @@ there. Heavy imports (torch, vLLM) wait until the plugin is set up, so the front
 from __future__ import annotations
 
 import click
+from dask.utils import parse_bytes
 
+from warmserve import options
+from warmserve.options import OptionError
 from warmserve.protocol import GenerateRequest, TokenChunk
+from warmserve.worker_plugin import settings
+from warmserve.worker_plugin.devices import parse_list
 
 __all__ = ["dask_setup", "generate"]
 
 
+def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_list(value)
+        except ValueError as e:
+            raise OptionError(f"--warmserve-devices: {e}") from None
+    return value
+
+
+def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_bytes(value)
+        except ValueError as e:
+            raise OptionError(f"--warmserve-device-memory: {e}") from None
+    return value
+
+
 @click.command()
+@options.config_option("--warmserve-config", settings.check)
 @click.option(
     "--warmserve-devices",
     default=None,
+    callback=_devices,
     help="Devices of this worker, e.g. cuda:0, cpu:0,cpu:1 or cuda:0,cuda:1 (default: visible "
     "GPUs, else warmserve.worker.cpu-slots CPU slots). With one GPU cuda:N (the N-th visible "
     "one), the process sets CUDA_VISIBLE_DEVICES to that GPU alone.",
@@ -36,6 +61,7 @@ __all__ = ["dask_setup", "generate"]
 @click.option(
     "--warmserve-device-memory",
     default=None,
+    callback=_memory,
     help="Memory budget of each device, e.g. 2GiB (default: NVML, else "
     "warmserve.worker.device-memory).",
 )
@@ -44,19 +70,16 @@ __all__ = ["dask_setup", "generate"]
     default=None,
     help="Node name in device ids (default: warmserve.worker.node, else the hostname).",
 )
-@click.option(
-    "--warmserve-registry",
-    default=None,
-    help="Model registry YAML (default: <warmserve.models-dir>/registry.yaml).",
-)
+@options.registry_option("--warmserve-registry")
 async def dask_setup(
     worker,
     warmserve_devices: str | None,
     warmserve_device_memory: str | None,
     warmserve_node: str | None,
-    warmserve_registry: str | None,
+    warmserve_registry: str,
 ) -> None:
-    """The ``--preload`` entry point: attach the plugin to this worker."""
+    """The ``--preload`` entry point: attach the plugin to this worker (its flags were checked
+    when they were parsed, see :mod:`warmserve.options`)."""
     from warmserve.worker_plugin.devices import pin_cuda
 
     pinned = pin_cuda(warmserve_devices)  # first: the plugin's imports bring torch and vLLM

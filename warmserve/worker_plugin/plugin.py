@@ -23,7 +23,7 @@ from distributed.comm import CommClosedError
 from distributed.core import Status, error_message
 from tornado.ioloop import PeriodicCallback
 
-from warmserve import config, protocol
+from warmserve import options, protocol
 from warmserve.policy.state import Tier
 from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.registry import ModelSpec, Registry, RegistryError
@@ -117,7 +117,8 @@ class WarmServeWorker(WorkerPlugin):
         pinned: bool = False,
     ) -> None:
         self._args = (devices, node, device_memory, pinned)
-        self._registry_path = registry
+        # Resolved here: a plugin registered from a client names a path in the client's folder.
+        self._registry_path = registry and os.path.abspath(registry)
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -125,9 +126,7 @@ class WarmServeWorker(WorkerPlugin):
         self.worker = worker
         self.devices: list[Device] = discover(*self._args)
         self.node = self.devices[0].node
-        self._registry_path = self._registry_path or os.path.join(
-            config.get("models-dir"), "registry.yaml"
-        )
+        self._registry_path = options.registry_file(self._registry_path)
         self._registry_mtime = -1.0
         self.registry = Registry()
         self._load_registry()

@@ -25,3 +25,19 @@ def get_bytes(key: str) -> int:
 def get_seconds(key: str) -> float:
     """A duration key (``"1s"`` or a number of seconds) as seconds."""
     return float(parse_timedelta(get(key)))
+
+
+BYTES = ("device-memory", "host-memory", "engine-kv")
+SECONDS = ("liveness-interval",)
+
+
+def check() -> None:
+    """Read every key the plugin reads with a unit, so a bad value fails the preload's flags
+    (ValueError) instead of the plugin's setup, which Dask would only log."""
+    for key in BYTES:
+        get_bytes(key)
+    if get("gpu-memory") is not None:
+        get_bytes("gpu-memory")
+    for key in SECONDS:
+        get_seconds(key)
+    int(get("cpu-slots"))
