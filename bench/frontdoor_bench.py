@@ -13,6 +13,10 @@ small as it gets:
    The four are measured in turn, request by request, so all see the same machine load; the
    added latency is the paired difference with the engine in this process.
 5. ``throughput``: requests/s through the (leasing) front door with ``--concurrency`` clients.
+6. ``versus_vllm``: output tokens/s of closed loops of ``--versus`` concurrent streams (``--stream
+   -tokens`` each, greedy, ``ignore_eos``) through ``warmserve up``'s front door and through
+   vLLM's own OpenAI server on the same model and settings, one after the other
+   (``bench.gpu_decode``'s loads, which that benchmark runs on a GPU), and their ratio.
 
 Run: ``python -m bench.frontdoor_bench [--requests N]`` -> bench/results/frontdoor.json
 """
@@ -34,9 +38,11 @@ from collections.abc import AsyncIterator
 import httpx
 import numpy as np
 import uvicorn
+from dask.utils import parse_bytes
 from distributed import Client
 
-from warmserve import protocol
+from bench import gpu_decode
+from warmserve import config, protocol
 from warmserve.engine.engine import Engine
 from warmserve.frontdoor.app import create_app
 from warmserve.launcher import HOST, run, serving
@@ -162,22 +168,57 @@ async def _throughput(http: httpx.AsyncClient, body: dict, concurrency: int, n: 
     return n / (time.perf_counter() - t0)
 
 
+# What the comparison keeps of a load (bench.gpu_decode.closed_loop) besides its samples.
+LOAD_FIGURES = ("output_tok_s", "ttft_p50_s", "decode_tok_s_median", "requests", "tokens")
+
+
+def versus_vllm(models_dir: str, concurrencies: list[int], tokens: int, log: str) -> dict:
+    """Streams through WarmServe's front door against vLLM's server, per concurrency."""
+    registry = ensure_default_models(models_dir)
+    spec = registry[MODEL]
+    kv_bytes = int(parse_bytes(config.get("worker.engine-kv")))
+    fair, settings = gpu_decode.setup(spec, kv_bytes, gpu=False)
+    jobs = [gpu_decode.load_job(spec, c, tokens, 4 * c) for c in concurrencies]
+    registry_file = os.path.join(models_dir, "registry.yaml")
+    ours = run(gpu_decode.warmserve_load(spec, registry_file, "1", settings, jobs))
+    theirs = gpu_decode.vllm_load(spec, fair, False, log, jobs)
+    by_concurrency = {}
+    for c, o, t in zip(concurrencies, ours, theirs, strict=True):
+        if not (o["all_full_length"] and t["all_full_length"]):
+            raise RuntimeError(f"a stream at concurrency {c} ended early")
+        by_concurrency[str(c)] = {
+            "warmserve": {k: o[k] for k in LOAD_FIGURES},
+            "vllm_server": {k: t[k] for k in LOAD_FIGURES},
+            "ratio_warmserve_over_vllm": o["output_tok_s"] / t["output_tok_s"],
+        }
+    return {
+        "fairness": {**fair, "max_tokens": tokens, "requests": "4 x concurrency"},
+        "vllm_command": theirs[0]["command"],
+        "by_concurrency": by_concurrency,
+        "target": 0.9,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--throughput-requests", type=int, default=600)
     parser.add_argument("--models", default=None, help="Models folder (default: a temp folder).")
+    parser.add_argument("--versus", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--stream-tokens", type=int, default=32)
     parser.add_argument("--out", default="bench/results/frontdoor.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = run(
-            measure(args.models or tmp, args.requests, args.concurrency, args.throughput_requests)
-        )
+        models = args.models or tmp
+        result = run(measure(models, args.requests, args.concurrency, args.throughput_requests))
+        log = os.path.join(tmp, "vllm_server.log")
+        result["versus_vllm"] = versus_vllm(models, args.versus, args.stream_tokens, log)
     result = {
         "command": "python -m bench.frontdoor_bench "
         f"--requests {args.requests} --concurrency {args.concurrency} "
-        f"--throughput-requests {args.throughput_requests}",
+        f"--throughput-requests {args.throughput_requests} "
+        f"--versus {' '.join(map(str, args.versus))} --stream-tokens {args.stream_tokens}",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         **result,
     }

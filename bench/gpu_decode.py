@@ -148,16 +148,19 @@ async def run_load(job: dict) -> dict:
 
 
 async def warmserve_load(
-    spec: ModelSpec, registry_file: str, devices: str, settings: dict, job: dict
-) -> dict:
-    """The load through WarmServe's front door, and the instances serving after it."""
+    spec: ModelSpec, registry_file: str, devices: str, settings: dict, jobs: list[dict]
+) -> list[dict]:
+    """Each load in turn through WarmServe's front door, with the instances serving after it."""
+    results = []
     with dask.config.set(settings):
         async with serving(Registry([spec]), registry_file, "autoscale", devices) as stack:
-            result = await run_load({**job, "url": stack.url})
-            async with rpc(stack.cluster.scheduler_address) as scheduler:
-                status = await scheduler.warmserve_status()
-    result["instances"] = [(i["id"], i["devices"]) for i in status["instances"]]
-    return result
+            for job in jobs:
+                result = await run_load({**job, "url": stack.url})
+                async with rpc(stack.cluster.scheduler_address) as scheduler:
+                    status = await scheduler.warmserve_status()
+                result["instances"] = [(i["id"], i["devices"]) for i in status["instances"]]
+                results.append(result)
+    return results
 
 
 def free_port() -> int:
@@ -214,8 +217,8 @@ def stop(server: subprocess.Popen) -> None:
     server.wait()
 
 
-def vllm_load(spec: ModelSpec, fair: dict, gpu: bool, log: str, job: dict) -> dict:
-    """The same load against vLLM's own server, started here and stopped after it."""
+def vllm_load(spec: ModelSpec, fair: dict, gpu: bool, log: str, jobs: list[dict]) -> list[dict]:
+    """The same loads against vLLM's own server, started here and stopped after them."""
     port = free_port()
     command = vllm_command(spec, port, fair, gpu)
     # Its default layout, the engine core in a child process, whatever this process was told.
@@ -227,12 +230,47 @@ def vllm_load(spec: ModelSpec, fair: dict, gpu: bool, log: str, job: dict) -> di
     try:
         url = f"http://{HOST}:{port}"
         started = wait_healthy(url, server, log)
-        result = run(run_load({**job, "url": url}))
+        results = [run(run_load({**job, "url": url})) for job in jobs]
     finally:
         stop(server)
     with open(log, errors="replace") as f:
         kv_lines = [line.strip()[-160:] for line in f if "KV cache" in line]
-    return {**result, "start_s": started, "command": shlex.join(command), "kv_log": kv_lines}
+    server_info = {"start_s": started, "command": shlex.join(command), "kv_log": kv_lines}
+    return [{**result, **server_info} for result in results]
+
+
+def setup(spec: ModelSpec, kv_bytes: int, gpu: bool) -> tuple[dict, dict]:
+    """What both servers get alike (KV bytes, sequences, length, dtype, graphs), and the
+    ``warmserve.*`` settings that give WarmServe's one instance those."""
+    fair = {
+        "kv_cache_bytes": kv_bytes,
+        "max_num_seqs": EngineConfig().max_num_seqs,
+        "max_model_len": MAX_MODEL_LEN,
+        "dtype": compute_dtype(str(config.get("engine.dtype")), checkpoint_dtype(spec.path)),
+        "cuda_graphs": gpu,
+        "prompt_tokens": PROMPT_TOKENS,
+    }
+    settings = {
+        "warmserve.engine.max-model-len": MAX_MODEL_LEN,
+        "warmserve.worker.engine-kv": kv_bytes,
+        # The one instance (the policy keeps one per device) stays up through the test: no stop
+        # for being idle or below scale-down. The warm-up's cold start may take minutes.
+        "warmserve.autoscaler.grace": 600,
+        "warmserve.autoscaler.keep-alive": 600,
+        "warmserve.frontdoor.request-timeout": 600,
+    }
+    return fair, settings
+
+
+def load_job(spec: ModelSpec, concurrency: int, max_tokens: int, requests: int) -> dict:
+    """A closed loop of ``concurrency`` streams of ``max_tokens`` on a 128-token prompt."""
+    return {
+        "model": spec.name,
+        "prompt": prompt_text(spec, PROMPT_TOKENS),
+        "max_tokens": max_tokens,
+        "concurrency": concurrency,
+        "requests": requests,
+    }
 
 
 def step(report: Report, key: str, fn: Callable[[], dict]) -> bool:
@@ -267,43 +305,19 @@ def main() -> None:
     report.set(
         "model", {"name": spec.name, "bytes": spec.nbytes, "make_s": time.perf_counter() - start}
     )
-    kv_bytes = int(args.kv_gib * (1 << 30))
-    fair = {
-        "kv_cache_bytes": kv_bytes,
-        "max_num_seqs": EngineConfig().max_num_seqs,
-        "max_model_len": MAX_MODEL_LEN,
-        "dtype": compute_dtype(str(config.get("engine.dtype")), checkpoint_dtype(spec.path)),
-        "cuda_graphs": gpu,
-        "concurrency": args.concurrency,
-        "prompt_tokens": PROMPT_TOKENS,
-        "max_tokens": args.max_tokens,
-    }
+    fair, settings = setup(spec, int(args.kv_gib * (1 << 30)), gpu)
+    fair.update(concurrency=args.concurrency, max_tokens=args.max_tokens)
     report.set("fairness", fair)
-    settings = {
-        "warmserve.engine.max-model-len": MAX_MODEL_LEN,
-        "warmserve.worker.engine-kv": kv_bytes,
-        # The one instance (the policy keeps one per device) stays up through the test: no stop
-        # for being idle or below scale-down. The warm-up's cold start may take minutes.
-        "warmserve.autoscaler.grace": 600,
-        "warmserve.autoscaler.keep-alive": 600,
-        "warmserve.frontdoor.request-timeout": 600,
-    }
     report.set("settings", settings)
-    job = {
-        "model": spec.name,
-        "prompt": prompt_text(spec, PROMPT_TOKENS),
-        "max_tokens": args.max_tokens,
-        "concurrency": args.concurrency,
-        "requests": args.requests or 2 * args.concurrency,
-    }
+    job = load_job(spec, args.concurrency, args.max_tokens, args.requests or 2 * args.concurrency)
     registry_file = os.path.join(args.models_dir, REGISTRY_FILE)
     log = os.path.splitext(args.out)[0] + ".vllm_server.log"
     ok = step(
         report,
         "warmserve",
-        lambda: run(warmserve_load(spec, registry_file, args.devices, settings, job)),
+        lambda: run(warmserve_load(spec, registry_file, args.devices, settings, [job]))[0],
     )
-    ok &= step(report, "vllm_server", lambda: vllm_load(spec, fair, gpu, log, job))
+    ok &= step(report, "vllm_server", lambda: vllm_load(spec, fair, gpu, log, [job])[0])
     figures = {
         key: {
             k: report.data[key].get(k)
