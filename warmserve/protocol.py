@@ -25,10 +25,12 @@ SCHEDULER_STATUS = "warmserve_status"
 
 @dataclass(slots=True)
 class GenerateRequest:
-    """One completion request, already validated by the front door.
+    """One completion request, already validated by the front door: one choice of an OpenAI
+    request (the front door fans ``n`` and a list of prompts out into one each).
 
     Either ``prompt`` (text) or ``prompt_token_ids`` is set. ``request_id`` is unique per request
-    and names it in logs, metrics and cancellation.
+    and names it in logs, metrics and cancellation. The sampling fields mean what vLLM's
+    ``SamplingParams`` fields of the same name mean.
     """
 
     request_id: str
@@ -41,6 +43,22 @@ class GenerateRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logprobs: int | None = None  # alternatives per output token (0: the chosen token's only)
+    # Report the prompt (text, and its logprobs when ``logprobs`` is set) in the first chunk.
+    echo: bool = False
+    # False for chat prompts: their template already wrote the special tokens it wants (a BOS
+    # added on top would change the prompt the model sees, as vLLM's server does not).
+    add_special_tokens: bool = True
+
+
+# One position's logprobs as vLLM ranks them: (token id, logprob, token text) for the chosen
+# token first, then the most likely ones. The prompt's first token has no logprob (None) and
+# nothing after it.
+Position = list[tuple[int, float | None, str]]
 
 
 @dataclass(slots=True)
@@ -51,3 +69,7 @@ class TokenChunk:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | None while streaming
     prompt_tokens: int = 0  # set on the first chunk
+    stop_reason: str | int | None = None  # the stop string (or token id) that ended it
+    logprobs: list[Position] | None = None  # one per token of ``token_ids``, when asked
+    prompt_text: str | None = None  # first chunk of an ``echo`` request
+    prompt_logprobs: list[Position] | None = None  # first chunk of ``echo`` with ``logprobs``

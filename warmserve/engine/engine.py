@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import torch
 
 from warmserve.engine.extension import EXTENSION_CLS
-from warmserve.protocol import GenerateRequest, TokenChunk
+from warmserve.protocol import GenerateRequest, Position, TokenChunk
 from warmserve.registry import ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class _Stream:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenChunk | BaseException]
+    echo: bool = False
     prompt_reported: bool = False
 
 
@@ -173,7 +174,7 @@ class Engine:
         """Stream a request's output; closing or cancelling the iterator aborts the request."""
         if req.model != self._model.name:
             raise ValueError(f"engine serves {self._model.name}, not {req.model}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), req.echo)
         self._submit(lambda: self._add(req, stream))
         finished = False
         try:
@@ -249,7 +250,12 @@ class Engine:
         try:
             if req.request_id in self._streams:
                 raise ValueError(f"request id {req.request_id!r} is already in flight")
-            self._llm.add_request(req.request_id, _prompt(req), _sampling_params(req))
+            self._llm.add_request(
+                req.request_id,
+                _prompt(req),
+                _sampling_params(req),
+                tokenization_kwargs={"add_special_tokens": req.add_special_tokens},
+            )
         except Exception as e:  # a bad request fails alone; the engine goes on
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, e)
             return
@@ -268,15 +274,43 @@ class Engine:
             text=completion.text,
             token_ids=list(completion.token_ids),
             finish_reason=completion.finish_reason if out.finished else None,
-            prompt_tokens=0 if stream.prompt_reported else len(out.prompt_token_ids or ()),
+            stop_reason=completion.stop_reason if out.finished else None,
+            logprobs=self._positions(completion.logprobs),
         )
-        stream.prompt_reported = True
+        if not stream.prompt_reported:
+            self._report_prompt(out, chunk, stream.echo)
+            stream.prompt_reported = True
         if out.finished:
             del self._streams[out.request_id]
         try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, chunk)
         except RuntimeError:  # the caller's loop has closed: nobody is listening
             self._abort(out.request_id)
+
+    def _report_prompt(self, out: Any, chunk: TokenChunk, echo: bool) -> None:
+        """Fill in what the first chunk tells about the prompt: its length, and for ``echo`` its
+        text (decoded when the prompt came as token ids) and logprobs."""
+        ids = list(out.prompt_token_ids or ())
+        chunk.prompt_tokens = len(ids)
+        if not echo:
+            return
+        chunk.prompt_text = out.prompt if out.prompt is not None else self._decode(ids)
+        if out.prompt_logprobs is not None:
+            first = [(ids[0], None, self._decode(ids[:1]))] if ids else []
+            chunk.prompt_logprobs = [first, *self._positions(out.prompt_logprobs[1:])]
+
+    def _positions(self, logprobs: Any) -> list[Position] | None:
+        """vLLM's logprobs (a dict per position, the chosen token first) as plain lists that
+        cross a Dask comm; a token vLLM did not detokenize is decoded here, as its server does."""
+        if logprobs is None:
+            return None
+        return [
+            [(t, lp.logprob, _text(lp.decoded_token, t, self._decode)) for t, lp in pos.items()]
+            for pos in logprobs
+        ]
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._llm.get_tokenizer().decode(token_ids)
 
     def _fail_streams(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
@@ -448,16 +482,27 @@ def _prompt(req: GenerateRequest) -> Any:
     return req.prompt
 
 
+def _text(decoded: str | None, token_id: int, decode: Callable[[list[int]], str]) -> str:
+    return decoded if decoded is not None else decode([token_id])
+
+
 def _sampling_params(req: GenerateRequest) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     return SamplingParams(
         max_tokens=req.max_tokens,
+        min_tokens=req.min_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
         seed=req.seed,
-        stop=req.stop or None,
+        # A list: msgpack brings it across the Dask comm as a tuple, which vLLM asserts against.
+        stop=list(req.stop) or None,
         ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logprobs=req.logprobs,
+        prompt_logprobs=req.logprobs if req.echo else None,
         output_kind=RequestOutputKind.DELTA,
     )

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -30,12 +31,12 @@ from starlette.routing import Route as HTTPRoute
 from warmserve import config, protocol
 from warmserve.frontdoor.admission import Admission
 from warmserve.frontdoor.catalog import Catalog
-from warmserve.frontdoor.errors import APIError
+from warmserve.frontdoor.errors import APIError, SchemaError, internal
 from warmserve.frontdoor.leases import Leases
 from warmserve.frontdoor.metrics import Metrics
 from warmserve.frontdoor.schemas import Kind, Parsed, parse_json, parse_request
 from warmserve.frontdoor.shapes import DONE, Shaper, sse
-from warmserve.protocol import TokenChunk
+from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.registry import Registry
 
 logger = logging.getLogger("warmserve.frontdoor")
@@ -43,6 +44,7 @@ request_logger = logging.getLogger("warmserve.frontdoor.requests")
 
 RECONNECT = 1.0  # seconds between looks at the scheduler connection (and new-client attempts)
 MAX_BODY = 1 << 20  # bytes; a prompt that fits any context here is far smaller
+Choice = tuple[int, TokenChunk]  # a chunk of the choice at that index of ``Parsed.choices``
 T = TypeVar("T")
 
 
@@ -165,21 +167,21 @@ class FrontDoor:
         self.leases.finish(request_id)
         self.admission.wake(model)
 
-    async def chunks(self, parsed: Parsed) -> AsyncIterator[TokenChunk]:
-        """Tokens of ``parsed`` from a routed instance, retrying elsewhere if an instance
+    async def chunks(self, generate: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """Tokens of ``generate`` from a routed instance, retrying elsewhere if an instance
         fails before its first token."""
         from warmserve.worker_plugin.client import stream_generate
 
         assert self.admission is not None and self.client is not None
         assert self.leases is not None
-        model = parsed.model
+        model = generate.model
         exclude: tuple[str, ...] = ()
         while True:
-            route = await self.admission.admit(model, parsed.generate.request_id, exclude)
+            route = await self.admission.admit(model, generate.request_id, exclude)
             self.metrics.running.labels(model).inc()
             sent = False
             try:
-                stream = stream_generate(route.worker, parsed.generate, pool=self.client.rpc)
+                stream = stream_generate(route.worker, generate, pool=self.client.rpc)
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
                         sent = True
@@ -245,20 +247,26 @@ def create_app(
     async def chat(request: Request) -> Response:
         return await _serve(door, request, "chat")
 
+    def card(name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "warmserve",
+            "root": name,
+            "parent": None,
+            "max_model_len": door.catalog[name].context,
+        }
+
     async def models(request: Request) -> Response:
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "warmserve",
-                "root": name,
-                "parent": None,
-                "max_model_len": door.catalog[name].context,
-            }
-            for name in door.catalog.names()
-        ]
+        data = [card(name) for name in door.catalog.names()]
         return JSONResponse({"object": "list", "data": data})
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in door.catalog:
+            return APIError(404, f"The model `{name}` does not exist.", "model").response()
+        return JSONResponse(card(name))
 
     async def health(request: Request) -> Response:
         assert door.client is not None
@@ -274,12 +282,19 @@ def create_app(
         assert isinstance(exc, HTTPException)
         return APIError(exc.status_code, exc.detail, headers=exc.headers).response()
 
+    async def crashed(request: Request, exc: Exception) -> Response:
+        """A failure outside a request's own handling: logged, answered without details."""
+        request_id = f"req-{uuid.uuid4().hex}"
+        logger.error("%s %s failed (%s)", request.url.path, request_id, exc, exc_info=exc)
+        return internal(request_id).response()
+
     app = Starlette(
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: crashed},
         routes=[
             HTTPRoute("/v1/completions", completions, methods=["POST"]),
             HTTPRoute("/v1/chat/completions", chat, methods=["POST"]),
             HTTPRoute("/v1/models", models, methods=["GET"]),
+            HTTPRoute("/v1/models/{name:path}", model, methods=["GET"]),
             HTTPRoute("/health", health, methods=["GET"]),
             HTTPRoute("/metrics", metrics, methods=["GET"]),
         ],
@@ -290,15 +305,25 @@ def create_app(
 
 
 async def _read_body(request: Request) -> bytes:
-    """The body, or 413 as soon as it grows past ``MAX_BODY``."""
+    """The JSON body, or 400 as vLLM's server answers: for another content type, and as soon
+    as the body grows past ``MAX_BODY`` (vLLM reads any size and then finds the prompt longer
+    than the context; no prompt that fits a context here takes that many bytes)."""
+    media_type = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
+    if media_type != "application/json":
+        raise SchemaError("Unsupported Media Type: Only 'application/json' is allowed")
+    too_big = APIError(
+        400,
+        f"The request body is larger than {MAX_BODY} bytes, more than any prompt that fits "
+        "the context of a model served here.",
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
-        raise APIError(413, f"request body is larger than {MAX_BODY} bytes")
+        raise too_big
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > MAX_BODY:
-            raise APIError(413, f"request body is larger than {MAX_BODY} bytes")
+            raise too_big
     return bytes(body)
 
 
@@ -312,68 +337,106 @@ async def _serve(door: FrontDoor, request: Request, kind: Kind) -> Response:
     except ClientDisconnect:
         door.metrics.requests.labels("", endpoint, "499").inc()
         return Response(status_code=499)
-    model = parsed.model
     received = time.perf_counter()
-    request_logger.debug("%s for %s", parsed.generate.request_id, model)
+    request_logger.debug("%s for %s", parsed.request_id, parsed.model)
     tracker = _Tracker(door, parsed, endpoint, received)
-    stream = door.chunks(parsed)
+    stream = _merge([door.chunks(choice) for choice in parsed.choices])
     deadline = asyncio.get_running_loop().time() + door.request_timeout
 
-    async def start() -> TokenChunk | None:
-        """The first token (streaming), or the whole answer folded into one chunk."""
+    async def start() -> Choice | list[list[TokenChunk]] | None:
+        """The first chunk (streaming), or every choice's chunks."""
         async with asyncio.timeout_at(deadline):
             if parsed.stream:
                 first = await anext(stream, None)
                 tracker.token(first)
                 return first
-            return await _collect(stream, tracker)
+            return await _collect(stream, tracker, len(parsed.choices))
 
     try:
         head = await _until_disconnect(request, start())
     except BaseException as e:
         await stream.aclose()
-        tracker.finish(_status_of(e))
+        tracker.finish(_status_of(e, parsed.request_id))
         if isinstance(e, asyncio.CancelledError):
             raise
         if isinstance(e, ClientGone):
             return Response(status_code=499)  # nobody reads it; the engine request is cancelled
-        return _error_of(e).response()
+        return _error_of(e, parsed.request_id).response()
+    shaper = Shaper(parsed, door.catalog[parsed.model].fingerprint)
     if parsed.stream:
+        assert not isinstance(head, list)
         return StreamingResponse(
-            _events(parsed, tracker, head, stream, deadline),
+            _events(shaper, tracker, head, stream, deadline),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
     await stream.aclose()
     tracker.finish("200")
-    assert head is not None
-    body = Shaper(parsed).full(
-        head.text, head.finish_reason or "length", tracker.prompt_tokens, tracker.tokens
-    )
-    return JSONResponse(body)
+    assert isinstance(head, list)
+    return JSONResponse(shaper.full(head, tracker.prompt_tokens, tracker.tokens))
 
 
-async def _collect(stream: AsyncIterator[TokenChunk], tracker: _Tracker) -> TokenChunk:
-    """Every chunk of ``stream`` joined into one (for answers without ``stream``)."""
-    texts: list[str] = []
-    finish = None
-    async for chunk in stream:
-        tracker.token(chunk)
-        texts.append(chunk.text)
-        finish = chunk.finish_reason or finish
-    return TokenChunk("".join(texts), [], finish)
+async def _merge(streams: list[AsyncIterator[TokenChunk]]) -> AsyncIterator[Choice]:
+    """The chunks of every choice's stream as they come, each with its choice's index.
+
+    One stream is read directly; several are read by a task each, so a slow choice does not
+    hold back the others (vLLM interleaves choices the same way). The first error ends all."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for chunk in only:
+                yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, TokenChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TokenChunk]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    queue.put_nowait((index, chunk))
+            queue.put_nowait((index, None))
+        except Exception as e:
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                live -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _status_of(e: BaseException) -> str:
+async def _collect(
+    stream: AsyncIterator[Choice], tracker: _Tracker, choices: int
+) -> list[list[TokenChunk]]:
+    """Every chunk of ``stream``, by choice (for answers without ``stream``)."""
+    outputs: list[list[TokenChunk]] = [[] for _ in range(choices)]
+    async for item in stream:
+        tracker.token(item)
+        outputs[item[0]].append(item[1])
+    return outputs
+
+
+def _status_of(e: BaseException, request_id: str) -> str:
     if isinstance(e, APIError):
         return str(e.status)
     if isinstance(e, ClientGone | asyncio.CancelledError):
         return "499"
-    return str(_error_of(e).status)
+    return str(_error_of(e, request_id).status)
 
 
-def _error_of(e: BaseException) -> APIError:
-    """What a failure on the request path tells the client."""
+def _error_of(e: BaseException, request_id: str) -> APIError:
+    """What a failure on the request path tells the client. Messages of the worker's and the
+    engine's errors carry only their words; anything else is our bug, logged with its
+    traceback under ``request_id`` and answered with that id alone."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, TimeoutError):
@@ -382,12 +445,12 @@ def _error_of(e: BaseException) -> APIError:
         )
     if isinstance(e, WorkerLost):
         return APIError(503, f"the instance serving this request was lost: {e}")
-    if isinstance(e, ValueError | TypeError):  # the engine refused the input (e.g. too long)
+    if isinstance(e, ValueError | TypeError):  # the engine refused the input
         return APIError(400, str(e))
     if isinstance(e, OSError):
         return APIError(503, f"no instance could serve the request: {e}")
-    logger.warning("request failed: %r", e)
-    return APIError(500, f"{type(e).__name__}: {e}")
+    logger.error("request %s failed: %r", request_id, e, exc_info=e)
+    return internal(request_id)
 
 
 @dataclass
@@ -404,14 +467,18 @@ class _Tracker:
     prompt_tokens: int = 0
     finished: bool = False
 
-    def token(self, chunk: TokenChunk | None) -> None:
-        if chunk is None:
+    def token(self, item: Choice | None) -> None:
+        """Count a chunk: its tokens, and its prompt's once per prompt (the first of its n
+        choices reports it), as vLLM's usage does."""
+        if item is None:
             return
+        index, chunk = item
         now = time.perf_counter()
         if self.first is None:
             self.first = now
-            self.prompt_tokens = chunk.prompt_tokens
             self.door.metrics.ttft.labels(self.parsed.model).observe(now - self.received)
+        if index % self.parsed.n == 0:
+            self.prompt_tokens += chunk.prompt_tokens
         self.last = now
         self.tokens += len(chunk.token_ids)
 
@@ -425,40 +492,37 @@ class _Tracker:
             self.door.metrics.tpot.labels(model).observe(
                 (self.last - self.first) / (self.tokens - 1)
             )
-        self.door.done(model, self.parsed.generate.request_id)
-        request_logger.debug(
-            "%s %s: %d tokens", self.parsed.generate.request_id, status, self.tokens
-        )
+        for choice in self.parsed.choices:
+            self.door.done(model, choice.request_id)
+        request_logger.debug("%s %s: %d tokens", self.parsed.request_id, status, self.tokens)
 
 
 async def _events(
-    parsed: Parsed,
+    shaper: Shaper,
     tracker: _Tracker,
-    first: TokenChunk | None,
-    stream: AsyncIterator[TokenChunk],
+    first: Choice | None,
+    stream: AsyncIterator[Choice],
     deadline: float,
 ) -> AsyncIterator[bytes]:
-    """Server-sent events of one streaming answer; the engine request is cancelled (the stream
-    closed) if the client goes away."""
-    shaper = Shaper(parsed)
+    """Server-sent events of one streaming answer; the engine requests are cancelled (the
+    stream closed) if the client goes away."""
     status = "200"
     try:
-        role = shaper.role_chunk()
-        if role is not None:
+        for role in shaper.role_chunks():
             yield sse(role)
-        chunk = first
-        while chunk is not None:
-            yield sse(shaper.chunk(chunk.text, chunk.finish_reason))
+        item = first
+        while item is not None:
+            yield sse(shaper.chunk(*item))
             async with asyncio.timeout_at(deadline):
-                chunk = await anext(stream, None)
-            tracker.token(chunk)
-        if parsed.include_usage:
+                item = await anext(stream, None)
+            tracker.token(item)
+        if shaper.parsed.include_usage:
             yield sse(shaper.usage_chunk(tracker.prompt_tokens, tracker.tokens))
     except (asyncio.CancelledError, GeneratorExit):
         status = "499"
         raise
     except Exception as e:
-        error = _error_of(e)
+        error = _error_of(e, shaper.parsed.request_id)
         status = str(error.status)
         yield sse(error.body())
     finally:

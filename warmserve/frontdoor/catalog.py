@@ -12,6 +12,7 @@ request that reaches the engine is plain text, the same for both endpoints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from functools import cached_property
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from warmserve import config
+from warmserve import __version__, config
 from warmserve.registry import ModelSpec, Registry
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,14 @@ class ModelInfo:
         return min(model, int(config.get("engine.max-model-len")))
 
     @cached_property
+    def fingerprint(self) -> str:
+        """The ``system_fingerprint`` of this model's answers: it changes with WarmServe's
+        version and the model's config, as vLLM's (its version and config hash) does."""
+        config_text = json.dumps(self._read("config.json"), sort_keys=True)
+        digest = hashlib.sha256(f"{self.spec.name}\n{config_text}".encode()).hexdigest()
+        return f"warmserve-{__version__}-{digest[:8]}"
+
+    @cached_property
     def vocab(self) -> int | None:
         """Number of token ids the model knows (a prompt of ids must stay below it)."""
         value = self._read("config.json").get("vocab_size")
@@ -82,23 +91,26 @@ class ModelInfo:
         added = tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor else 0
         return added, max((len(piece) for piece in tok.get_vocab()), default=1)
 
-    def prompt_tokens(self, text: str, limit: int) -> int | None:
-        """The tokens the engine will count for ``text``, or a bound of it that compares with
-        ``limit`` the same way; None without a tokenizer.
+    def prompt_tokens(self, text: str, room: int, special: bool = True) -> int | None:
+        """The tokens the engine will count for ``text`` (with the special tokens the tokenizer
+        adds if ``special``); a bound of them where bytes alone decide: at most ``room`` when
+        they surely fit in it, more than the context when they surely exceed it. None without
+        a tokenizer.
 
         Tokenizing costs tens of microseconds for a short prompt but seconds for a megabyte, so
-        it is skipped when bytes alone decide: every token of a byte-level tokenizer covers at
-        least one byte and at most its longest piece.
+        it is skipped where bytes decide: every token of a byte-level tokenizer covers at least
+        one byte and at most its longest piece.
         """
         if self._tokenizer is None:
             return None
         added, longest = self._token_bounds
+        added = added if special else 0
         size = len(text.encode("utf-8"))
-        if size + added <= limit:
+        if size + added <= room:
             return size + added
-        if size > (limit + 1) * longest:
+        if size > (self.context + 1) * longest:
             return size // longest
-        return len(self._tokenizer.encode(text).ids)
+        return len(self._tokenizer.encode(text, add_special_tokens=special).ids)
 
     @cached_property
     def _tokenizer_config(self) -> dict:

@@ -38,9 +38,13 @@ class APIError(Exception):
         self.param = param
         self.headers = headers or {}
 
+    type: str | None = None  # the body's ``type``, when not the one of its status
+
     def body(self) -> dict:
         """``{"error": {"message", "type", "param", "code"}}`` as vLLM writes it."""
-        kind = _TYPES.get(self.status) or HTTPStatus(self.status).phrase.replace(" ", "")
+        kind = (
+            self.type or _TYPES.get(self.status) or HTTPStatus(self.status).phrase.replace(" ", "")
+        )
         return {
             "error": {
                 "message": self.message,
@@ -59,3 +63,22 @@ class APIError(Exception):
             headers=self.headers,
             media_type="application/json",
         )
+
+
+class SchemaError(APIError):
+    """A body that does not fit the request schema: not a JSON object, a field of the wrong JSON
+    type, a required field missing. vLLM's server rejects these in its request model's
+    validation, whose 400 has the type "Bad Request" (its own checks of values that fit the
+    schema say "BadRequestError"); clients and tests that tell them apart see the same here."""
+
+    type = "Bad Request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(400, message, param)
+
+
+def internal(request_id: str) -> APIError:
+    """The 500 of a failure that is our bug: the request id, which the server's log line
+    carries with the traceback, and nothing of the failure itself (no traceback, path or
+    exception text reaches a client)."""
+    return APIError(500, f"internal error (request id {request_id})")
