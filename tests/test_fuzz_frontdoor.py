@@ -2,9 +2,10 @@
 
 One tiny family on one device, the front door on uvicorn at 127.0.0.1, and a second front door
 on the same cluster whose request timeout is short (both lease slots from one scheduler). Every
-fuzzed request must get a 2xx or an OpenAI-shaped 4xx, never a 5xx, and the server must serve a
-valid request afterwards. Requests cut short (timeout, client gone) must free their engine slot:
-the scheduler's accounting and the worker's own count go back to zero.
+fuzzed request must get a 2xx or an OpenAI-shaped 4xx, never a 5xx, and no answer may carry a
+traceback, a project path or a pickle; the server must serve a valid request afterwards.
+Requests cut short (timeout, client gone) must free their engine slot: the scheduler's
+accounting and the worker's own count go back to zero.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
+from tests.leaks import assert_clean
 from tests.stack import BackgroundStack
 from warmserve import config, protocol
 from warmserve.frontdoor.app import create_app
@@ -35,6 +37,7 @@ from warmserve.scheduler_plugin.proxy import WarmServeProxy
 pytestmark = pytest.mark.engine
 
 MODEL = "tiny-0"
+JSON = {"content-type": "application/json"}
 CONTEXT = int(config.get("engine.max-model-len"))  # what the engine serves (the model: 2048)
 SHORT_TIMEOUT = 0.5  # seconds; a 500-token answer takes several on this machine
 FUZZ = settings(
@@ -105,7 +108,8 @@ def assert_openai_error(r: httpx.Response, status: int | None = None) -> dict:
 
 
 def assert_served(r: httpx.Response) -> None:
-    """A 200 answer or an OpenAI-shaped 4xx; never a 5xx."""
+    """A 200 answer or an OpenAI-shaped 4xx; never a 5xx, a traceback, a path or a pickle."""
+    assert_clean(r.content)
     if r.status_code == 200:
         assert r.json()["choices"], r.text[:300]
     else:
@@ -149,7 +153,12 @@ FIELDS = {
     "stop": st.lists(st.text(max_size=5), max_size=6) | json_values,
     "seed": st.integers(min_value=-(2**80), max_value=2**80) | json_values,
     "n": st.integers(min_value=-2, max_value=3) | json_values,
-    "logprobs": json_values,
+    "logprobs": st.integers(min_value=-2, max_value=22) | json_values,
+    "echo": st.booleans() | json_values,
+    "min_tokens": st.integers(min_value=-1, max_value=4) | json_values,
+    "presence_penalty": st.floats(min_value=-3, max_value=3) | json_values,
+    "repetition_penalty": st.floats(min_value=-1, max_value=3) | json_values,
+    "best_of": json_values,
     "ignore_eos": json_values,
     "user": json_values,  # an OpenAI field this server ignores
     "not_a_field": json_values,  # an extra field
@@ -181,13 +190,20 @@ def chat_bodies(draw) -> dict:
         "messages": draw(st.lists(message, max_size=3) | json_values),
         "max_tokens": draw(max_tokens),
     }
-    return body
+    extra = {
+        "logprobs": st.booleans() | json_values,
+        "top_logprobs": st.integers(min_value=-2, max_value=22) | json_values,
+        "n": st.integers(min_value=-1, max_value=3),
+        "stop": st.text(max_size=3) | json_values,
+    }
+    chosen = draw(st.lists(st.sampled_from(sorted(extra)), unique=True, max_size=3))
+    return body | {name: draw(extra[name]) for name in chosen}
 
 
 @FUZZ
 @given(body=completion_bodies())
 def test_fuzzed_completions_never_fail_the_server(http, body):
-    r = http.post("/v1/completions", content=json.dumps(body, allow_nan=True))
+    r = http.post("/v1/completions", content=json.dumps(body, allow_nan=True), headers=JSON)
     if body.get("stream") is True and r.status_code == 200:
         assert r.text.rstrip().endswith("data: [DONE]")
     else:
@@ -197,13 +213,14 @@ def test_fuzzed_completions_never_fail_the_server(http, body):
 @FUZZ
 @given(body=chat_bodies())
 def test_fuzzed_chat_never_fails_the_server(http, body):
-    assert_served(http.post("/v1/chat/completions", content=json.dumps(body, allow_nan=True)))
+    raw = json.dumps(body, allow_nan=True)
+    assert_served(http.post("/v1/chat/completions", content=raw, headers=JSON))
 
 
 @FUZZ
 @given(raw=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_malformed_bodies_are_400(http, raw):
-    r = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    r = http.post("/v1/completions", content=raw, headers=JSON)
     try:
         doc = json.loads(raw)
     except ValueError:
@@ -237,22 +254,30 @@ def test_weird_unicode_prompts_are_served(http, prompt):
 )
 def test_inputs_that_used_to_reach_deep_are_400(http, raw):
     endpoint = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
-    r = http.post(endpoint, content=raw)
+    r = http.post(endpoint, content=raw, headers=JSON)
     assert r.status_code in (400, 404), r.text[:300]
     assert_openai_error(r)
     still_serving(http)
 
 
-def test_oversized_bodies_are_413_with_or_without_a_length(http):
+def test_oversized_bodies_are_400_with_or_without_a_length(http):
+    """As vLLM's server answers a prompt too long for the context (it reads any size)."""
     big = json.dumps(valid(prompt="x" * (2 << 20))).encode()
-    assert_openai_error(http.post("/v1/completions", content=big), 413)
+    assert_openai_error(http.post("/v1/completions", content=big, headers=JSON), 400)
 
     def chunks():
         for i in range(0, len(big), 1 << 16):
             yield big[i : i + (1 << 16)]
 
-    assert_openai_error(http.post("/v1/completions", content=chunks()), 413)
+    assert_openai_error(http.post("/v1/completions", content=chunks(), headers=JSON), 400)
     still_serving(http)
+
+
+def test_bodies_that_are_not_declared_json_are_400(http):
+    body = json.dumps(valid()).encode()
+    for headers in ({}, {"content-type": "text/plain"}):
+        error = assert_openai_error(http.post("/v1/completions", content=body, headers=headers))
+        assert error["type"] == "Bad Request"
 
 
 def test_wrong_paths_and_methods_get_openai_errors(http):
@@ -273,24 +298,30 @@ def test_max_tokens_between_the_engine_and_the_model_context_is_400(http):
     assert {m["max_model_len"] for m in models} == {CONTEXT}
 
 
-def test_prompt_plus_max_tokens_is_bounded_by_the_engine_context(http):
+def test_max_tokens_is_cut_to_what_the_prompt_leaves_of_the_engine_context(http):
+    """As vLLM's server does: a prompt that leaves no room, or is longer alone, is 400."""
     ids = [7] * (CONTEXT - 2)
     assert http.post("/v1/completions", json=valid(prompt=ids, max_tokens=2)).status_code == 200
     r = http.post("/v1/completions", json=valid(prompt=[*ids, 7], max_tokens=2))
-    error = assert_openai_error(r, 400)
-    assert f"{CONTEXT + 1} or more" in error["message"]
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1, r.text
+    assert_openai_error(http.post("/v1/completions", json=valid(prompt=[7] * CONTEXT)), 400)
+    error = assert_openai_error(
+        http.post("/v1/completions", json=valid(prompt=[7] * (CONTEXT + 1))), 400
+    )
+    assert f"{CONTEXT + 1} input tokens" in error["message"]
 
 
 def test_text_prompts_are_counted_as_the_engine_counts_them(http, tokenizer):
-    """At the boundary exactly: one token more than fits is 400, the fitting one runs."""
+    """At the boundary exactly: the prompt is counted as the engine counts it, and a
+    ``max_tokens`` one more than fits is cut to fit."""
     prompt = "The scheduler assigns each task to a worker, and ünïcödé costs bytes. " * 10
     n = len(tokenizer.encode(prompt).ids)
     assert CONTEXT // 2 < n < CONTEXT
     fits = http.post("/v1/completions", json=valid(prompt=prompt, max_tokens=CONTEXT - n))
     assert fits.status_code == 200, fits.text
-    assert_openai_error(
-        http.post("/v1/completions", json=valid(prompt=prompt, max_tokens=CONTEXT - n + 1)), 400
-    )
+    assert fits.json()["usage"]["prompt_tokens"] == n
+    over = http.post("/v1/completions", json=valid(prompt=prompt, max_tokens=CONTEXT - n + 1))
+    assert over.status_code == 200 and over.json()["usage"]["total_tokens"] <= CONTEXT
     huge = "word " * 200_000  # about 1 MB: rejected from its size, without tokenizing
     assert_openai_error(http.post("/v1/completions", json=valid(prompt=huge)), 400)
 
