@@ -12,6 +12,7 @@ import click
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("warmserve.launcher", "Start the embedded cluster and the front door on this machine."),
+    "frontdoor": ("warmserve.frontdoor.cli", "Serve the OpenAI API in front of a running cluster."),
     "models": ("warmserve.models.cli", "Generate local model families (random Llama weights)."),
     "trace": ("warmserve.traces.cli", "Convert, synthesize and describe Parquet traces."),
     "forecast": ("warmserve.forecast_eval", "Evaluate load forecasters on real traces."),

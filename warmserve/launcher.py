@@ -6,7 +6,8 @@ warmserve.worker_plugin --warmserve-devices cuda:I`` for each GPU (the worker pi
 it) or ``cpu:I`` for each CPU slot, in a ``SpecCluster`` because each worker gets a different
 device flag, and the front door on uvicorn, all on 127.0.0.1. vLLM starts child processes, so
 workers are not daemonic (``distributed.worker.daemon: False``). SIGINT and SIGTERM stop the
-server first, then the cluster, so engines and their memory go away with it.
+server first, then the cluster, so engines and their memory go away with it. ``warmserve
+frontdoor`` runs the same front door against a cluster started by hand.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
@@ -28,7 +28,8 @@ import httpx
 import uvicorn
 from distributed import Nanny, Scheduler, SpecCluster
 
-from warmserve import config
+from warmserve import config, console
+from warmserve.frontdoor.server import listening, stop_on_signals
 from warmserve.policy.factory import POLICIES
 from warmserve.registry import Registry
 from warmserve.worker_plugin.devices import UP_CPU_SLOTS, expand_devices
@@ -98,14 +99,6 @@ async def start_cluster(
     )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: ours stops the server, then the cluster."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
 @dataclass
 class Serving:
     """A running stack: the cluster, the front door's server and its URL."""
@@ -135,19 +128,8 @@ async def serving(
 
     async with await start_cluster(registry_file, policy, devices) as cluster:
         app = create_app(cluster.scheduler_address, registry, **app_options)
-        server = _Server(uvicorn.Config(app, host=HOST, port=port, log_level="warning"))
-        task = asyncio.ensure_future(server.serve())
-        while not server.started and not task.done():
-            await asyncio.sleep(0.05)
-        if task.done():
-            task.result()
-            raise click.ClickException(f"the front door could not start on port {port}")
-        bound = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield Serving(cluster, server, task, f"http://{HOST}:{bound}")
-        finally:
-            server.should_exit = True
-            await task
+        async with listening(app, HOST, port) as door:
+            yield Serving(cluster, door.server, door.task, door.url)
 
 
 async def up(
@@ -156,23 +138,19 @@ async def up(
     """Start everything, serve until a signal (or the demo's end), then stop everything."""
     registry_file = os.path.join(models_dir, "registry.yaml")
     t0 = time.perf_counter()
-    loop = asyncio.get_running_loop()
     async with serving(registry, registry_file, policy, devices, port) as stack:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(stack.server, "should_exit", True))
         click.echo(
             f"WarmServe is up in {time.perf_counter() - t0:.1f}s: {stack.url}/v1 "
             f"({len(registry)} models, devices {','.join(devices)}, policy {policy}); "
             f"scheduler {stack.cluster.scheduler_address}, "
             f"dashboard {stack.cluster.dashboard_link}"
         )
-        if demo:
-            await run_demo(stack.url, registry)
-        else:
-            click.echo("Ctrl-C stops it.")
-            await stack.task
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
+        with stop_on_signals(stack.server):
+            if demo:
+                await run_demo(stack.url, registry)
+            else:
+                click.echo("Ctrl-C stops it.")
+                await stack.task
     click.echo("WarmServe stopped.")
 
 
@@ -262,17 +240,14 @@ def _devices_option(ctx: click.Context, param: click.Parameter, value: str | Non
     help="Model families; generated if missing [default: warmserve.models-dir].",
 )
 @click.option("--demo", is_flag=True, help="Send a few example requests, print them, exit.")
-def command(policy: str, devices: list[str], port: int, models_dir: str | None, demo: bool) -> None:
+@click.option("--verbose", is_flag=True, help="Show Dask's and vLLM's INFO logs too.")
+def command(
+    policy: str, devices: list[str], port: int, models_dir: str | None, demo: bool, verbose: bool
+) -> None:
     """Start a local cluster with WarmServe and its OpenAI-compatible front door."""
     from warmserve.models.make import ensure_default_models
 
-    # A demo prints its answers; the engines' and planners' logs would bury them.
-    logging.basicConfig(
-        level=logging.WARNING if demo else logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-    )
-    if demo:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # inherited by the workers
+    console.configure(verbose)
     models_dir = os.path.abspath(models_dir or config.get("models-dir"))
     click.echo(f"Models in {models_dir} (generated if missing)...")
     registry = ensure_default_models(models_dir)

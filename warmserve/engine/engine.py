@@ -202,14 +202,24 @@ class Engine:
             prompt_tokens = prompt_tokens or chunk.prompt_tokens
         return TokenChunk("".join(text), token_ids, finish_reason, prompt_tokens)
 
-    def shutdown(self) -> None:
-        """Stop the engine and free its weights and KV cache; requests in flight get an error."""
+    def shutdown(self, release: bool = True) -> None:
+        """Stop the engine; requests in flight get an error.
+
+        ``release`` frees its weights and KV cache now, through vLLM's shutdown: a full garbage
+        collection of the process (twice, with ours) and torch.distributed's teardown, about a
+        second per engine on 2 loaded cores. A process about to exit passes False: its memory
+        goes back with it, and vLLM's finalizer, which would run that shutdown at exit, is
+        cancelled, so a closing worker exits before its nanny's deadline (4 s, then SIGKILL).
+        """
         if self._closed:
             return
         self._closed = True
         self._commands.put(_STOP)
         self._thread.join()
         llm, self._llm = self._llm, None
+        if not release:
+            llm.engine_core._finalizer.detach()  # vLLM's InprocClient: shutdown at exit
+            return
         with MODEL_LOCK:
             llm.engine_core.shutdown()
         del llm
@@ -446,6 +456,7 @@ def _start_llm(path: str, config: EngineConfig) -> Any:
         kv_cache_memory_bytes=config.kv_cache_bytes,
         worker_extension_cls=EXTENSION_CLS,
         disable_log_stats=True,
+        use_tqdm_on_load=False,  # a progress bar at every start and every switch from disk
         **_device_args(),
     )
     return LLMEngine.from_engine_args(args)

@@ -72,6 +72,6 @@ class WeightSwitchExtension:
                     getattr(model, "packed_modules_mapping", {}),
                 )
             except copy_plan.NoPlan as e:
-                logger.info("switches go through reload_weights: %s", e)
+                logger.debug("switches go through reload_weights: %s", e)
                 plans[key] = None
         return plans[key]

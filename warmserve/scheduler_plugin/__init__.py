@@ -15,7 +15,7 @@ import os
 import click
 import dask.config
 
-from warmserve import config, dashboard, options
+from warmserve import config, console, dashboard, options
 from warmserve.policy.factory import POLICIES
 from warmserve.registry import Registry
 
@@ -69,6 +69,7 @@ def check_config() -> None:
 @options.registry_option("--warmserve-registry")
 def dask_setup(scheduler, warmserve_policy: str, warmserve_registry: str) -> None:
     """Install WarmServe on this scheduler (its flags were checked when they were parsed)."""
+    console.show_ours()
     registry = Registry.from_yaml(warmserve_registry)
     extension = build_extension(registry, warmserve_policy)
     # Preloads run before the scheduler starts its plugins, so adding is enough: it starts ours.

@@ -179,7 +179,7 @@ class WarmServeExtension(SchedulerPlugin):
                 await self.history.closed(len({w.index for w in closed}))
             actions = self.policy.plan(self.state.snapshot(now, self.short.load(now)))
             if actions:
-                logger.info("planner: %d actions", len(actions))
+                logger.debug("planner: %d actions", len(actions))
             self.enact(actions)
             return [repr(a) for a in actions]
 
@@ -218,7 +218,7 @@ class WarmServeExtension(SchedulerPlugin):
         for d in devices:
             worker = self.state.worker_of(d)
             if worker is None:
-                logger.info("device %s has no worker; action dropped", d)
+                logger.debug("device %s has no worker; action dropped", d)
                 continue
             out.setdefault(worker, []).append(d)
         return out
@@ -230,7 +230,7 @@ class WarmServeExtension(SchedulerPlugin):
             assert self.scheduler is not None
             async with self._lanes[worker]:
                 if not self._open(worker):
-                    logger.info("%s dropped: worker %s is closing", op, worker)
+                    logger.debug("%s dropped: worker %s is closing", op, worker)
                     return
                 try:
                     await getattr(self.scheduler.rpc(worker), op)(**kwargs)
@@ -247,7 +247,7 @@ class WarmServeExtension(SchedulerPlugin):
             return None
         starting = Starting(model, devices, worker)
         self.state.starting.append(starting)
-        logger.info("starting %s on %s", model, ",".join(devices))
+        logger.debug("starting %s on %s", model, ",".join(devices))
         self._spawn(self._activate(starting))
         return starting
 
@@ -270,14 +270,16 @@ class WarmServeExtension(SchedulerPlugin):
                     iid, s.model, s.devices, s.worker, started=time(), promised=s.reserved
                 )
                 self.state.instances[iid] = instance
-                logger.info("%s serves %s (%.2fs)", iid, s.model, time() - t0)
+                logger.debug("%s serves %s (%.2fs)", iid, s.model, time() - t0)
         except Exception as e:
             # Memory taken or the worker going away may pass: the model's requests keep waiting.
             # Any other failure counts toward giving up on the model (ClusterState.start_failing).
-            if not isinstance(e, (DoesNotFit, DeviceBusy, WorkerClosing)):
+            expected = isinstance(e, (DoesNotFit, DeviceBusy, WorkerClosing))
+            if not expected:
                 error = type(e).__name__
+            level = logging.INFO if expected else logging.WARNING
             kind = type(e).__name__
-            logger.warning("activating %s on %s failed: %s: %s", s.model, s.devices, kind, e)
+            logger.log(level, "activating %s on %s failed: %s: %s", s.model, s.devices, kind, e)
             await self.refresh(s.worker)
         finally:
             self.state.end_start(s, instance, error)
@@ -293,7 +295,7 @@ class WarmServeExtension(SchedulerPlugin):
 
     def _deactivate(self, inst: Instance) -> None:
         self.state.instances.pop(inst.id, None)
-        logger.info("stopping %s (%s)", inst.id, inst.model)
+        logger.debug("stopping %s (%s)", inst.id, inst.model)
         self._send(inst.worker, protocol.WORKER_DEACTIVATE, instance=inst.id)
 
     def _spawn(self, coro) -> None:
@@ -406,7 +408,7 @@ class WarmServeExtension(SchedulerPlugin):
             now = time()
             actions = self.policy.on_demand(self.state.snapshot(now, self.short.load()), model)
             if actions:
-                logger.info("on demand for %s: %s", model, actions)
+                logger.debug("on demand for %s: %s", model, actions)
             self.enact(actions)
             starting = self.state.starting_with_room(model)
         if starting is None:

@@ -18,10 +18,15 @@ there. Heavy imports (torch, vLLM) wait until the plugin is set up, so the front
 
 from __future__ import annotations
 
+import atexit
+import os
+import signal
+import sys
+
 import click
 from dask.utils import parse_bytes
 
-from warmserve import options
+from warmserve import console, options
 from warmserve.options import OptionError
 from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.worker_plugin import settings
@@ -82,7 +87,10 @@ async def dask_setup(
     when they were parsed, see :mod:`warmserve.options`)."""
     from warmserve.worker_plugin.devices import pin_cuda
 
+    console.show_ours()
     pinned = pin_cuda(warmserve_devices)  # first: the plugin's imports bring torch and vLLM
+    if worker.nanny:
+        run_by_nanny()
     from warmserve.worker_plugin.plugin import WarmServeWorker, rejoin_after_scheduler_loss
 
     plugin = WarmServeWorker(
@@ -94,6 +102,25 @@ async def dask_setup(
     )
     await worker.plugin_add(plugin, name=plugin.name)
     rejoin_after_scheduler_loss(worker)  # before the worker registers: it takes the stream then
+
+
+def run_by_nanny() -> None:
+    """Make this worker process one that its nanny alone stops, and that ends quietly.
+
+    Ctrl-C in a terminal signals every process of its group: this one ignores SIGINT and is
+    stopped by its nanny (its stop queue, then a clean close), not by a KeyboardInterrupt that
+    would break its event loop mid-close with a traceback. Its engines skip freeing memory on
+    that close (see ``Engine.shutdown``), after which Triton's bindings, which vLLM imports,
+    print some 600 "nanobind: leaked ..." lines as the interpreter finalizes: the last exit
+    handler (registered first) closes stderr to that.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    atexit.register(_close_stderr)
+
+
+def _close_stderr() -> None:
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 def generate(request: GenerateRequest) -> TokenChunk:

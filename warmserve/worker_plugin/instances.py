@@ -381,10 +381,12 @@ class Instances:
         await self._stop(slot)
         self._on_death(slot, lost, reason)
 
-    async def close(self) -> None:
+    async def close(self, release: bool = True) -> None:
+        """Stop every engine; ``release``: free their memory now (see ``Engine.shutdown``)."""
         slots = list(self.engines.values())
         self.engines.clear()
         self.instances.clear()
         await asyncio.gather(
-            *(self._run_blocking(s.engine.shutdown) for s in slots), return_exceptions=True
+            *(self._run_blocking(s.engine.shutdown, release) for s in slots),
+            return_exceptions=True,
         )

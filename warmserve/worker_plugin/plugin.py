@@ -174,7 +174,9 @@ class WarmServeWorker(WorkerPlugin):
         worker.handlers[WORKER_GENERATE] = self._closing_stream
         self._liveness.stop()
         await self.jobs.close()
-        await self.instances.close()
+        # A worker under a nanny closes only to end its process: engines need not free memory.
+        exiting = worker.nanny is not None and worker.status != Status.running
+        await self.instances.close(release=not exiting)
         self.store.close()
         self._pool.shutdown(wait=False)
         worker.metrics.pop(NAME, None)
@@ -318,7 +320,8 @@ class WarmServeWorker(WorkerPlugin):
                 if self.store.drop_device(spec.name, d):
                     evicted.append(d)
         host = target == Tier.DISK and self.store.drop_host(spec.name)
-        logger.debug("evicted %s from %s (host dropped: %s)", model, evicted, host)
+        if evicted or host:
+            logger.info("evicted %s from %s (host copy dropped: %s)", model, evicted, bool(host))
         return {
             "model": model,
             "devices": evicted,

@@ -1,0 +1,48 @@
+"""``warmserve frontdoor --scheduler tcp://HOST:8786``: the OpenAI front door of a running cluster.
+
+The cluster is one an operator started with ``dask scheduler --preload
+warmserve.scheduler_plugin`` and ``dask worker ... --preload warmserve.worker_plugin`` (README,
+"Deploy on a cluster"); this serves what ``warmserve up`` serves in front of its own cluster.
+The scheduler is asked first, over one plain comm, whether it runs WarmServe
+(:func:`warmserve.status.fetch`), so a wrong address or a scheduler without the preload ends
+the command with one line instead of a front door that answers 503. The registry must be
+readable here: the front door tokenizes prompts with the models' own files.
+"""
+
+from __future__ import annotations
+
+import click
+
+from warmserve import console, options
+from warmserve.launcher import run
+from warmserve.registry import Registry
+
+
+async def serve(scheduler: str, host: str, port: int, registry: Registry) -> None:
+    """Check the scheduler, then serve until SIGINT or SIGTERM."""
+    from warmserve.frontdoor.app import create_app
+    from warmserve.frontdoor.server import listening, stop_on_signals
+    from warmserve.status import fetch
+
+    await fetch(scheduler, timeout=10.0)
+    async with listening(create_app(scheduler, registry), host, port) as door:
+        click.echo(
+            f"WarmServe front door at {door.url}/v1 ({len(registry)} models), "
+            f"scheduler {scheduler}. Ctrl-C stops it."
+        )
+        with stop_on_signals(door.server):
+            await door.task
+    click.echo("WarmServe front door stopped.")
+
+
+@click.command("frontdoor")
+@options.config_option("--config")
+@click.option("--scheduler", required=True, help="Scheduler address (tcp://HOST:PORT).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free).")
+@options.registry_option("--registry")
+@click.option("--verbose", is_flag=True, help="Show Dask's INFO logs and WarmServe's DEBUG too.")
+def command(scheduler: str, host: str, port: int, registry: str, verbose: bool) -> None:
+    """Serve the OpenAI-compatible API in front of a running WarmServe cluster."""
+    console.configure(verbose)
+    run(serve(scheduler, host, port, Registry.from_yaml(registry)))

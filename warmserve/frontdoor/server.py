@@ -1,0 +1,69 @@
+"""The front door on uvicorn, as ``warmserve up`` and ``warmserve frontdoor`` both run it.
+
+uvicorn's own signal handling is off: a signal stops the server through :func:`stop_on_signals`,
+and the caller then stops what it started besides (``warmserve up``: the cluster), in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import click
+import uvicorn
+from starlette.applications import Starlette
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling (see the module docstring)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+@dataclass
+class Listening:
+    """A front door that serves: its uvicorn server, the task running it, and its URL."""
+
+    server: uvicorn.Server
+    task: asyncio.Future
+    url: str
+
+
+@contextlib.asynccontextmanager
+async def listening(app: Starlette, host: str, port: int) -> AsyncIterator[Listening]:
+    """``app`` served at ``host:port`` (0: any free port) for the body of the block.
+
+    The app's startup (connecting to the scheduler) has run when the block starts; the server
+    stops after it, letting open requests finish."""
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if task.done():
+        task.result()
+        raise click.ClickException(f"the front door could not start on {host}:{port}")
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield Listening(server, task, f"http://{host}:{bound}")
+    finally:
+        server.should_exit = True
+        await task
+
+
+@contextlib.contextmanager
+def stop_on_signals(server: uvicorn.Server) -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM stop ``server`` while the block runs (in the running loop)."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+    try:
+        yield
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
