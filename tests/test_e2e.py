@@ -151,7 +151,7 @@ def test_prewarmed_model_is_activated_on_demand(http, dask_client):
         (json.dumps({"model": "tiny-0", "prompt": "x", "max_tokens": 10**6}).encode(), 400),
         (json.dumps({"model": "tiny-0", "prompt": 5}).encode(), 400),
         (json.dumps({"model": "no-such-model", "prompt": "x"}).encode(), 404),
-        (b'{"model": "tiny-0", "prompt": "' + b"x" * (2 << 20) + b'"}', 413),
+        (b'{"model": "tiny-0", "prompt": "' + b"x" * (2 << 20) + b'"}', 400),
     ],
 )
 def test_client_errors_in_openai_shape(http, body, status):

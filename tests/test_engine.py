@@ -24,7 +24,7 @@ from warmserve.engine.engine import (
     weight_bytes,
 )
 from warmserve.models.weights import load_weights
-from warmserve.protocol import GenerateRequest
+from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.registry import Registry
 
 pytestmark = pytest.mark.engine
@@ -130,6 +130,35 @@ def test_streaming_matches_complete(tiny_engine: Engine) -> None:
     assert chunks[0].prompt_tokens == whole.prompt_tokens > 0
     assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
     assert chunks[-1].finish_reason == "length"
+
+
+def test_sampling_fields_reach_vllm(tiny_engine: Engine) -> None:
+    """Stop sequences as the Dask comm delivers them (a tuple), logprobs with the chosen token
+    first, echo's prompt text and logprobs (the first prompt token has none), and a chat prompt
+    without the BOS a completion prompt gets."""
+    model = tiny_engine.model.name
+    base = request(model, max_tokens=6)
+    full = asyncio.run(tiny_engine.complete(base))
+    stop = full.text[len(full.text) // 2 :][:2]
+    req = request(model, max_tokens=6)
+    req.stop, req.logprobs, req.echo = (stop,), 2, True  # type: ignore[assignment]
+
+    async def chunks() -> list[TokenChunk]:
+        return [c async for c in tiny_engine.generate(req)]
+
+    got = asyncio.run(chunks())
+    assert got[-1].finish_reason == "stop" and got[-1].stop_reason == stop
+    assert stop not in "".join(c.text for c in got)
+    for chunk in got:
+        assert chunk.logprobs is not None and len(chunk.logprobs) == len(chunk.token_ids)
+        assert [p[0][0] for p in chunk.logprobs] == chunk.token_ids
+    first = got[0]
+    assert first.prompt_text == PROMPT and first.prompt_logprobs is not None
+    assert len(first.prompt_logprobs) == first.prompt_tokens
+    assert first.prompt_logprobs[0][0][1] is None and first.prompt_logprobs[1][0][1] is not None
+    bare = request(model, max_tokens=1)
+    bare.add_special_tokens = False
+    assert asyncio.run(tiny_engine.complete(bare)).prompt_tokens == first.prompt_tokens - 1
 
 
 def test_concurrent_requests_complete(tiny_engine: Engine) -> None:
