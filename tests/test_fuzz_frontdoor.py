@@ -375,3 +375,42 @@ def test_client_disconnect_mid_stream_frees_the_slot(http, dask_client):
         assert json.loads(first[6:])["choices"][0]["text"] is not None
     wait_settled(dask_client)
     still_serving(http)
+
+
+# -- failures that are our bug ----------------------------------------------------------------
+
+
+def _break_sampling(broken: bool) -> None:
+    """On the worker: make building SamplingParams raise what no handler expects (as the
+    tuple of stop strings once did), or undo that."""
+    from warmserve.engine import engine
+
+    if broken:
+        engine._real_sampling_params = engine._sampling_params
+
+        def fail(req):
+            raise AssertionError(f"broken at {engine.__file__}")
+
+        engine._sampling_params = fail
+    else:
+        engine._sampling_params = engine._real_sampling_params
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unexpected_worker_failure_is_an_internal_error_with_a_logged_id(
+    http, dask_client, caplog, stream
+):
+    dask_client.run(_break_sampling, True)
+    try:
+        r = http.post("/v1/completions", json=valid(stream=stream))
+    finally:
+        dask_client.run(_break_sampling, False)
+    assert_clean(r.content)
+    error = assert_openai_error(r, 500) if r.status_code != 200 else None
+    if error is None:  # streamed: the error is the last event before [DONE]
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        error = json.loads(events[-2])["error"]
+    request_id = error["message"].removeprefix("internal error (request id ").rstrip(")")
+    assert request_id.startswith("cmpl-") and error["type"] == "InternalServerError"
+    assert any(request_id in record.getMessage() for record in caplog.records)
+    still_serving(http)

@@ -45,6 +45,10 @@ async def stream_generate(
             elif msg.get("done"):
                 clean = True
                 return
+            elif msg.get("status") == "uncaught-error":  # the handler raised: a worker bug
+                clean = True
+                text = msg.get("exception_text", "")
+                raise WarmServeWorkerError(f"the worker {worker_address} failed: {text}")
             else:
                 raise WarmServeWorkerError(f"unexpected message from {worker_address}: {msg!r}")
     finally:
