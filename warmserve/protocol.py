@@ -50,6 +50,7 @@ class GenerateRequest:
     logprobs: int | None = None  # alternatives per output token (0: the chosen token's only)
     # Report the prompt (text, and its logprobs when ``logprobs`` is set) in the first chunk.
     echo: bool = False
+    return_token_ids: bool = False  # report the prompt's token ids in the first chunk (echo too)
     # False for chat prompts: their template already wrote the special tokens it wants (a BOS
     # added on top would change the prompt the model sees, as vLLM's server does not).
     add_special_tokens: bool = True
@@ -72,4 +73,5 @@ class TokenChunk:
     stop_reason: str | int | None = None  # the stop string (or token id) that ended it
     logprobs: list[Position] | None = None  # one per token of ``token_ids``, when asked
     prompt_text: str | None = None  # first chunk of an ``echo`` request
+    prompt_token_ids: list[int] | None = None  # first chunk, for ``return_token_ids`` or ``echo``
     prompt_logprobs: list[Position] | None = None  # first chunk of ``echo`` with ``logprobs``

@@ -91,7 +91,7 @@ class _Stream:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[TokenChunk | BaseException]
-    echo: bool = False
+    request: GenerateRequest
     prompt_reported: bool = False
 
 
@@ -174,7 +174,7 @@ class Engine:
         """Stream a request's output; closing or cancelling the iterator aborts the request."""
         if req.model != self._model.name:
             raise ValueError(f"engine serves {self._model.name}, not {req.model}")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), req.echo)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), req)
         self._submit(lambda: self._add(req, stream))
         finished = False
         try:
@@ -288,7 +288,7 @@ class Engine:
             logprobs=self._positions(completion.logprobs),
         )
         if not stream.prompt_reported:
-            self._report_prompt(out, chunk, stream.echo)
+            self._report_prompt(out, chunk, stream.request)
             stream.prompt_reported = True
         if out.finished:
             del self._streams[out.request_id]
@@ -297,12 +297,14 @@ class Engine:
         except RuntimeError:  # the caller's loop has closed: nobody is listening
             self._abort(out.request_id)
 
-    def _report_prompt(self, out: Any, chunk: TokenChunk, echo: bool) -> None:
-        """Fill in what the first chunk tells about the prompt: its length, and for ``echo`` its
-        text (decoded when the prompt came as token ids) and logprobs."""
+    def _report_prompt(self, out: Any, chunk: TokenChunk, req: GenerateRequest) -> None:
+        """Fill in what the first chunk tells about the prompt: its length, its token ids if
+        asked, and for ``echo`` its text (decoded when it came as token ids) and logprobs."""
         ids = list(out.prompt_token_ids or ())
         chunk.prompt_tokens = len(ids)
-        if not echo:
+        if req.return_token_ids or req.echo:
+            chunk.prompt_token_ids = ids
+        if not req.echo:
             return
         chunk.prompt_text = out.prompt if out.prompt is not None else self._decode(ids)
         if out.prompt_logprobs is not None:

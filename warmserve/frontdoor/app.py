@@ -508,7 +508,7 @@ async def _events(
     stream closed) if the client goes away."""
     status = "200"
     try:
-        for role in shaper.role_chunks():
+        for role in shaper.role_chunks(first[1].prompt_token_ids if first else None):
             yield sse(role)
         item = first
         while item is not None:

@@ -53,6 +53,7 @@ class Parsed:
     include_usage: bool
     logprobs: int | None = None  # alternatives shown per token; None: no logprobs
     echo_only: bool = False  # ``echo`` with ``max_tokens`` 0: the prompt is the whole text
+    return_token_ids: bool = False  # vLLM's extension: token ids beside the text
 
     @property
     def echo(self) -> bool:
@@ -129,6 +130,7 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
         raise SchemaError("`seed` must fit in 64 bits", "seed")
     stop = _stop(doc.get("stop"))
     ignore_eos = _get(doc, "ignore_eos", bool, default=False)
+    return_token_ids = _get(doc, "return_token_ids", bool, default=False)
 
     request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
     choices = []
@@ -156,11 +158,23 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
                     min_tokens=min_tokens,
                     logprobs=logprobs,
                     echo=echo,
+                    return_token_ids=return_token_ids,
                     add_special_tokens=kind == "completion",
                     **penalties,
                 )
             )
-    return Parsed(kind, request_id, model, choices, n, stream, include_usage, logprobs, echo_only)
+    return Parsed(
+        kind,
+        request_id,
+        model,
+        choices,
+        n,
+        stream,
+        include_usage,
+        logprobs,
+        echo_only,
+        return_token_ids,
+    )
 
 
 _PENALTIES = {  # name: (default, low, high, whether low itself is allowed)

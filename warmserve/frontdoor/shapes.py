@@ -107,7 +107,8 @@ class Shaper:
         positions = chunk.logprobs if self.parsed.logprobs is not None else None
         if self.parsed.echo and index not in self._echoed:
             self._echoed.add(index)
-            prompt = chunk.prompt_text or ""
+            # vLLM leaves the prompt's text out when it returns the prompt's token ids.
+            prompt = "" if self.parsed.return_token_ids else chunk.prompt_text or ""
             prompt_positions = chunk.prompt_logprobs or []
             if self.parsed.echo_only:
                 return prompt, prompt_positions if positions is not None else None
@@ -127,10 +128,12 @@ class Shaper:
             self._offsets[index] = out["text_offset"][-1] + len(out["tokens"][-1])
         return out
 
-    def role_chunks(self) -> list[dict]:
-        """Chat streams open with an empty assistant delta per choice; completions have none."""
+    def role_chunks(self, prompt_token_ids: list[int] | None) -> list[dict]:
+        """Chat streams open with an empty assistant delta per choice (with the prompt's token
+        ids if asked); completions have none."""
         if not self._chat:
             return []
+        extra = {"prompt_token_ids": prompt_token_ids} if self.parsed.return_token_ids else {}
         return [
             {
                 **self._head,
@@ -142,6 +145,7 @@ class Shaper:
                         "finish_reason": None,
                     }
                 ],
+                **extra,
             }
             for i in range(len(self.parsed.choices))
         ]
@@ -155,6 +159,10 @@ class Shaper:
         body = {**self._head, "choices": [choice]}
         if chunk.finish_reason is not None or not self._chat:
             choice["stop_reason"] = chunk.stop_reason
+        if not self._chat and (self.parsed.return_token_ids or self.parsed.echo):
+            choice["prompt_token_ids"] = chunk.prompt_token_ids  # vLLM streams them with echo
+        if self.parsed.return_token_ids:
+            choice["token_ids"] = chunk.token_ids
         if chunk.finish_reason is not None and not self.parsed.include_usage:
             body["system_fingerprint"] = self.fingerprint
         return body
@@ -194,11 +202,18 @@ class Shaper:
                 finish_reason=last.finish_reason or "length",
                 stop_reason=last.stop_reason,
             )
+            if self.parsed.return_token_ids:
+                choice["token_ids"] = [t for chunk in chunks for t in chunk.token_ids]
+                if not self._chat:
+                    choice["prompt_token_ids"] = chunks[0].prompt_token_ids if chunks else None
             choices.append(choice)
-        return {
+        body = {
             **self._head,
             "object": "chat.completion" if self._chat else "text_completion",
             "choices": choices,
             "system_fingerprint": self.fingerprint,
             "usage": usage(prompt_tokens, completion_tokens),
         }
+        if self.parsed.return_token_ids and self._chat:  # one prompt, at the top as in vLLM
+            body["prompt_token_ids"] = outputs[0][0].prompt_token_ids if outputs[0] else None
+        return body
