@@ -57,6 +57,8 @@ DIFFERENCES = {
     "ignoring it; vLLM applies it",
     "model_card": "GET /v1/models/{id} is OpenAI's route (the openai client's "
     "models.retrieve); vLLM 0.32's server has no such route and answers 404",
+    "many_choices": "WarmServe fans a request out into at most 128 engine requests (prompts "
+    "times n) so that one request cannot flood an instance's queue; vLLM takes any n",
     "numeric_string": "WarmServe takes OpenAI's JSON types strictly; vLLM's request model "
     "(pydantic, lax mode) turns the string '4' into the number 4",
     "no_such_path": "same status; vLLM answers FastAPI's {'detail': ...} where WarmServe "
@@ -161,6 +163,7 @@ CASES = [
     # rejected by both
     cmpl("n_0", n=0),
     cmpl("n2_greedy", n=2),
+    cmpl("n2_almost_greedy", n=2, temperature=1e-6),
     cmpl("logprobs_over_max", logprobs=21),
     cmpl("logprobs_negative", logprobs=-2),
     cmpl("logprobs_all", logprobs=-1),
@@ -267,6 +270,11 @@ CASES = [
     Case(
         "logit_bias",
         body={"model": M, "prompt": "x", "max_tokens": 2, "logit_bias": {"5": 10}},
+        expect={"vllm": 200, "warmserve": 400},
+    ),
+    Case(
+        "many_choices",
+        body={"model": M, "prompt": "x", "max_tokens": 1, "n": 129, "temperature": 1},
         expect={"vllm": 200, "warmserve": 400},
     ),
     Case(

@@ -108,7 +108,7 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
     temperature = _get(doc, "temperature", float, default=1.0)
     if not 0.0 <= temperature <= 2.0:
         raise APIError(400, f"temperature must be in [0, 2], got {temperature}.", "temperature")
-    if n > 1 and temperature == 0.0:
+    if n > 1 and temperature == 0.0:  # vLLM's check: 1e-6 samples n times, nearly greedily
         raise APIError(400, f"n must be 1 when using greedy sampling, got {n}.", "n")
     top_p = _get(doc, "top_p", float, default=1.0)
     if not 0.0 < top_p <= 1.0:
