@@ -105,31 +105,11 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
     if max_tokens is not None and not echo_only:
         _check_max_tokens(max_tokens, limit_name, info)
 
-    temperature = _get(doc, "temperature", float, default=1.0)
-    if not 0.0 <= temperature <= 2.0:
-        raise APIError(400, f"temperature must be in [0, 2], got {temperature}.", "temperature")
-    if n > 1 and temperature == 0.0:  # vLLM's check: 1e-6 samples n times, nearly greedily
-        raise APIError(400, f"n must be 1 when using greedy sampling, got {n}.", "n")
-    top_p = _get(doc, "top_p", float, default=1.0)
-    if not 0.0 < top_p <= 1.0:
-        raise APIError(400, f"top_p must be in (0, 1], got {top_p}.", "top_p")
-    penalties = {name: _penalty(doc, name) for name in _PENALTIES}
-    min_tokens = _get(doc, "min_tokens", int, default=0)
-    if min_tokens < 0:
-        raise APIError(400, f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
-    stream = _get(doc, "stream", bool, default=False)
-    options = _get(doc, "stream_options", dict, default={})
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise SchemaError("`stream_options.include_usage` must be a boolean", "stream_options")
-    if options and not stream:
-        message = "Stream options can only be defined when `stream=True`."
-        raise APIError(400, message, "stream_options")
+    sampling = _sampling(doc, n)
+    stream, include_usage = _streaming(doc)
     seed = _get(doc, "seed", int, default=None)
     if seed is not None and not INT64[0] <= seed <= INT64[1]:
         raise SchemaError("`seed` must fit in 64 bits", "seed")
-    stop = _stop(doc.get("stop"))
-    ignore_eos = _get(doc, "ignore_eos", bool, default=False)
     return_token_ids = _get(doc, "return_token_ids", bool, default=False)
 
     request_id = f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-{uuid.uuid4().hex}"
@@ -137,11 +117,9 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
     wanted = 1 if echo_only else max_tokens  # vLLM runs one token it does not show
     for prompt, token_ids in prompts:
         room = _room(info, prompt, token_ids, wanted, limit_name, special=kind == "completion")
-        if min_tokens > room:
-            raise APIError(
-                400,
-                f"min_tokens must be less than or equal to max_tokens={room}, got {min_tokens}.",
-            )
+        if sampling["min_tokens"] > room:
+            message = "min_tokens must be less than or equal to max_tokens"
+            raise APIError(400, f"{message}={room}, got {sampling['min_tokens']}.")
         for i in range(n):
             choices.append(
                 GenerateRequest(
@@ -150,17 +128,12 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
                     prompt=prompt,
                     prompt_token_ids=token_ids,
                     max_tokens=room,
-                    temperature=temperature,
-                    top_p=top_p,
                     seed=None if seed is None else seed + i,
-                    stop=stop,
-                    ignore_eos=ignore_eos,
-                    min_tokens=min_tokens,
                     logprobs=logprobs,
                     echo=echo,
                     return_token_ids=return_token_ids,
                     add_special_tokens=kind == "completion",
-                    **penalties,
+                    **sampling,
                 )
             )
     return Parsed(
@@ -175,6 +148,42 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
         echo_only,
         return_token_ids,
     )
+
+
+def _sampling(doc: dict[str, Any], n: int) -> dict[str, Any]:
+    """The sampling fields shared by every choice, as ``GenerateRequest`` names them."""
+    temperature = _get(doc, "temperature", float, default=1.0)
+    if not 0.0 <= temperature <= 2.0:
+        raise APIError(400, f"temperature must be in [0, 2], got {temperature}.", "temperature")
+    if n > 1 and temperature == 0.0:  # vLLM's check: 1e-6 samples n times, nearly greedily
+        raise APIError(400, f"n must be 1 when using greedy sampling, got {n}.", "n")
+    top_p = _get(doc, "top_p", float, default=1.0)
+    if not 0.0 < top_p <= 1.0:
+        raise APIError(400, f"top_p must be in (0, 1], got {top_p}.", "top_p")
+    min_tokens = _get(doc, "min_tokens", int, default=0)
+    if min_tokens < 0:
+        raise APIError(400, f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
+    return {
+        "temperature": temperature,
+        "top_p": top_p,
+        "min_tokens": min_tokens,
+        "stop": _stop(doc.get("stop")),
+        "ignore_eos": _get(doc, "ignore_eos", bool, default=False),
+        **{name: _penalty(doc, name) for name in _PENALTIES},
+    }
+
+
+def _streaming(doc: dict[str, Any]) -> tuple[bool, bool]:
+    """(``stream``, ``stream_options.include_usage``)."""
+    stream = _get(doc, "stream", bool, default=False)
+    options = _get(doc, "stream_options", dict, default={})
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise SchemaError("`stream_options.include_usage` must be a boolean", "stream_options")
+    if options and not stream:
+        message = "Stream options can only be defined when `stream=True`."
+        raise APIError(400, message, "stream_options")
+    return stream, include_usage
 
 
 _PENALTIES = {  # name: (default, low, high, whether low itself is allowed)
