@@ -5,8 +5,8 @@ engine start, instance start, activation and eviction (and WARNING for what went
 at WARNING, since its INFO is per-connection bookkeeping (a client that disconnects mid-stream
 logs "Lost connection" with the closed comm's traceback); vLLM's at ERROR, since every engine
 start logs some forty lines at INFO and WARNING and every request a deprecation warning; and
-torch's C++ warnings and vLLM's progress bars stay off. ``--verbose`` shows WarmServe's DEBUG
-and Dask's, vLLM's and torch's INFO.
+torch's C++ warnings, Python's warnings and progress bars stay off. ``--verbose`` shows
+WarmServe's DEBUG and Dask's, vLLM's and torch's INFO.
 
 Worker processes are started later and configure their own logging, so the levels go to them
 as environment variables set here: ``DASK_LOGGING__<NAME>``, which Dask applies (with a
@@ -34,6 +34,8 @@ def configure(verbose: bool) -> None:
     os.environ["TORCH_CPP_LOG_LEVEL"] = "INFO" if verbose else "ERROR"
     if not verbose:
         os.environ["TQDM_DISABLE"] = "1"  # progress bars in the worker processes
+        # Libraries' deprecation notices (torch's, at every engine start) are for developers.
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
     show_ours()
 
 
