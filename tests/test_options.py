@@ -37,6 +37,14 @@ def test_registry_flag_is_made_absolute(tiny_registry: Registry, models_dir: str
         assert params["warmserve_registry"] == os.path.join(models_dir, "registry.yaml")
 
 
+def test_plugin_from_a_client_resolves_its_registry_there(tmp_path, monkeypatch):
+    from warmserve.worker_plugin.plugin import WarmServeWorker
+
+    monkeypatch.chdir(tmp_path)
+    plugin = WarmServeWorker(registry="registry.yaml")  # pickled to the worker after this
+    assert plugin._registry_path == os.fspath(tmp_path / "registry.yaml")
+
+
 @pytest.fixture
 def restored_config() -> Iterator[None]:
     """dask.config as it was before the test (a config file merges into it in place)."""
