@@ -61,6 +61,7 @@ DIFFERENCES = {
     "times n) so that one request cannot flood an instance's queue; vLLM takes any n",
     "numeric_string": "WarmServe takes OpenAI's JSON types strictly; vLLM's request model "
     "(pydantic, lax mode) turns the string '4' into the number 4",
+    "sdk_model_card": "the same through the openai client's models.retrieve",
     "no_such_path": "same status; vLLM answers FastAPI's {'detail': ...} where WarmServe "
     "answers every error in OpenAI's shape",
     "wrong_method": "same status; FastAPI's {'detail': ...} body against OpenAI's shape",
@@ -100,6 +101,7 @@ def chat(name: str, **fields: Any) -> Case:
     return Case(name, "/v1/chat/completions", {k: v for k, v in body.items() if v is not None})
 
 
+DESC = 546  # the token tiny-0 (generated with seed 0) picks first after "Dask", greedily
 USAGE = {"include_usage": True}
 SAMPLED = {"temperature": 1.0, "seed": 7}
 CASES = [
@@ -127,6 +129,10 @@ CASES = [
     cmpl("penalties", max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5),
     cmpl("repetition_penalty", max_tokens=8, repetition_penalty=1.3),
     cmpl("min_tokens", min_tokens=4),
+    cmpl("top_k_min_p", top_k=2, min_p=0.1, **SAMPLED),
+    cmpl("stop_token_ids", stop_token_ids=[DESC]),
+    cmpl("stop_token_ids_included", stop_token_ids=[DESC], include_stop_str_in_output=True),
+    cmpl("stop_string_included", max_tokens=8, stop="sc", include_stop_str_in_output=True),
     cmpl("include_usage", stream=True, stream_options=USAGE),
     cmpl("usage_off", stream=True, stream_options={"include_usage": False}),
     cmpl("best_of_ignored", best_of=2),
@@ -175,6 +181,10 @@ CASES = [
     cmpl("top_p_0", top_p=0),
     cmpl("presence_high", presence_penalty=3),
     cmpl("repetition_0", repetition_penalty=0),
+    cmpl("top_k_negative", top_k=-2),
+    cmpl("top_k_fraction", top_k=1.5),
+    cmpl("min_p_over_1", min_p=2),
+    cmpl("stop_token_ids_not_a_list", stop_token_ids="x"),
     cmpl("min_tokens_over_max", min_tokens=5),
     cmpl("min_tokens_negative", min_tokens=-1),
     cmpl("max_tokens_0", max_tokens=0),
@@ -252,6 +262,39 @@ CASES = [
             )
         ),
     ),
+    Case(
+        "sdk_completion_extras",
+        sdk=lambda c: c.completions.create(
+            model=M,
+            prompt="Dask",
+            max_tokens=6,
+            temperature=0,
+            echo=True,
+            logprobs=2,
+            extra_body={
+                "return_token_ids": True,
+                "min_tokens": 2,
+                "repetition_penalty": 1.2,
+                "top_k": 3,
+                "stop_token_ids": [DESC],
+            },
+        ),
+    ),
+    Case(
+        "sdk_chat_stream_ids",
+        sdk=lambda c: list(
+            c.chat.completions.create(
+                model=M,
+                messages=MSGS,
+                max_tokens=4,
+                temperature=0,
+                stream=True,
+                logprobs=True,
+                presence_penalty=0.5,
+                extra_body={"return_token_ids": True},
+            )
+        ),
+    ),
     Case("sdk_models", sdk=lambda c: [m.id for m in c.models.list()]),
     Case("sdk_n_0", sdk=lambda c: c.completions.create(model=M, prompt="x", n=0)),
     Case("sdk_unknown_model", sdk=lambda c: c.chat.completions.create(model="x", messages=MSGS)),
@@ -283,6 +326,11 @@ CASES = [
         expect={"vllm": 200, "warmserve": 400},
     ),
     Case("model_card", f"/v1/models/{M}", method="GET", expect={"vllm": 404, "warmserve": 200}),
+    Case(
+        "sdk_model_card",
+        sdk=lambda c: c.models.retrieve(M).id,
+        expect={"vllm": 404, "warmserve": 200},
+    ),
     Case("no_such_path", "/v1/engines", body={}, expect={"vllm": 404, "warmserve": 404}),
     Case("wrong_method", method="GET", expect={"vllm": 405, "warmserve": 405}),
 ]
@@ -361,21 +409,29 @@ def error_type(status: int, body: Any) -> str | None:
     return error.get("type") if isinstance(error, dict) else None
 
 
-def logprob_view(logprobs: dict | None, greedy: bool) -> tuple[Any, list[float]]:
-    """(what must be equal, values to compare within LOGPROB_TOL) of one choice's logprobs."""
+def logprob_view(logprobs: dict | None) -> tuple[list | None, list[float]]:
+    """One choice's logprobs token by token: (what must be equal, values to compare within
+    LOGPROB_TOL), flat so that a stream compares alike however its tokens were grouped into
+    chunks (vLLM's server merges the deltas of a client that reads slower than it decodes)."""
     if logprobs is None:
         return None, []
+    shape: list = []
+    values: list[float] = []
     if "content" in logprobs:  # chat
-        entries = logprobs["content"] or []
-        shape = [(e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]]) for e in entries]
-        values = [e["logprob"] for e in entries]
-        values += [t["logprob"] for e in entries for t in e["top_logprobs"]]
-    else:
-        tops = logprobs["top_logprobs"]
-        shape = [logprobs["tokens"], logprobs["text_offset"], [t and sorted(t) for t in tops]]
-        values = [v for v in logprobs["token_logprobs"] if v is not None]
-        values += [v for t in tops if t for v in t.values()]
-    return (shape if greedy else len(shape)), values
+        for e in logprobs["content"] or []:
+            shape.append((e["token"], e["bytes"], [t["token"] for t in e["top_logprobs"]]))
+            values += [e["logprob"], *(t["logprob"] for t in e["top_logprobs"])]
+        return shape, values
+    for token, offset, logprob, top in zip(
+        logprobs["tokens"],
+        logprobs["text_offset"],
+        logprobs["token_logprobs"],
+        logprobs["top_logprobs"],
+        strict=True,
+    ):
+        shape.append((token, offset, top and sorted(top)))
+        values += [v for v in (logprob, *(top or {}).values()) if v is not None]
+    return shape, values
 
 
 def reduce_body(body: dict, greedy: bool) -> tuple[dict, list[float]]:
@@ -389,13 +445,13 @@ def reduce_body(body: dict, greedy: bool) -> tuple[dict, list[float]]:
     out["prompt_token_ids"] = body.get("prompt_token_ids") if greedy else None
     for choice in body.get("choices", []):
         text = choice["message"]["content"] if "message" in choice else choice.get("text")
-        shape, more = logprob_view(choice.get("logprobs"), greedy)
+        shape, more = logprob_view(choice.get("logprobs"))
         values += more
         out["choices"][choice["index"]] = {
             "text": text if greedy else None,
             "finish_reason": choice["finish_reason"],
             "stop_reason": choice.get("stop_reason"),
-            "logprobs": shape,
+            "logprobs": shape if greedy or shape is None else len(shape),
             "token_ids": choice.get("token_ids") if greedy else None,
             "prompt_token_ids": choice.get("prompt_token_ids") if greedy else None,
         }
@@ -434,10 +490,9 @@ def reduce_stream(events: list[dict], done: bool, greedy: bool) -> tuple[dict, l
         if choice.get("finish_reason") is not None:
             c["finish_reason"] = choice["finish_reason"]
             c["stop_reason"] = choice.get("stop_reason")
-        shape, more = logprob_view(choice.get("logprobs"), greedy)
+        shape, more = logprob_view(choice.get("logprobs"))
         values.setdefault(choice["index"], []).extend(more)
-        if shape is not None:
-            c["tokens"].append(shape)
+        c["tokens"] += shape or []
     if not greedy:
         for c in choices.values():
             c["text"] = c["tokens"] = c["token_ids"] = c["prompt_token_ids"] = None

@@ -511,7 +511,11 @@ def _sampling_params(req: GenerateRequest) -> Any:
         seed=req.seed,
         # A list: msgpack brings it across the Dask comm as a tuple, which vLLM asserts against.
         stop=list(req.stop) or None,
+        stop_token_ids=list(req.stop_token_ids) or None,
+        include_stop_str_in_output=req.include_stop_str_in_output,
         ignore_eos=req.ignore_eos,
+        top_k=req.top_k,
+        min_p=req.min_p,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty,

@@ -160,14 +160,27 @@ def _sampling(doc: dict[str, Any], n: int) -> dict[str, Any]:
     top_p = _get(doc, "top_p", float, default=1.0)
     if not 0.0 < top_p <= 1.0:
         raise APIError(400, f"top_p must be in (0, 1], got {top_p}.", "top_p")
+    top_k = _get(doc, "top_k", int, default=0)
+    if top_k < -1:
+        raise APIError(400, f"top_k must be 0 (disable), or at least 1, got {top_k}.", "top_k")
+    min_p = _get(doc, "min_p", float, default=0.0)
+    if not 0.0 <= min_p <= 1.0:
+        raise APIError(400, f"min_p must be in [0, 1], got {min_p}.", "min_p")
     min_tokens = _get(doc, "min_tokens", int, default=0)
     if min_tokens < 0:
         raise APIError(400, f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
+    stop_token_ids = _get(doc, "stop_token_ids", list, default=[])
+    if not _token_list(stop_token_ids):
+        raise SchemaError("`stop_token_ids` must be a list of token ids", "stop_token_ids")
     return {
         "temperature": temperature,
         "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
         "min_tokens": min_tokens,
         "stop": _stop(doc.get("stop")),
+        "stop_token_ids": stop_token_ids,
+        "include_stop_str_in_output": _get(doc, "include_stop_str_in_output", bool, default=False),
         "ignore_eos": _get(doc, "ignore_eos", bool, default=False),
         **{name: _penalty(doc, name) for name in _PENALTIES},
     }
