@@ -443,8 +443,9 @@ def _error_of(e: BaseException, request_id: str) -> APIError:
         return APIError(
             504, "the request did not finish within warmserve.frontdoor.request-timeout"
         )
-    if isinstance(e, WorkerLost):
-        return APIError(503, f"the instance serving this request was lost: {e}")
+    if isinstance(e, WorkerLost):  # why it was lost (an engine's error) is the server's to see
+        logger.warning("request %s: %s", request_id, e)
+        return APIError(503, f"the instance serving request {request_id} was lost; retry")
     if isinstance(e, ValueError | TypeError):  # the engine refused the input
         return APIError(400, str(e))
     if isinstance(e, OSError):
