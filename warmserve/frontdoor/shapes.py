@@ -63,9 +63,9 @@ def chat_logprobs(positions: list[Position], shown: int) -> dict:
     """``logprobs`` of a chat choice: per token its text, logprob, UTF-8 bytes and the first
     ``shown`` entries of vLLM's ranking (the chosen token first)."""
 
-    def entry(token: str, logprob: float | None) -> dict:
-        value = max(logprob, FLOOR) if logprob is not None else FLOOR
-        return {"token": token, "logprob": value, "bytes": list(token.encode("utf-8", "replace"))}
+    def entry(token: str, logprob: float) -> dict:
+        encoded = list(token.encode("utf-8", "replace"))
+        return {"token": token, "logprob": max(logprob, FLOOR), "bytes": encoded}
 
     content = []
     for position in positions:
