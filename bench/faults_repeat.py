@@ -55,6 +55,9 @@ def main() -> None:
     result = {
         "command": f"python -m bench.faults_repeat --runs {args.runs}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "suites": list(SUITES),
         "runs": runs,
