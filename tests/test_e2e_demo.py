@@ -66,13 +66,18 @@ def test_sigterm_stops_everything(tmp_path):
 def test_ctrl_c_stops_everything_without_a_kill(tmp_path):
     """Ctrl-C signals every process of the terminal's group, the workers too: each closes through
     its nanny, without a KeyboardInterrupt traceback, and in time, engine and all (an engine's
-    shutdown used to outlast the nanny's deadline, and the nanny SIGKILLed the worker)."""
+    shutdown used to outlast the nanny's deadline, and the nanny SIGKILLed the worker); a stream
+    still open is cut after a grace period instead of holding the stop."""
     proc = warmserve_up(os.fspath(tmp_path), "--devices", "1")
     url, lines = until_up(proc)
-    body = {"model": "tiny-0", "prompt": "Ctrl-C", "max_tokens": 2}
-    assert httpx.post(f"{url}/v1/completions", json=body, timeout=600).status_code == 200
-    os.killpg(proc.pid, signal.SIGINT)
-    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    body = {"model": "tiny-0", "prompt": "Ctrl-C", "max_tokens": 400, "ignore_eos": True}
+    request = {**body, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=600) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+        # A stream is open: the server gives it a moment, then cancels it, without a traceback.
+        os.killpg(proc.pid, signal.SIGINT)
+        out = "".join(lines) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out
     assert "WarmServe stopped." in out
     assert "Traceback" not in out and "killing" not in out, out

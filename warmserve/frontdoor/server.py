@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ import click
 import uvicorn
 from starlette.applications import Starlette
 
+# Seconds a stopping server lets open requests run before it cancels them (their engine requests
+# are aborted): uvicorn would wait for every stream to end, and Ctrl-C with it.
+GRACE = 1.0
+
 
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling (see the module docstring)."""
@@ -23,6 +28,15 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+
+class _CancelledAtStop(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" traceback for a request that uvicorn
+    itself cancelled after :data:`GRACE`: an expected end, which its one line "Cancel N running
+    task(s), timeout graceful shutdown exceeded" already reports."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 @dataclass
@@ -39,8 +53,14 @@ async def listening(app: Starlette, host: str, port: int) -> AsyncIterator[Liste
     """``app`` served at ``host:port`` (0: any free port) for the body of the block.
 
     The app's startup (connecting to the scheduler) has run when the block starts; the server
-    stops after it, letting open requests finish."""
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    stops after it, giving open requests :data:`GRACE` seconds to finish."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE
+    )
+    errors = logging.getLogger("uvicorn.error")  # configured by uvicorn.Config, just above
+    if not any(isinstance(f, _CancelledAtStop) for f in errors.filters):
+        errors.addFilter(_CancelledAtStop())
+    server = _Server(config)
     task = asyncio.ensure_future(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
