@@ -345,9 +345,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class VLLMServer:
+    url: str
+    proc: subprocess.Popen
+    log: str
+
+    def wait_healthy(self, timeout: float = 600) -> None:
+        """Until /health answers; at once if the server exited (its log's end in the error)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                with open(self.log, errors="replace") as f:
+                    tail = f.read()[-3000:]
+                raise RuntimeError(f"vLLM's server exited with {self.proc.returncode}:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"{self.url} did not become healthy")
+
+
 @contextlib.contextmanager
-def vllm_server(path: str) -> Iterator[str]:
-    """vLLM's OpenAI server on ``path`` with the engine settings of WarmServe's CPU workers."""
+def vllm_server(path: str) -> Iterator[VLLMServer]:
+    """vLLM's OpenAI server on ``path`` with the engine settings of WarmServe's CPU workers,
+    starting (not yet ready) when this yields."""
     port = free_port()
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -356,11 +378,11 @@ def vllm_server(path: str) -> Iterator[str]:
         "--dtype", compute_dtype("auto", checkpoint_dtype(path)),
         "--kv-cache-memory-bytes", str(256 * 2**20), "--disable-log-stats",
     ]  # fmt: skip
-    log = open(os.path.join(os.path.dirname(path), "vllm-server.log"), "wb")  # noqa: SIM115
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    log = os.path.join(os.path.dirname(path), "vllm-server.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield url
+        yield VLLMServer(f"http://127.0.0.1:{port}", proc, log)
     finally:
         proc.terminate()
         try:
@@ -368,17 +390,6 @@ def vllm_server(path: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        log.close()
-
-
-def wait_healthy(url: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not become healthy")
 
 
 @pytest.fixture(scope="module")
@@ -388,12 +399,12 @@ def servers(tmp_path_factory) -> Iterator[dict[str, str]]:
     registry = make_family("tiny", "tiny", replicas=1, out=models_dir)
     registry_file = os.path.join(models_dir, "registry.yaml")
     with (
-        vllm_server(registry[M].path) as vllm_url,  # starts while the stack starts
+        vllm_server(registry[M].path) as vllm,  # starts while the stack starts
         BackgroundStack(registry, registry_file, devices=1) as stack,
     ):
-        urls = {"vllm": vllm_url, "warmserve": stack.url}
+        vllm.wait_healthy()
+        urls = {"vllm": vllm.url, "warmserve": stack.url}
         for url in urls.values():
-            wait_healthy(url)
             body = {"model": M, "prompt": "warm", "max_tokens": 1}
             assert httpx.post(f"{url}/v1/completions", json=body, timeout=600).is_success
         yield urls
