@@ -158,6 +158,8 @@ CASES = [
     chat("chat_logprobs_stream", logprobs=True, top_logprobs=1, stream=True),
     chat("chat_logprobs_no_top", logprobs=True),
     chat("chat_n2_sampled_stream", n=2, stream=True, **SAMPLED),
+    chat("chat_n2_sampled", n=2, **SAMPLED),
+    chat("chat_n3_sampled_stream_usage", n=3, stream=True, stream_options=USAGE, **SAMPLED),
     chat("chat_max_completion_tokens", max_tokens=None, max_completion_tokens=3),
     chat("chat_penalties", presence_penalty=1.0, repetition_penalty=1.2, min_tokens=2),
     chat("chat_best_of_ignored", best_of=3),
