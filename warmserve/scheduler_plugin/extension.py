@@ -127,6 +127,11 @@ class WarmServeExtension(SchedulerPlugin):
         self._spawn(self.refresh(worker))
 
     def remove_client(self, scheduler: Scheduler, client: str) -> None:
+        """A front door went away (closed, or killed mid-stream): its requests will never be
+        reported done, so they end here and their slots are free again; so are its leases."""
+        now = time()
+        for request_id in self.state.requests_from(client):
+            self._finish(request_id, now)
         self.state.drop_holder(client)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
@@ -321,9 +326,10 @@ class WarmServeExtension(SchedulerPlugin):
         ``{"status": "failed", "reason"}`` when the model's starts keep failing
         (:meth:`ClusterState.start_failing`; the request is then forgotten). A
         retry after a failed instance passes the same ``request_id`` and the failed instance in
-        ``exclude``. With ``lease`` > 0, up to that many slots of the chosen instance (the
-        request's own included) are leased to ``holder`` (a client id), and ``"lease"`` says how
-        many; the request then holds one of them.
+        ``exclude``. ``holder`` is the asking front door's client id: if that client goes away,
+        its requests end (:meth:`remove_client`). With ``lease`` > 0, up to that many slots of the
+        chosen instance (the request's own included) are leased to ``holder``, and ``"lease"``
+        says how many; the request then holds one of them.
         """
         if model not in self.registry:
             return {"status": "unknown"}
@@ -332,7 +338,7 @@ class WarmServeExtension(SchedulerPlugin):
             inst = self.state.instances.get(iid)
             if inst is not None:
                 self._spawn(self.refresh(inst.worker))
-        if self.state.arrive(request_id, model):
+        if self.state.arrive(request_id, model, holder):
             self._arrive(model, time())
         for _ in range(2):  # a second pass if the start we waited for failed
             inst = self.state.pick(model, exclude)
@@ -378,7 +384,7 @@ class WarmServeExtension(SchedulerPlugin):
             t = now - float(event[-1])
             if event[0] == "arrive":
                 _, request_id, model, iid, _ = event
-                if self.state.arrive(request_id, model):
+                if self.state.arrive(request_id, model, holder):
                     self._arrive(model, t)
                 inst = self.state.instances.get(iid)
                 if inst is not None:

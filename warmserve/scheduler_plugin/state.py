@@ -76,6 +76,7 @@ class Request:
     model: str
     instance: str | None = None
     holder: str | None = None  # the front door whose lease the slot comes from, if any
+    origin: str | None = None  # the front door (Dask client) that asked for it
 
 
 START_ATTEMPTS = 3
@@ -188,13 +189,18 @@ class ClusterState:
 
     # -- routing -------------------------------------------------------------------------------
 
-    def arrive(self, request_id: str, model: str) -> bool:
-        """Note a request; True if it is new (an arrival), False if it is a retry."""
+    def arrive(self, request_id: str, model: str, origin: str | None = None) -> bool:
+        """Note a request from front door ``origin``; True if it is new (an arrival), False if
+        it is a retry."""
         if request_id in self.requests:
             self.release(request_id)
             return False
-        self.requests[request_id] = Request(model)
+        self.requests[request_id] = Request(model, origin=origin)
         return True
+
+    def requests_from(self, origin: str) -> list[str]:
+        """The requests front door ``origin`` asked for and has not reported done."""
+        return [rid for rid, r in self.requests.items() if r.origin == origin]
 
     def pick(self, model: str, exclude: Iterable[str] = ()) -> Instance | None:
         """The least-loaded instance of ``model`` with room, not draining, not excluded."""
