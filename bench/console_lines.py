@@ -7,8 +7,9 @@ read together as a terminal shows them:
 2. ``serve``: ``warmserve up``, then ``--requests`` mixed requests (every model of the registry,
    completions and chat, streamed and not) from ``--concurrency`` clients, of which
    ``--disconnects`` go away early (half after the first streamed token, half before an
-   answer), then SIGINT to the whole group, as Ctrl-C in a terminal sends it to every process of
-   the foreground group; the stop time runs from the signal to the launcher's exit.
+   answer), then, with one long stream open, SIGINT to the whole group, as Ctrl-C in a terminal
+   sends it to every process of the foreground group; the stop time runs from the signal to the
+   launcher's exit.
 
 Each run counts console lines and tracebacks, and whether the nanny SIGKILLed a worker (it logs
 "still alive ... killing" at WARNING, which the quiet console keeps). The lines themselves are
@@ -196,13 +197,27 @@ def demo_run(models_dir: str) -> dict:
     return {"seconds": round(time.perf_counter() - start, 1), **result}
 
 
+async def interrupt_mid_stream(console: Console, url: str, model: str) -> float:
+    """Ctrl-C while a long stream is open (its first token in): the stop time."""
+    body = {"model": model, "prompt": "Ctrl-C", "max_tokens": 400, "ignore_eos": True}
+    body = {**body, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=DEADLINE) as http,
+        http.stream("POST", "/v1/completions", json=body) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                break
+        return await asyncio.to_thread(console.interrupt)
+
+
 def serve_run(models_dir: str, registry: Registry, args: argparse.Namespace) -> dict:
     console = Console(["up", "--port", "0", "--models-dir", models_dir])
     try:
         url = console.wait_for(UP).group(1)
         plan = request_plan(registry, args.requests, args.disconnects)
         outcomes = asyncio.run(mixed(url, plan, args.concurrency))
-        stop = console.interrupt()
+        stop = asyncio.run(interrupt_mid_stream(console, url, next(iter(registry))))
     finally:
         if console.proc.poll() is None:
             os.killpg(console.proc.pid, signal.SIGKILL)

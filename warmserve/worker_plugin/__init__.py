@@ -111,8 +111,9 @@ def run_by_nanny() -> None:
     stopped by its nanny (its stop queue, then a clean close), not by a KeyboardInterrupt that
     would break its event loop mid-close with a traceback. Its engines skip freeing memory on
     that close (see ``Engine.shutdown``), after which Triton's bindings, which vLLM imports,
-    print some 600 "nanobind: leaked ..." lines as the interpreter finalizes: the last exit
-    handler (registered first) closes stderr to that.
+    print some 600 "nanobind: leaked ..." lines as the interpreter finalizes: an exit handler
+    registered before any engine exists (exit handlers run last-in, first-out, so after the
+    engines' and vLLM's) closes stderr first.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     atexit.register(_close_stderr)
