@@ -159,6 +159,9 @@ FIELDS = {
     "presence_penalty": st.floats(min_value=-3, max_value=3) | json_values,
     "repetition_penalty": st.floats(min_value=-1, max_value=3) | json_values,
     "best_of": json_values,
+    "logit_bias": st.dictionaries(st.text(max_size=5), json_scalars, max_size=3) | json_values,
+    "top_k": st.integers(min_value=-3, max_value=5) | json_values,
+    "stop_token_ids": st.lists(st.integers(min_value=-1, max_value=2000), max_size=3) | json_values,
     "ignore_eos": json_values,
     "user": json_values,  # an OpenAI field this server ignores
     "not_a_field": json_values,  # an extra field

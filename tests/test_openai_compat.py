@@ -53,8 +53,6 @@ DIFFERENCES = {
     "serves one and uses it when `model` is absent",
     "unknown_role": "WarmServe renders chat templates only for OpenAI's roles and rejects "
     "others; vLLM passes any role to the template",
-    "logit_bias": "WarmServe does not implement `logit_bias` and rejects it rather than "
-    "ignoring it; vLLM applies it",
     "model_card": "GET /v1/models/{id} is OpenAI's route (the openai client's "
     "models.retrieve); vLLM 0.32's server has no such route and answers 404",
     "many_choices": "WarmServe fans a request out into at most 128 engine requests (prompts "
@@ -129,6 +127,8 @@ CASES = [
     cmpl("penalties", max_tokens=8, presence_penalty=0.5, frequency_penalty=0.5),
     cmpl("repetition_penalty", max_tokens=8, repetition_penalty=1.3),
     cmpl("min_tokens", min_tokens=4),
+    cmpl("logit_bias", logit_bias={"5": 100, "546": -500}),
+    chat("chat_logit_bias", logit_bias={"9": 7.5}),
     cmpl("top_k_min_p", top_k=2, min_p=0.1, **SAMPLED),
     cmpl("stop_token_ids", stop_token_ids=[DESC]),
     cmpl("stop_token_ids_included", stop_token_ids=[DESC], include_stop_str_in_output=True),
@@ -187,6 +187,13 @@ CASES = [
     cmpl("top_k_fraction", top_k=1.5),
     cmpl("min_p_over_1", min_p=2),
     cmpl("stop_token_ids_not_a_list", stop_token_ids="x"),
+    cmpl("stop_token_ids_out_of_vocabulary", stop_token_ids=[5000]),
+    cmpl("stop_token_ids_negative", stop_token_ids=[-1]),
+    cmpl("logit_bias_not_a_map", logit_bias=[]),
+    cmpl("logit_bias_key_not_a_number", logit_bias={"x": 1}),
+    cmpl("logit_bias_out_of_vocabulary", logit_bias={"5000": 1}),
+    cmpl("logit_bias_negative_id", logit_bias={"-1": 1}),
+    cmpl("logit_bias_value_a_string", logit_bias={"5": "a"}),
     cmpl("min_tokens_over_max", min_tokens=5),
     cmpl("min_tokens_negative", min_tokens=-1),
     cmpl("max_tokens_0", max_tokens=0),
@@ -310,11 +317,6 @@ CASES = [
         "unknown_role",
         "/v1/chat/completions",
         {"model": M, "messages": [{"role": "robot", "content": "x"}], "max_tokens": 2},
-        expect={"vllm": 200, "warmserve": 400},
-    ),
-    Case(
-        "logit_bias",
-        body={"model": M, "prompt": "x", "max_tokens": 2, "logit_bias": {"5": 10}},
         expect={"vllm": 200, "warmserve": 400},
     ),
     Case(

@@ -47,6 +47,8 @@ class GenerateRequest:
     ignore_eos: bool = False
     top_k: int = 0  # 0 or -1: all tokens
     min_p: float = 0.0
+    # (token id, bias) pairs: a map with integer keys would not survive msgpack's strict keys.
+    logit_bias: list[tuple[int, float]] = field(default_factory=list)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

@@ -516,6 +516,7 @@ def _sampling_params(req: GenerateRequest) -> Any:
         ignore_eos=req.ignore_eos,
         top_k=req.top_k,
         min_p=req.min_p,
+        logit_bias=dict(req.logit_bias) or None,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         repetition_penalty=req.repetition_penalty,

@@ -5,8 +5,8 @@ wrong in words a client can act on, and so that no client input can raise anythi
 :class:`~warmserve.frontdoor.errors.APIError` (a 500 for bad input would be our bug). What vLLM's
 OpenAI server rejects is rejected with its status and error type (``SchemaError`` for what its
 request model refuses); fields that would change the answer in ways this server does not
-produce (tools, ``logit_bias``, ``response_format``, ``suffix``) are rejected rather than
-silently ignored. An OpenAI request becomes one engine request per choice: ``n`` samples of
+produce (tools, ``response_format``, ``suffix``) are rejected rather than silently ignored.
+An OpenAI request becomes one engine request per choice: ``n`` samples of
 each prompt, as vLLM's engine fans them out itself (sample ``i`` seeded ``seed + i``).
 """
 
@@ -33,8 +33,8 @@ _ROLES = {"system", "developer", "user", "assistant", "tool"}
 # when set to anything but their default. (``best_of`` is not among them: vLLM 0.32's engine has
 # no best_of; its server ignores the field, and so does this one.)
 _UNSUPPORTED_IF_SET = {
-    "completion": ("suffix", "logit_bias"),
-    "chat": ("tools", "tool_choice", "logit_bias", "response_format"),
+    "completion": ("suffix",),
+    "chat": ("tools", "tool_choice", "response_format"),
 }
 
 Kind = Literal["completion", "chat"]
@@ -105,7 +105,7 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
     if max_tokens is not None and not echo_only:
         _check_max_tokens(max_tokens, limit_name, info)
 
-    sampling = _sampling(doc, n)
+    sampling = _sampling(doc, n, info)
     stream, include_usage = _streaming(doc)
     seed = _get(doc, "seed", int, default=None)
     if seed is not None and not INT64[0] <= seed <= INT64[1]:
@@ -150,7 +150,7 @@ def parse_request(kind: Kind, doc: dict[str, Any], catalog: Catalog) -> Parsed:
     )
 
 
-def _sampling(doc: dict[str, Any], n: int) -> dict[str, Any]:
+def _sampling(doc: dict[str, Any], n: int, info: ModelInfo) -> dict[str, Any]:
     """The sampling fields shared by every choice, as ``GenerateRequest`` names them."""
     temperature = _get(doc, "temperature", float, default=1.0)
     if not 0.0 <= temperature <= 2.0:
@@ -170,8 +170,9 @@ def _sampling(doc: dict[str, Any], n: int) -> dict[str, Any]:
     if min_tokens < 0:
         raise APIError(400, f"min_tokens must be greater than or equal to 0, got {min_tokens}.")
     stop_token_ids = _get(doc, "stop_token_ids", list, default=[])
-    if not _token_list(stop_token_ids):
-        raise SchemaError("`stop_token_ids` must be a list of token ids", "stop_token_ids")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids):
+        raise SchemaError("`stop_token_ids` must be a list of integers", "stop_token_ids")
+    _check_vocabulary(stop_token_ids, "stop_token_ids", info)
     return {
         "temperature": temperature,
         "top_p": top_p,
@@ -182,8 +183,32 @@ def _sampling(doc: dict[str, Any], n: int) -> dict[str, Any]:
         "stop_token_ids": stop_token_ids,
         "include_stop_str_in_output": _get(doc, "include_stop_str_in_output", bool, default=False),
         "ignore_eos": _get(doc, "ignore_eos", bool, default=False),
+        "logit_bias": _logit_bias(doc, info),
         **{name: _penalty(doc, name) for name in _PENALTIES},
     }
+
+
+def _logit_bias(doc: dict[str, Any], info: ModelInfo) -> list[tuple[int, float]]:
+    """``logit_bias`` as (token id, bias) pairs, each bias cut to [-100, 100] as vLLM does."""
+    value = _get(doc, "logit_bias", dict, default={})
+    pairs = []
+    for key, bias in value.items():
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise SchemaError(f"`logit_bias[{key!r}]` must be a number", "logit_bias")
+        try:
+            token_id = int(key)
+        except ValueError:
+            message = "logit_bias contains key(s) that cannot be converted to integer token IDs"
+            raise APIError(400, f"{message}: {key!r}", "logit_bias") from None
+        pairs.append((token_id, min(100.0, max(-100.0, float(bias)))))
+    _check_vocabulary([token_id for token_id, _ in pairs], "logit_bias", info)
+    return pairs
+
+
+def _check_vocabulary(token_ids: list[int], name: str, info: ModelInfo) -> None:
+    bad = [t for t in token_ids if t < 0 or (info.vocab is not None and t >= info.vocab)]
+    if bad:
+        raise APIError(400, f"token_id(s) {bad} in {name} contain out-of-vocab token ids.", name)
 
 
 def _streaming(doc: dict[str, Any]) -> tuple[bool, bool]:
