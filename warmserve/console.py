@@ -41,15 +41,15 @@ def configure(verbose: bool) -> None:
 
 def show_ours() -> None:
     """Give WarmServe's loggers the handler Dask gives its own when it is imported (its log
-    format, stderr), at INFO unless a level was set, if nothing gave them one already: in a
+    format, stderr), at INFO unless a level was set, if logging is not configured yet: in a
     ``dask scheduler`` or ``dask worker`` started by hand, the preloads call this, or their
-    lines (starts, activations, evictions) would go nowhere."""
+    lines (starts, activations, evictions) would go nowhere. A process that configured logging
+    (a root handler, as an application or pytest has) keeps it as it is."""
     ours = logging.getLogger("warmserve")
-    if ours.handlers:
+    if ours.handlers or logging.getLogger().handlers:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(dask.config.get("distributed.admin.log-format")))
     ours.addHandler(handler)
-    ours.propagate = False
     if ours.level == logging.NOTSET:
         ours.setLevel(logging.INFO)
