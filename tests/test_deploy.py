@@ -122,6 +122,13 @@ def test_deploy_on_a_cluster(tmp_path: Path, start: Start, tiny_registry: Regist
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 4
     assert answers(f"http://127.0.0.1:{dashboard}/warmserve")
+    status = subprocess.run(
+        [os.path.join(BIN, "warmserve"), "status", "--scheduler", address],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert status.returncode == 0 and "/cpu:0" in status.stdout, status.stdout + status.stderr
 
     for proc in (door, worker, scheduler):
         assert ctrl_c(proc) == 0

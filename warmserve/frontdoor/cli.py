@@ -24,8 +24,12 @@ async def serve(scheduler: str, host: str, port: int, registry: Registry) -> Non
     from warmserve.frontdoor.server import listening, stop_on_signals
     from warmserve.status import fetch
 
+    try:
+        app = create_app(scheduler, registry)
+    except (ValueError, TypeError) as e:  # a warmserve.frontdoor.* value of the wrong kind
+        raise click.ClickException(f"warmserve configuration: {e}") from None
     await fetch(scheduler, timeout=10.0)
-    async with listening(create_app(scheduler, registry), host, port) as door:
+    async with listening(app, host, port) as door:
         click.echo(
             f"WarmServe front door at {door.url}/v1 ({len(registry)} models), "
             f"scheduler {scheduler}. Ctrl-C stops it."
