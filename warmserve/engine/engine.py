@@ -218,7 +218,11 @@ class Engine:
         self._thread.join()
         llm, self._llm = self._llm, None
         if not release:
-            llm.engine_core._finalizer.detach()  # vLLM's InprocClient: shutdown at exit
+            # vLLM 0.32's in-process client runs that shutdown at exit through a finalizer; the
+            # GPU extra's vLLM may have none, hence getattr.
+            finalizer = getattr(llm.engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
             return
         with MODEL_LOCK:
             llm.engine_core.shutdown()
