@@ -78,6 +78,14 @@ def answers(url: str) -> bool:
         return False
 
 
+def listens(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def has_worker(address: str) -> bool:
     try:
         view = ClusterView.from_dict(asyncio.run(fetch(address, 5.0))["view"])
@@ -136,3 +144,26 @@ def test_deploy_on_a_cluster(tmp_path: Path, start: Start, tiny_registry: Regist
         log = (tmp_path / f"{name}.log").read_text()
         assert "Traceback" not in log, log
         assert "killing" not in log, log
+
+
+def test_frontdoor_needs_the_scheduler_plugin(start: Start, tiny_registry: Registry, models_dir):
+    """A scheduler started without the preload gets one line, not a door that answers 503."""
+    port = free_port()
+    scheduler = start(
+        "plain-scheduler", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port)
+    )
+    address = f"tcp://127.0.0.1:{port}"
+    wait_until(lambda: listens(port), "the scheduler listens", scheduler)
+    registry = os.path.join(models_dir, "registry.yaml")
+    door = subprocess.run(
+        [os.path.join(BIN, "warmserve"), "frontdoor", "--scheduler", address],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        env={**os.environ, "DASK_WARMSERVE__MODELS_DIR": os.path.dirname(registry)},
+    )
+    assert door.returncode != 0
+    assert door.stderr.strip().splitlines() == [
+        f"Error: the scheduler at {address} has no WarmServe plugin "
+        "(start it with --preload warmserve.scheduler_plugin)"
+    ], door.stderr
