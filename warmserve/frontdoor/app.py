@@ -157,6 +157,8 @@ class FrontDoor:
 
     async def _sync(self, events: list[list], returned: list[str], held: list[str]) -> dict:
         assert self.client is not None
+        if self.client.status != "running":  # a call would wait for the connect timeout (30 s)
+            raise self.away()
         return await getattr(self.client.scheduler, protocol.SCHEDULER_SYNC)(
             holder=self.client.id, events=events, returned=returned, held=held
         )

@@ -164,7 +164,8 @@ class Leases:
 
     async def _run(self) -> None:
         """Sync every ``FLUSH`` while there is something to say, every ``CHECK`` while leases
-        are held, and not at all otherwise."""
+        are held, and not at all otherwise. Losing the scheduler is logged once, not per try."""
+        away = False
         while True:
             if not self._events and not self._returned:
                 timeout = CHECK if any(self._by_model.values()) else None
@@ -176,8 +177,12 @@ class Leases:
             try:
                 await self.flush()
             except Exception as e:  # the scheduler is away: stop using leases until it is back
-                logger.info("cannot report to the scheduler (%s); leases given back", e)
+                level = logging.DEBUG if away else logging.INFO
+                logger.log(level, "cannot report to the scheduler (%s); leases given back", e)
+                away = True
                 for leases in self._by_model.values():
                     for lease in list(leases.values()):
                         self._give_back(lease)
                 await asyncio.sleep(CHECK)
+            else:
+                away = False

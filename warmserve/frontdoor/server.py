@@ -30,13 +30,19 @@ class _Server(uvicorn.Server):
         yield
 
 
-class _CancelledAtStop(logging.Filter):
-    """Drops uvicorn's "Exception in ASGI application" traceback for a request that uvicorn
-    itself cancelled after :data:`GRACE`: an expected end, which its one line "Cancel N running
-    task(s), timeout graceful shutdown exceeded" already reports."""
+class _Cancelled(logging.Filter):
+    """Drops a record of a task cancelled at a stop, which its logger reports with a traceback:
+    a request uvicorn cancelled after :data:`GRACE` ("Exception in ASGI application"; uvicorn's
+    one line "Cancel N running task(s)" says it), or the Dask client's reconnection to a
+    scheduler stopped before the front door, cancelled as the client closes. Both are expected
+    ends of a stop."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+# Loggers of this process that report tasks cancelled at a stop (see _Cancelled).
+CANCELLING = ("uvicorn.error", "distributed.client")
 
 
 @dataclass
@@ -57,9 +63,10 @@ async def listening(app: Starlette, host: str, port: int) -> AsyncIterator[Liste
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=GRACE
     )
-    errors = logging.getLogger("uvicorn.error")  # configured by uvicorn.Config, just above
-    if not any(isinstance(f, _CancelledAtStop) for f in errors.filters):
-        errors.addFilter(_CancelledAtStop())
+    for name in CANCELLING:  # after uvicorn.Config, which configures uvicorn's loggers
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Cancelled) for f in log.filters):
+            log.addFilter(_Cancelled())
     server = _Server(config)
     task = asyncio.ensure_future(server.serve())
     while not server.started and not task.done():
