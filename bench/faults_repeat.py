@@ -1,7 +1,8 @@
 """The fault tests, run again and again: a test that can fail on timing shows here, not in CI.
 
-Each run is a fresh ``pytest`` process over the fault suites (a worker killed mid-stream, a
-scheduler restarted, starts that keep failing, a lost worker's accounting), so nothing carries
+Each run is a fresh ``pytest`` process over the fault suites (a worker killed mid-stream or
+while it prewarms, a front door killed mid-stream, a scheduler restarted, starts that keep
+failing, a lost worker's accounting), so nothing carries
 over between runs but the generated models' cache. The result lists every run's outcome, its
 pytest summary line and wall time, and whether all passed.
 
@@ -20,6 +21,8 @@ import time
 
 SUITES = (
     "tests/test_faults.py",
+    "tests/test_faults_prewarm.py",
+    "tests/test_frontdoor_killed.py",
     "tests/test_restart_scheduler.py",
     "tests/test_start_failures.py",
     "tests/test_faults_accounting.py",
