@@ -140,13 +140,13 @@ async def up(
     registry_file = os.path.join(models_dir, "registry.yaml")
     t0 = time.perf_counter()
     async with serving(registry, registry_file, policy, devices, port) as stack:
-        click.echo(
-            f"WarmServe is up in {time.perf_counter() - t0:.1f}s: {stack.url}/v1 "
-            f"({len(registry)} models, devices {','.join(devices)}, policy {policy}); "
-            f"scheduler {stack.cluster.scheduler_address}, "
-            f"dashboard {stack.cluster.dashboard_link}"
-        )
-        with stop_on_signals(stack.server):
+        with stop_on_signals(stack.server):  # before "up": a signal may follow at once
+            click.echo(
+                f"WarmServe is up in {time.perf_counter() - t0:.1f}s: {stack.url}/v1 "
+                f"({len(registry)} models, devices {','.join(devices)}, policy {policy}); "
+                f"scheduler {stack.cluster.scheduler_address}, "
+                f"dashboard {stack.cluster.dashboard_link}"
+            )
             if demo:
                 await run_demo(stack.url, registry)
             else:

@@ -30,11 +30,11 @@ async def serve(scheduler: str, host: str, port: int, registry: Registry) -> Non
         raise click.ClickException(f"warmserve configuration: {e}") from None
     await fetch(scheduler, timeout=10.0)
     async with listening(app, host, port) as door:
-        click.echo(
-            f"WarmServe front door at {door.url}/v1 ({len(registry)} models), "
-            f"scheduler {scheduler}. Ctrl-C stops it."
-        )
-        with stop_on_signals(door.server):
+        with stop_on_signals(door.server):  # before the line: a signal may follow at once
+            click.echo(
+                f"WarmServe front door at {door.url}/v1 ({len(registry)} models), "
+                f"scheduler {scheduler}. Ctrl-C stops it."
+            )
             await door.task
     click.echo("WarmServe front door stopped.")
 
