@@ -15,8 +15,9 @@ small as it gets:
 5. ``throughput``: requests/s through the (leasing) front door with ``--concurrency`` clients.
 6. ``versus_vllm``: output tokens/s of closed loops of ``--versus`` concurrent streams (``--stream
    -tokens`` each, greedy, ``ignore_eos``) through ``warmserve up``'s front door and through
-   vLLM's own OpenAI server on the same model and settings, one after the other
-   (``bench.gpu_decode``'s loads, which that benchmark runs on a GPU), and their ratio.
+   vLLM's own OpenAI server on the same model and settings, both up, their loads alternated
+   ``--rounds`` times (``bench.gpu_decode``'s loads, which that benchmark runs on a GPU), and
+   the median ratio.
 
 Run: ``python -m bench.frontdoor_bench [--requests N]`` -> bench/results/frontdoor.json
 """
@@ -35,6 +36,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import dask.config
 import httpx
 import numpy as np
 import uvicorn
@@ -48,6 +50,7 @@ from warmserve.frontdoor.app import create_app
 from warmserve.launcher import HOST, run, serving
 from warmserve.models.make import ensure_default_models
 from warmserve.protocol import GenerateRequest
+from warmserve.registry import Registry
 from warmserve.worker_plugin.client import stream_generate
 
 MODEL = "tiny-0"
@@ -168,35 +171,57 @@ async def _throughput(http: httpx.AsyncClient, body: dict, concurrency: int, n: 
     return n / (time.perf_counter() - t0)
 
 
-# What the comparison keeps of a load (bench.gpu_decode.closed_loop) besides its samples.
-LOAD_FIGURES = ("output_tok_s", "ttft_p50_s", "decode_tok_s_median", "requests", "tokens")
-
-
-def versus_vllm(models_dir: str, concurrencies: list[int], tokens: int, log: str) -> dict:
-    """Streams through WarmServe's front door against vLLM's server, per concurrency."""
+def versus_vllm(
+    models_dir: str, concurrencies: list[int], tokens: int, rounds: int, log: str
+) -> dict:
+    """Streams through WarmServe's front door against vLLM's server, per concurrency. Both
+    servers are up side by side and their loads alternate ``rounds`` times, so a change in the
+    machine's load (a shared 2-core machine) falls on both alike; the ratio is the median of
+    the rounds' ratios."""
     registry = ensure_default_models(models_dir)
     spec = registry[MODEL]
     kv_bytes = int(parse_bytes(config.get("worker.engine-kv")))
     fair, settings = gpu_decode.setup(spec, kv_bytes, gpu=False)
     jobs = [gpu_decode.load_job(spec, c, tokens, 4 * c) for c in concurrencies]
     registry_file = os.path.join(models_dir, "registry.yaml")
-    ours = run(gpu_decode.warmserve_load(spec, registry_file, "1", settings, jobs))
-    theirs = gpu_decode.vllm_load(spec, fair, False, log, jobs)
+    with gpu_decode.vllm_server(spec, fair, False, log) as (url, _, command):
+        loads = run(_alternate(spec, registry_file, settings, url, jobs, rounds))
     by_concurrency = {}
-    for c, o, t in zip(concurrencies, ours, theirs, strict=True):
-        if not (o["all_full_length"] and t["all_full_length"]):
+    for c, (ours, theirs) in zip(concurrencies, loads, strict=True):
+        if not all(load["all_full_length"] for load in ours + theirs):
             raise RuntimeError(f"a stream at concurrency {c} ended early")
+        ratios = [o["output_tok_s"] / t["output_tok_s"] for o, t in zip(ours, theirs, strict=True)]
         by_concurrency[str(c)] = {
-            "warmserve": {k: o[k] for k in LOAD_FIGURES},
-            "vllm_server": {k: t[k] for k in LOAD_FIGURES},
-            "ratio_warmserve_over_vllm": o["output_tok_s"] / t["output_tok_s"],
+            "warmserve_output_tok_s": [load["output_tok_s"] for load in ours],
+            "vllm_server_output_tok_s": [load["output_tok_s"] for load in theirs],
+            "warmserve_ttft_p50_s": [load["ttft_p50_s"] for load in ours],
+            "vllm_server_ttft_p50_s": [load["ttft_p50_s"] for load in theirs],
+            "ratios": ratios,
+            "ratio_warmserve_over_vllm": statistics.median(ratios),
         }
     return {
         "fairness": {**fair, "max_tokens": tokens, "requests": "4 x concurrency"},
-        "vllm_command": theirs[0]["command"],
+        "rounds": rounds,
+        "vllm_command": command,
         "by_concurrency": by_concurrency,
         "target": 0.9,
     }
+
+
+async def _alternate(
+    spec, registry_file: str, settings: dict, vllm_url: str, jobs: list[dict], rounds: int
+) -> list[tuple[list[dict], list[dict]]]:
+    """Per job, ``rounds`` of (WarmServe's load, then vLLM's), with ``warmserve up``'s stack."""
+    out = []
+    with dask.config.set(settings):
+        async with serving(Registry([spec]), registry_file, "autoscale", "1") as stack:
+            for job in jobs:
+                ours, theirs = [], []
+                for _ in range(rounds):
+                    ours.append(await gpu_decode.run_load({**job, "url": stack.url}))
+                    theirs.append(await gpu_decode.run_load({**job, "url": vllm_url}))
+                out.append((ours, theirs))
+    return out
 
 
 def main() -> None:
@@ -207,18 +232,22 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="Models folder (default: a temp folder).")
     parser.add_argument("--versus", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--stream-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="bench/results/frontdoor.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         models = args.models or tmp
         result = run(measure(models, args.requests, args.concurrency, args.throughput_requests))
         log = os.path.join(tmp, "vllm_server.log")
-        result["versus_vllm"] = versus_vllm(models, args.versus, args.stream_tokens, log)
+        result["versus_vllm"] = versus_vllm(
+            models, args.versus, args.stream_tokens, args.rounds, log
+        )
     result = {
         "command": "python -m bench.frontdoor_bench "
         f"--requests {args.requests} --concurrency {args.concurrency} "
         f"--throughput-requests {args.throughput_requests} "
-        f"--versus {' '.join(map(str, args.versus))} --stream-tokens {args.stream_tokens}",
+        f"--versus {' '.join(map(str, args.versus))} --stream-tokens {args.stream_tokens} "
+        f"--rounds {args.rounds}",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         **result,
     }

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import dask.config
 import httpx
@@ -217,8 +217,11 @@ def stop(server: subprocess.Popen) -> None:
     server.wait()
 
 
-def vllm_load(spec: ModelSpec, fair: dict, gpu: bool, log: str, jobs: list[dict]) -> list[dict]:
-    """The same loads against vLLM's own server, started here and stopped after them."""
+@contextlib.contextmanager
+def vllm_server(
+    spec: ModelSpec, fair: dict, gpu: bool, log: str
+) -> Iterator[tuple[str, float, str]]:
+    """vLLM's own server on ``spec`` until the block ends: its URL, start seconds and command."""
     port = free_port()
     command = vllm_command(spec, port, fair, gpu)
     # Its default layout, the engine core in a child process, whatever this process was told.
@@ -229,13 +232,18 @@ def vllm_load(spec: ModelSpec, fair: dict, gpu: bool, log: str, jobs: list[dict]
         )
     try:
         url = f"http://{HOST}:{port}"
-        started = wait_healthy(url, server, log)
-        results = [run(run_load({**job, "url": url})) for job in jobs]
+        yield url, wait_healthy(url, server, log), shlex.join(command)
     finally:
         stop(server)
+
+
+def vllm_load(spec: ModelSpec, fair: dict, gpu: bool, log: str, jobs: list[dict]) -> list[dict]:
+    """The same loads against vLLM's own server, started here and stopped after them."""
+    with vllm_server(spec, fair, gpu, log) as (url, started, command):
+        results = [run(run_load({**job, "url": url})) for job in jobs]
     with open(log, errors="replace") as f:
         kv_lines = [line.strip()[-160:] for line in f if "KV cache" in line]
-    server_info = {"start_s": started, "command": shlex.join(command), "kv_log": kv_lines}
+    server_info = {"start_s": started, "command": command, "kv_log": kv_lines}
     return [{**result, **server_info} for result in results]
 
 
