@@ -287,7 +287,9 @@ class WarmServeWorker(WorkerPlugin):
         return work
 
     def _job_finished(self, job: Job) -> None:
-        level = logging.INFO if job.state == "done" else logging.WARNING
+        # A prewarm that worked is the planner's routine (often of a model already there): the
+        # console's INFO lines are for starts, activations and evictions.
+        level = logging.DEBUG if job.state == "done" else logging.WARNING
         reason = f" ({job.error})" if job.error else ""
         logger.log(
             level,
