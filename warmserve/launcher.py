@@ -29,7 +29,7 @@ import httpx
 import uvicorn
 from distributed import Nanny, Scheduler, SpecCluster
 
-from warmserve import config, console
+from warmserve import config, console, options
 from warmserve.frontdoor.server import listening, stop_on_signals
 from warmserve.policy.factory import POLICIES
 from warmserve.registry import Registry
@@ -191,7 +191,9 @@ def demo_requests(registry: Registry) -> list[tuple[str, str, dict]]:
 
 async def run_demo(url: str, registry: Registry) -> None:
     """Send the demo requests one by one and print each answer and its TTFT."""
-    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+    key = config.get("frontdoor.api-key")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=url, timeout=300, headers=headers) as http:
         for endpoint, label, body in demo_requests(registry):
             t0 = time.perf_counter()
             ttft = None
@@ -241,6 +243,7 @@ def _devices_option(ctx: click.Context, param: click.Parameter, value: str | Non
     help="Model families; generated if missing [default: warmserve.models-dir].",
 )
 @click.option("--demo", is_flag=True, help="Send a few example requests, print them, exit.")
+@options.api_key_option()
 @click.option("--verbose", is_flag=True, help="Show Dask's and vLLM's INFO logs too.")
 def command(
     policy: str, devices: list[str], port: int, models_dir: str | None, demo: bool, verbose: bool

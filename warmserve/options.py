@@ -110,3 +110,23 @@ def registry_option(flag: str) -> Callable[[F], F]:
         callback=resolve,
         help="Model registry YAML [default: <warmserve.models-dir>/registry.yaml].",
     )
+
+
+def api_key_option() -> Callable[[F], F]:
+    """``--api-key`` (or ``WARMSERVE_API_KEY``): the key the front door asks for, set as
+    ``warmserve.frontdoor.api-key`` as it is parsed, so the front door and the demo read it
+    where every other front door setting is read."""
+
+    def keep(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value:
+            dask.config.set({"warmserve.frontdoor.api-key": value})
+        return value
+
+    return click.option(
+        "--api-key",
+        envvar="WARMSERVE_API_KEY",
+        default=None,
+        callback=keep,
+        expose_value=False,
+        help="Require 'Authorization: Bearer KEY' on /v1/* (env WARMSERVE_API_KEY).",
+    )

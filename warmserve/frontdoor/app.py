@@ -24,12 +24,14 @@ from typing import Any, TypeVar
 from distributed import Client
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as HTTPRoute
 
 from warmserve import config, protocol
 from warmserve.frontdoor.admission import Admission
+from warmserve.frontdoor.auth import RequireKey
 from warmserve.frontdoor.catalog import Catalog
 from warmserve.frontdoor.errors import APIError, SchemaError, internal
 from warmserve.frontdoor.leases import Leases
@@ -222,11 +224,13 @@ def create_app(
     retry_after: int | None = None,
     request_timeout: float | None = None,
     lease: int | None = None,
+    api_key: str | None = None,
 ) -> Starlette:
     """The front door for the models in ``registry``, routing through ``scheduler`` (an address,
     or a Client whose address is used; an asynchronous Client in the server's loop is used as is).
     Unset limits come from ``warmserve.frontdoor.*``; ``lease`` is the number of slots asked
-    for with each route (0: a route per request)."""
+    for with each route (0: a route per request); with ``api_key`` (or
+    ``warmserve.frontdoor.api-key``) ``/v1/*`` needs it (:mod:`warmserve.frontdoor.auth`)."""
     EngineErrors.load()
     door = FrontDoor(
         scheduler,
@@ -290,7 +294,9 @@ def create_app(
         logger.error("%s %s failed (%s)", request.url.path, request_id, exc, exc_info=exc)
         return internal(request_id).response()
 
+    key = api_key or config.get("frontdoor.api-key")
     app = Starlette(
+        middleware=[Middleware(RequireKey, key=str(key))] if key else [],
         exception_handlers={HTTPException: http_error, Exception: crashed},
         routes=[
             HTTPRoute("/v1/completions", completions, methods=["POST"]),

@@ -45,6 +45,7 @@ async def serve(scheduler: str, host: str, port: int, registry: Registry) -> Non
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free).")
 @options.registry_option("--registry")
+@options.api_key_option()
 @click.option("--verbose", is_flag=True, help="Show Dask's INFO logs and WarmServe's DEBUG too.")
 def command(scheduler: str, host: str, port: int, registry: str, verbose: bool) -> None:
     """Serve the OpenAI-compatible API in front of a running WarmServe cluster."""

@@ -11,6 +11,7 @@ from starlette.responses import Response
 # The ``type`` vLLM's server gives each status; the openai client shows it to users.
 _TYPES: dict[int, str] = {
     400: "BadRequestError",
+    401: "AuthenticationError",
     404: "NotFoundError",
     413: "RequestEntityTooLarge",
     422: "UnprocessableEntityError",
