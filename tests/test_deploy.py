@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.test_restart_scheduler import listens
 from warmserve.dashboard.view import ClusterView
 from warmserve.registry import Registry
 from warmserve.status import StatusError, fetch
@@ -76,14 +77,6 @@ def answers(url: str) -> bool:
         return httpx.get(url, timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def listens(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def has_worker(address: str) -> bool:

@@ -22,6 +22,7 @@ import atexit
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import click
 from dask.utils import parse_bytes
@@ -35,22 +36,20 @@ from warmserve.worker_plugin.devices import parse_list
 __all__ = ["dask_setup", "generate"]
 
 
-def _devices(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None:
-        try:
-            parse_list(value)
-        except ValueError as e:
-            raise OptionError(f"--warmserve-devices: {e}") from None
-    return value
+def _parsed_by(
+    parse: Callable[[str], object], flag: str
+) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A click callback that lets ``flag``'s value through once ``parse`` accepts it."""
 
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as e:
+                raise OptionError(f"{flag}: {e}") from None
+        return value
 
-def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None:
-        try:
-            parse_bytes(value)
-        except ValueError as e:
-            raise OptionError(f"--warmserve-device-memory: {e}") from None
-    return value
+    return check
 
 
 @click.command()
@@ -58,7 +57,7 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> st
 @click.option(
     "--warmserve-devices",
     default=None,
-    callback=_devices,
+    callback=_parsed_by(parse_list, "--warmserve-devices"),
     help="Devices of this worker, e.g. cuda:0, cpu:0,cpu:1 or cuda:0,cuda:1 (default: visible "
     "GPUs, else warmserve.worker.cpu-slots CPU slots). With one GPU cuda:N (the N-th visible "
     "one), the process sets CUDA_VISIBLE_DEVICES to that GPU alone.",
@@ -66,7 +65,7 @@ def _memory(ctx: click.Context, param: click.Parameter, value: str | None) -> st
 @click.option(
     "--warmserve-device-memory",
     default=None,
-    callback=_memory,
+    callback=_parsed_by(parse_bytes, "--warmserve-device-memory"),
     help="Memory budget of each device, e.g. 2GiB (default: NVML, else "
     "warmserve.worker.device-memory).",
 )
