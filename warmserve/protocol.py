@@ -21,6 +21,9 @@ SCHEDULER_ROUTE = "warmserve_route"
 SCHEDULER_DONE = "warmserve_done"
 SCHEDULER_SYNC = "warmserve_sync"  # a front door's batched lease report
 SCHEDULER_STATUS = "warmserve_status"
+# Event topic the scheduler publishes (``log_event``) when an instance went idle, stopped or
+# started: front doors subscribed to it let their waiting requests ask again at once.
+SCHEDULER_CHANGED = "warmserve-changed"
 
 
 @dataclass(slots=True)

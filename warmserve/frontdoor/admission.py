@@ -4,8 +4,9 @@ The scheduler decides where a request goes and counts each instance's slots, so 
 doors share one view of capacity. When it answers that no instance has room, the request waits
 here, in arrival order, up to ``warmserve.frontdoor.max-queue`` per model; beyond that it is
 answered 429 with ``Retry-After``. Only the head of a queue asks the scheduler again (when a request
-of its model finishes here, or every ``POLL`` seconds for room freed elsewhere), so a long queue
-does not become a storm of RPCs. A free slot of a lease this front door holds
+of its model finishes here, when the scheduler announces that an instance went idle or started,
+so that memory may be free for any model, or every ``POLL`` seconds as a fallback), so a long
+queue does not become a storm of RPCs. A free slot of a lease this front door holds
 (:mod:`~warmserve.frontdoor.leases`) is taken before asking, in the same order, so leasing
 changes how fast a request is placed, not which request goes first.
 """
@@ -25,7 +26,7 @@ from warmserve.frontdoor.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-POLL = 0.25  # seconds between the queue head's retries when nothing finished here
+POLL = 0.25  # seconds between the queue head's retries when nothing was heard
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,13 @@ class Admission:
         changed = self._changed.pop(model, None)
         if changed is not None:
             changed.set()
+
+    def wake_all(self) -> None:
+        """Memory may have become free for any model (an instance went idle somewhere): every
+        waiting queue's head asks again now, not at its next poll."""
+        for model, queue in self._queues.items():
+            if queue:
+                self.wake(model)
 
     async def _try(self, model: str, request_id: str, exclude: tuple[str, ...]) -> Route | None:
         if self.leases is not None:

@@ -88,6 +88,7 @@ class FrontDoor:
             self.client = await self._new_client(address)
             self._owns_client = True
             self._watch = asyncio.ensure_future(self._keep_connected(address))
+        self._subscribe()
         self.leases = Leases(self._sync)
         self.leases.start()
         self.admission = Admission(
@@ -122,7 +123,17 @@ class FrontDoor:
             except (OSError, TimeoutError) as e:
                 logger.debug("scheduler %s still away: %s", address, e)
                 continue
+            self._subscribe()
             logger.info("front door reconnected to %s", address)
+
+    def _subscribe(self) -> None:
+        """Wake the waiting requests whenever the scheduler says memory or an instance changed."""
+        assert self.client is not None
+        self.client.subscribe_topic(protocol.SCHEDULER_CHANGED, self._on_changed)
+
+    def _on_changed(self, event: tuple[float, str]) -> None:
+        if self.admission is not None:
+            self.admission.wake_all()
 
     def away(self) -> APIError:
         """What a request gets while the scheduler cannot be reached."""

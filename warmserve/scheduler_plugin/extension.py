@@ -288,6 +288,7 @@ class WarmServeExtension(SchedulerPlugin):
             await self.refresh(s.worker)
         finally:
             self.state.end_start(s, instance, error)
+            self._changed(s.model)
 
     def _stop(self, iid: str) -> None:
         inst = self.state.instances.get(iid)
@@ -439,8 +440,17 @@ class WarmServeExtension(SchedulerPlugin):
         t = self._at(t)
         self.meter.depart(req.model, t)
         self.short.depart(req.model, t)
-        if inst is not None and inst.draining and inst.load == 0:
-            self._deactivate(inst)
+        if inst is not None and inst.load == 0:
+            if inst.draining:
+                self._deactivate(inst)
+            self._changed(inst.model)
+
+    def _changed(self, model: str) -> None:
+        """Tell the front doors that memory may be free or an instance ready (an instance went
+        idle or stopped, a start ended), so that their waiting requests ask again now rather
+        than at their next poll. The sim's ``_depart`` and ``READY`` events do the same."""
+        assert self.scheduler is not None
+        self.scheduler.log_event(protocol.SCHEDULER_CHANGED, model)
 
     def status(self) -> dict[str, Any]:
         """Devices, instances, waiting requests and load, for operators and the dashboard."""

@@ -207,14 +207,14 @@ class Simulator:
         q.append(r)
         self._ask(m, t)
 
-    def _ask(self, m: int, t: float) -> None:
+    def _ask(self, m: int, t: float, now: bool = False) -> None:
         """The head of ``m``'s queue asks for an instance, as the live front door's does: now,
         and again every ``demand_interval_s`` while requests wait beyond the instances already
-        starting for them (an idle instance elsewhere may be stopped for them meanwhile)."""
+        starting for them, or at once when told that something changed (``now``)."""
         q = self.queues[m]
         if len(q) <= self.cluster.starting[m] * self.config.instance_capacity:
             return
-        if t >= self.next_demand[m]:
+        if now or t >= self.next_demand[m]:
             self._on_demand(m, t)
         if q and self.retry_at[m] == math.inf:
             self.retry_at[m] = max(t + self.costs.demand_interval_s, self.next_demand[m])
@@ -244,13 +244,21 @@ class Simulator:
 
     def _depart(self, inst: Instance, r: int, t: float) -> None:
         inst.count -= 1
-        if inst.count == 0:
-            self.cluster.version += 1  # an idle instance: a waiting model's answer may differ
         self.cluster.moved.add(inst)
         inst.kv_used -= int(self.inp[r] + self.out[r])
         self._depart_load(inst.midx, t)
         if not inst.draining and self.queues[inst.midx]:
             self._pull(inst, t)
+        if inst.count == 0:
+            self.cluster.version += 1  # an idle instance: a waiting model's answer may differ
+            self._changed(t)
+
+    def _changed(self, t: float) -> None:
+        """An instance went idle or became ready: every waiting model asks again now, as the
+        live scheduler's ``warmserve-changed`` event makes each front door's queue heads do."""
+        for m, q in enumerate(self.queues):
+            if q:
+                self._ask(m, t, now=True)
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -289,6 +297,7 @@ class Simulator:
                     self.cluster.version += 1
                     if obj.id in self.cluster.instances:
                         self._pull(obj, t)
+                    self._changed(t)
                 elif kind == _RETRY:
                     self.retry_at[obj] = math.inf
                     self._ask(obj, t)
