@@ -1,5 +1,6 @@
-"""What no HTTP answer of the front door may carry: a traceback, a path into the project's
-files, or a pickle (Dask sends exceptions pickled; one passed through to a client once)."""
+"""What must not leak. From the front door: a traceback, a path into the project's files, or a
+pickle in an HTTP answer (Dask sends exceptions pickled; one passed through to a client once).
+From a worker after a fault: memory or files it holds for nothing (:func:`leftovers`)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,30 @@ def assert_clean(body: bytes) -> None:
     assert PROJECT.encode() not in body, body[:500]
     assert b'.py", line' not in body, body[:500]
     assert not _PICKLE.search(body), body[:500]
+
+
+def leftovers(dask_worker) -> list[str]:
+    """What a worker's WarmServe plugin holds that nothing of its own uses, run in the worker
+    (``client.run``): device memory reserved for an engine that is not up, a pool region of no
+    resident model (or one never filled while no prewarm runs), a host copy's memfd the host
+    tier does not list. Empty when a fault left nothing behind."""
+    plugin = dask_worker.plugins["warmserve"]
+    out = []
+    for device, memory in plugin.store.memory.items():
+        up = {s.key for s in plugin.instances.slots(device)}
+        out += [f"{device}: engine {k} reserved, not up" for k in memory.engines if k not in up]
+        regions = {f"weights:{m}" for m in memory.resident}
+        out += [f"{device}: region {t} of no model" for t in memory.pool.tags() if t not in regions]
+        if not plugin.jobs.running:
+            unfilled = [m for m, r in memory.resident.items() if not r.filled]
+            out += [f"{device}: {m} reserved, never filled" for m in unfilled]
+    copies = {f"/memfd:warmserve-{m} (deleted)" for m in plugin.store.host.copies}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the listing's own fd, closed by now
+            continue
+        pool = target.startswith("/memfd:warmserve-pool")
+        if target.startswith("/memfd:warmserve-") and not pool and target not in copies:
+            out.append(f"{target}: of no host copy")
+    return out

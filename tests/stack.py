@@ -94,8 +94,9 @@ def default_models(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple
     return ensure_default_models(models_dir), os.path.join(models_dir, "registry.yaml")
 
 
-def plugin_cluster(registry_file: str, devices: str, node: str) -> LocalCluster:
-    """One worker process with both plugins, owning the CPU slots ``devices`` on ``node``."""
+def plugin_cluster(registry_file: str, devices: str, node: str, *flags: str) -> LocalCluster:
+    """One worker process with both plugins, owning the CPU slots ``devices`` on ``node``;
+    ``flags`` are more of the worker preload's flags."""
     return LocalCluster(
         n_workers=1,
         threads_per_worker=1,
@@ -114,5 +115,6 @@ def plugin_cluster(registry_file: str, devices: str, node: str) -> LocalCluster:
             node,
             "--warmserve-registry",
             registry_file,
+            *flags,
         ],
     )

@@ -48,7 +48,7 @@ from warmserve.policy.state import (
 from warmserve.registry import Registry
 from warmserve.scheduler_plugin.history import History
 from warmserve.scheduler_plugin.state import ClusterState, Instance, Starting
-from warmserve.worker_plugin.errors import DeviceBusy, DoesNotFit, WorkerClosing
+from warmserve.worker_plugin.errors import DeviceBusy, DoesNotFit, WorkerClosing, arrived
 
 logger = logging.getLogger("warmserve.scheduler")
 action_logger = logging.getLogger("warmserve.scheduler.actions")
@@ -276,9 +276,10 @@ class WarmServeExtension(SchedulerPlugin):
                 )
                 self.state.instances[iid] = instance
                 logger.debug("%s serves %s (%.2fs)", iid, s.model, time() - t0)
-        except Exception as e:
+        except Exception as raised:
             # Memory taken or the worker going away may pass: the model's requests keep waiting.
             # Any other failure counts toward giving up on the model (ClusterState.start_failing).
+            e = arrived(raised)
             expected = isinstance(e, (DoesNotFit, DeviceBusy, WorkerClosing))
             if not expected:
                 error = type(e).__name__

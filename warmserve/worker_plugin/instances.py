@@ -30,7 +30,13 @@ from warmserve.engine.engine import preload as preload_engine
 from warmserve.policy.state import Tier
 from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.registry import ModelSpec
-from warmserve.worker_plugin.errors import DeviceBusy, DoesNotFit, EngineDied, NoInstance
+from warmserve.worker_plugin.errors import (
+    DeviceBusy,
+    DeviceTooSmall,
+    DoesNotFit,
+    EngineDied,
+    NoInstance,
+)
 from warmserve.worker_plugin.weight_store import WeightStore
 
 logger = logging.getLogger("warmserve.worker.instances")
@@ -251,7 +257,7 @@ class Instances:
 
         Room comes from prewarmed weights of other models than ``keep`` (least recently used
         first), then from idle engines; if that is still not enough, nothing is dropped and
-        DoesNotFit is raised.
+        DoesNotFit is raised (DeviceTooSmall if the engine exceeds the whole device).
         """
         slot = self.idle_slot(spec, device)
         if slot is not None:
@@ -278,6 +284,12 @@ class Instances:
         memory = self.store.memory[device]
         if memory.fits(need):
             return
+        if memory._chunks(need) > memory.pool.capacity:
+            raise DeviceTooSmall(
+                f"{device}: an engine of {spec.family} needs {memory._chunks(need)} bytes "
+                f"(weights and warmserve.worker.engine-kv), more than the device's "
+                f"{memory.pool.capacity}"
+            )
         weights = sorted(
             (r for m, r in memory.resident.items() if m != keep and r.filled),
             key=lambda r: r.last_used,

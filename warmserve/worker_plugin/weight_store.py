@@ -23,6 +23,7 @@ between slices, so an eviction can stop a prewarm of a large model midway.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import mmap
 import os
@@ -305,8 +306,13 @@ class WeightStore:
         copy = self.host.reserve(spec)
         try:
             await self._run_blocking(copy.fill, cancel)
-        except BaseException:
+        except BaseException as e:
             self.host.drop(spec.name)
+            # No space for the bytes (ENOSPC, as a full disk says; ENOMEM): the model does not
+            # fit, as when the budget says so, and the job fails with that reason. Left an
+            # OSError, it was logged with a traceback at every prewarm the planner asked for.
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.ENOMEM):
+                raise DoesNotFit(f"host memory: {spec.name!r} does not fit ({e})") from e
             raise
         logger.debug("%s: in host memory (%d bytes)", spec.name, copy.nbytes)
         return copy
