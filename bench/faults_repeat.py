@@ -1,9 +1,10 @@
 """The fault tests, run again and again: a test that can fail on timing shows here, not in CI.
 
 Each run is a fresh ``pytest`` process over the fault suites (a worker killed mid-stream or
-while it prewarms, a front door killed mid-stream, a scheduler restarted, starts that keep
-failing, a lost worker's accounting), so nothing carries
-over between runs but the generated models' cache. The result lists every run's outcome, its
+while it prewarms, a front door killed mid-stream, a scheduler restarted idle and mid-stream,
+a device out of memory at activation, a disk-full weight store, starts that keep failing, a
+lost worker's accounting), so nothing carries over between runs but the generated models'
+cache. The result lists every run's outcome, its
 pytest summary line and wall time, and whether all passed.
 
 Run: ``python -m bench.faults_repeat [--runs 10]`` -> bench/results/faults_repeat.json
@@ -24,6 +25,9 @@ SUITES = (
     "tests/test_faults_prewarm.py",
     "tests/test_frontdoor_killed.py",
     "tests/test_restart_scheduler.py",
+    "tests/test_restart_mid_stream.py",
+    "tests/test_faults_device_memory.py",
+    "tests/test_faults_disk_full.py",
     "tests/test_start_failures.py",
     "tests/test_faults_accounting.py",
 )

@@ -63,12 +63,26 @@ class FrontDoor:
         self._thread.join()
 
 
-def scheduler(port: int, registry_file: str) -> subprocess.Popen:
+def scheduler(port: int, registry_file: str, *flags: str) -> subprocess.Popen:
+    """``dask scheduler`` with the preload; ``flags`` are more of its flags (a config YAML)."""
     return subprocess.Popen(
         [
             *(DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
             *("--preload", "warmserve.scheduler_plugin", "--warmserve-registry", registry_file),
+            *flags,
         ]
+    )
+
+
+def worker(address: str, registry_file: str) -> subprocess.Popen:
+    """``dask worker`` (with its nanny) on one CPU slot; it outlives a lost scheduler."""
+    return subprocess.Popen(
+        [
+            *(DASK, "worker", address, "--nthreads", "1", "--memory-limit", "0", "--no-dashboard"),
+            *("--preload", "warmserve.worker_plugin", "--warmserve-devices", "cpu:0"),
+            *("--warmserve-registry", registry_file),
+        ],
+        env={**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"},
     )
 
 
@@ -105,14 +119,7 @@ def restart(tiny_registry: Registry, models_dir: str) -> None:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [scheduler(port, registry_file)]
-    worker = subprocess.Popen(
-        [
-            *(DASK, "worker", address, "--nthreads", "1", "--memory-limit", "0", "--no-dashboard"),
-            *("--preload", "warmserve.worker_plugin", "--warmserve-devices", "cpu:0"),
-            *("--warmserve-registry", registry_file),
-        ],
-        env={**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"},
-    )
+    nanny = worker(address, registry_file)
     door = None
     try:
         poll(lambda: listens(port), "the scheduler listens")
@@ -142,12 +149,12 @@ def restart(tiny_registry: Registry, models_dir: str) -> None:
             poll(worker_back, "the worker's device registered with the new scheduler")
         r = httpx.post(f"{door.url}/v1/completions", json=body, timeout=300)
         assert r.status_code == 200, r.text
-        assert worker.poll() is None  # the same `dask worker` (its nanny) throughout
+        assert nanny.poll() is None  # the same `dask worker` (its nanny) throughout
     finally:
         if door is not None:
             door.stop()
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(120)
+        nanny.send_signal(signal.SIGTERM)
+        nanny.wait(120)
         for p in procs:
             p.send_signal(signal.SIGTERM)
             p.wait(60)
