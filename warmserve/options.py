@@ -130,3 +130,63 @@ def api_key_option() -> Callable[[F], F]:
         expose_value=False,
         help="Require 'Authorization: Bearer KEY' on /v1/* (env WARMSERVE_API_KEY).",
     )
+
+
+# ``warmserve frontdoor``'s and ``warmserve status``'s TLS flags, named as ``dask scheduler`` and
+# ``dask worker`` name theirs, and the ``distributed.comm.tls.*`` key each sets.
+TLS_FLAGS = {
+    "--tls-ca-file": ("ca-file", "CA certificate (PEM) that signed the cluster's certificates."),
+    "--tls-cert": ("client.cert", "This process's certificate (PEM), signed by that CA."),
+    "--tls-key": ("client.key", "Its private key (PEM), unless the certificate file holds it."),
+}
+
+
+def tls_options() -> Callable[[F], F]:
+    """The TLS flags: this process's certificate as a Dask client, set in
+    ``distributed.comm.tls.*`` once all three are parsed, so every comm it opens (its Dask
+    client, the front door's streams from workers, ``warmserve status``'s probe) uses it, and
+    ``distributed.comm.require-encryption`` so none goes out in the clear. A CA without a
+    certificate, or the reverse, ends the command with one ``Error:`` line."""
+
+    def keep(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        given = ctx.meta.setdefault("warmserve.tls", {})
+        given[param.opts[0]] = value and os.path.abspath(value)
+        if len(given) < len(TLS_FLAGS) or not any(given.values()):
+            return
+        if not (given["--tls-ca-file"] and given["--tls-cert"]):
+            raise OptionError("--tls-ca-file and --tls-cert come together (and --tls-key)")
+        settings = {f"distributed.comm.tls.{TLS_FLAGS[f][0]}": path for f, path in given.items()}
+        dask.config.set({**settings, "distributed.comm.require-encryption": True})
+
+    def decorate(command: F) -> F:
+        for flag, (_, text) in reversed(TLS_FLAGS.items()):
+            command = click.option(
+                flag,
+                type=click.Path(exists=True, dir_okay=False),
+                default=None,
+                expose_value=False,
+                callback=keep,
+                help=text,
+            )(command)
+        return command
+
+    return decorate
+
+
+def public_dashboard_option(flag: str) -> Callable[[F], F]:
+    """``flag`` lets this process's HTTP server (dashboard, /metrics) listen where Dask's
+    ``--dashboard-address`` says, every interface included, by setting
+    ``warmserve.public-dashboard`` (see :mod:`warmserve.loopback`)."""
+
+    def keep(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            dask.config.set({"warmserve.public-dashboard": True})
+
+    return click.option(
+        flag,
+        is_flag=True,
+        expose_value=False,
+        callback=keep,
+        help="Let the dashboard and /metrics listen on every interface when "
+        "--dashboard-address says so (default: moved to 127.0.0.1, same port).",
+    )

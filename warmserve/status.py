@@ -19,6 +19,7 @@ from dask.utils import format_bytes
 from distributed.core import rpc
 from distributed.security import Security
 
+from warmserve import options
 from warmserve.dashboard.observer import HANDLER
 from warmserve.dashboard.view import ClusterView
 
@@ -30,8 +31,14 @@ class StatusError(click.ClickException):
 
 
 async def fetch(address: str, timeout: float) -> dict[str, Any]:
-    """The scheduler's answer to ``warmserve_observe``; StatusError when there is none."""
+    """The scheduler's answer to ``warmserve_observe``; StatusError when there is none. TLS
+    as ``distributed.comm.tls.*`` configures it (:func:`warmserve.options.tls_options`)."""
     args = Security().get_connection_args("client")
+    tls = address.startswith("tls://")
+    if tls and args["ssl_context"] is None:  # Dask would raise a TypeError
+        raise StatusError(f"{address} is a TLS address: give --tls-ca-file and --tls-cert")
+    if args["require_encryption"] and not tls:  # and a RuntimeError here
+        raise StatusError(f"{address} is not a TLS address (tls://), and TLS flags were given")
     with dask.config.set({"distributed.comm.timeouts.connect": timeout}):
         try:
             async with rpc(address, timeout=timeout, connection_args=args) as scheduler:
@@ -113,9 +120,15 @@ def render(address: str, view: ClusterView, prewarm: dict[str, Sequence[int]]) -
 
 
 @click.command("status")
-@click.option("--scheduler", "address", required=True, help="Scheduler address (tcp://HOST:PORT).")
+@click.option(
+    "--scheduler",
+    "address",
+    required=True,
+    help="Scheduler address (tcp://HOST:PORT; tls://HOST:PORT with the --tls-* flags).",
+)
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw picture as JSON.")
+@options.tls_options()
 def command(address: str, timeout: float, as_json: bool) -> None:
     """Show devices, their state and resident models, and per-model load and forecast."""
     answer = asyncio.run(fetch(address, timeout))

@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from dask.utils import parse_bytes
 from distributed import Client
+from distributed.security import Security
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -45,7 +47,6 @@ logger = logging.getLogger("warmserve.frontdoor")
 request_logger = logging.getLogger("warmserve.frontdoor.requests")
 
 RECONNECT = 1.0  # seconds between looks at the scheduler connection (and new-client attempts)
-MAX_BODY = 1 << 20  # bytes; a prompt that fits any context here is far smaller
 Choice = tuple[int, TokenChunk]  # a chunk of the choice at that index of ``Parsed.choices``
 T = TypeVar("T")
 
@@ -67,7 +68,9 @@ class FrontDoor:
     max_queue: int
     retry_after: int
     request_timeout: float
+    max_body: int
     lease_slots: int = 0
+    security: Security | None = None
     metrics: Metrics = field(default_factory=Metrics)
     client: Client | None = None
     admission: Admission | None = None
@@ -101,9 +104,14 @@ class FrontDoor:
         )
         logger.info("front door connected to %s", self.client.scheduler.address)
 
-    @staticmethod
-    async def _new_client(address: str, **options: Any) -> Client:
-        return await Client(address, asynchronous=True, name="warmserve-frontdoor", **options)
+    async def _new_client(self, address: str, **options: Any) -> Client:
+        return await Client(
+            address,
+            asynchronous=True,
+            name="warmserve-frontdoor",
+            security=self.security,
+            **options,
+        )
 
     async def _keep_connected(self, address: str) -> None:
         """Replace the client once it gave up on the scheduler.
@@ -236,12 +244,15 @@ def create_app(
     request_timeout: float | None = None,
     lease: int | None = None,
     api_key: str | None = None,
+    max_body: int | None = None,
+    security: Security | None = None,
 ) -> Starlette:
     """The front door for the models in ``registry``, routing through ``scheduler`` (an address,
     or a Client whose address is used; an asynchronous Client in the server's loop is used as is).
     Unset limits come from ``warmserve.frontdoor.*``; ``lease`` is the number of slots asked
     for with each route (0: a route per request); with ``api_key`` (or
-    ``warmserve.frontdoor.api-key``) ``/v1/*`` needs it (:mod:`warmserve.frontdoor.auth`)."""
+    ``warmserve.frontdoor.api-key``) ``/v1/*`` needs it (:mod:`warmserve.frontdoor.auth`).
+    ``security`` is the Dask client's (TLS); None: ``distributed.comm.tls.*`` as configured."""
     EngineErrors.load()
     door = FrontDoor(
         scheduler,
@@ -249,7 +260,9 @@ def create_app(
         max_queue=int(max_queue if max_queue is not None else config.get("frontdoor.max-queue")),
         retry_after=int(retry_after or config.get("frontdoor.retry-after")),
         request_timeout=float(request_timeout or config.get("frontdoor.request-timeout")),
+        max_body=max_body or parse_bytes(str(config.get("frontdoor.max-body-bytes"))),
         lease_slots=int(lease if lease is not None else config.get("frontdoor.lease")),
+        security=security,
     )
 
     @contextlib.asynccontextmanager
@@ -323,25 +336,24 @@ def create_app(
     return app
 
 
-async def _read_body(request: Request) -> bytes:
+async def _read_body(request: Request, limit: int) -> bytes:
     """The JSON body, or 400 as vLLM's server answers: for another content type, and as soon
-    as the body grows past ``MAX_BODY`` (vLLM reads any size and then finds the prompt longer
-    than the context; no prompt that fits a context here takes that many bytes)."""
+    as the body grows past ``limit`` bytes (``warmserve.frontdoor.max-body-bytes``; vLLM reads
+    any size and then finds the prompt longer than the context)."""
     media_type = request.headers.get("content-type", "").lower().split(";", 1)[0].strip()
     if media_type != "application/json":
         raise SchemaError("Unsupported Media Type: Only 'application/json' is allowed")
     too_big = APIError(
         400,
-        f"The request body is larger than {MAX_BODY} bytes, more than any prompt that fits "
-        "the context of a model served here.",
+        f"The request body is larger than {limit} bytes (warmserve.frontdoor.max-body-bytes).",
     )
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
+    if declared.isdigit() and int(declared) > limit:
         raise too_big
     body = bytearray()
     async for part in request.stream():
         body += part
-        if len(body) > MAX_BODY:
+        if len(body) > limit:
             raise too_big
     return bytes(body)
 
@@ -349,7 +361,8 @@ async def _read_body(request: Request) -> bytes:
 async def _serve(door: FrontDoor, request: Request, kind: Kind) -> Response:
     endpoint = "completions" if kind == "completion" else "chat"
     try:
-        parsed = parse_request(kind, parse_json(await _read_body(request)), door.catalog)
+        body = parse_json(await _read_body(request, door.max_body))
+        parsed = parse_request(kind, body, door.catalog)
     except APIError as e:
         door.metrics.requests.labels("", endpoint, str(e.status)).inc()
         return e.response()

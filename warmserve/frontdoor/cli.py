@@ -6,7 +6,9 @@ warmserve.scheduler_plugin`` and ``dask worker ... --preload warmserve.worker_pl
 The scheduler is asked first, over one plain comm, whether it runs WarmServe
 (:func:`warmserve.status.fetch`), so a wrong address or a scheduler without the preload ends
 the command with one line instead of a front door that answers 503. The registry must be
-readable here: the front door tokenizes prompts with the models' own files.
+readable here: the front door tokenizes prompts with the models' own files. A cluster started
+with Dask's ``--tls-*`` flags is reached with the same flags here (a certificate signed by the
+cluster's CA): every comm, to the scheduler and to the workers it streams from, is then TLS.
 """
 
 from __future__ import annotations
@@ -41,13 +43,30 @@ async def serve(scheduler: str, host: str, port: int, registry: Registry) -> Non
 
 @click.command("frontdoor")
 @options.config_option("--config")
-@click.option("--scheduler", required=True, help="Scheduler address (tcp://HOST:PORT).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--scheduler",
+    required=True,
+    help="Scheduler address (tcp://HOST:PORT; tls://HOST:PORT with the --tls-* flags).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on, for the API, /health and /metrics (0.0.0.0: every interface).",
+)
 @click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free).")
 @options.registry_option("--registry")
 @options.api_key_option()
+@options.tls_options()
 @click.option("--verbose", is_flag=True, help="Show Dask's INFO logs and WarmServe's DEBUG too.")
 def command(scheduler: str, host: str, port: int, registry: str, verbose: bool) -> None:
-    """Serve the OpenAI-compatible API in front of a running WarmServe cluster."""
+    """Serve the OpenAI-compatible API in front of a running WarmServe cluster.
+
+    The --tls-* flags, as Dask's commands take them, reach a scheduler started with Dask's own
+    --tls-* flags at tls://HOST:PORT.
+
+    Request limits (warmserve.frontdoor.*): a body over max-body-bytes (1 MiB) is 400; a head
+    over max-header-bytes (64 KiB) or with more than max-headers (256) headers is 431.
+    """
     console.configure(verbose)
     run(serve(scheduler, host, port, Registry.from_yaml(registry)))

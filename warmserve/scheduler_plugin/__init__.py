@@ -16,6 +16,7 @@ import click
 import dask.config
 
 from warmserve import config, console, dashboard, options
+from warmserve.loopback import keep_http_local
 from warmserve.policy.factory import POLICIES
 from warmserve.registry import Registry
 
@@ -67,9 +68,11 @@ def check_config() -> None:
     "--warmserve-policy", type=click.Choice(POLICIES), default="warmserve", show_default=True
 )
 @options.registry_option("--warmserve-registry")
+@options.public_dashboard_option("--warmserve-public-dashboard")
 def dask_setup(scheduler, warmserve_policy: str, warmserve_registry: str) -> None:
     """Install WarmServe on this scheduler (its flags were checked when they were parsed)."""
     console.show_ours()
+    keep_http_local(scheduler)
     registry = Registry.from_yaml(warmserve_registry)
     extension = build_extension(registry, warmserve_policy)
     # Preloads run before the scheduler starts its plugins, so adding is enough: it starts ours.

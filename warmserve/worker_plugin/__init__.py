@@ -28,6 +28,7 @@ import click
 from dask.utils import parse_bytes
 
 from warmserve import console, options
+from warmserve.loopback import keep_http_local
 from warmserve.options import OptionError
 from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.worker_plugin import settings
@@ -75,6 +76,7 @@ def _parsed_by(
     help="Node name in device ids (default: warmserve.worker.node, else the hostname).",
 )
 @options.registry_option("--warmserve-registry")
+@options.public_dashboard_option("--warmserve-public-dashboard")
 async def dask_setup(
     worker,
     warmserve_devices: str | None,
@@ -87,6 +89,7 @@ async def dask_setup(
     from warmserve.worker_plugin.devices import pin_cuda
 
     console.show_ours()
+    keep_http_local(worker)
     pinned = pin_cuda(warmserve_devices)  # first: the plugin's imports bring torch and vLLM
     if worker.nanny:
         run_by_nanny()
