@@ -1,6 +1,7 @@
 """What must not leak. From the front door: a traceback, a path into the project's files, or a
 pickle in an HTTP answer (Dask sends exceptions pickled; one passed through to a client once).
-From a worker after a fault: memory or files it holds for nothing (:func:`leftovers`)."""
+From a worker after a fault: memory or files it holds for nothing (:func:`leftovers`); from
+any process: files in /dev/shm (:func:`shm_left`)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,25 @@ def leftovers(dask_worker) -> list[str]:
         if target.startswith("/memfd:warmserve-") and not pool and target not in copies:
             out.append(f"{target}: of no host copy")
     return out
+
+
+def shm_left(before: set[str]) -> list[str]:
+    """Files new in /dev/shm since ``before`` (its listing) that no live process maps or holds
+    open: what a process left behind. Counting files is not enough on a shared machine, where
+    other sessions' files come and go; a file in use is held by its process. Callers poll it:
+    a killed process's semaphores go when its resource tracker notices, a moment later."""
+    new = set(os.listdir("/dev/shm")) - before
+    held = set()
+    for pid in filter(str.isdigit, os.listdir("/proc") if new else ()):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                held.update(
+                    line.split("/dev/shm/", 1)[1].split()[0] for line in f if "/dev/shm/" in line
+                )
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    held.add(target.removeprefix("/dev/shm/").split()[0])
+        except OSError:  # the process ended, or is not ours to read
+            continue
+    return sorted(n for n in new - held if os.path.exists(f"/dev/shm/{n}"))

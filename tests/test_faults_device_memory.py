@@ -22,9 +22,9 @@ import pytest
 from distributed import Client
 from distributed.core import error_message
 
-from tests.leaks import leftovers
+from tests.leaks import leftovers, shm_left
 from tests.stack import default_models, plugin_cluster
-from tests.test_restart_scheduler import FrontDoor
+from tests.test_restart_scheduler import FrontDoor, poll
 from warmserve.models.make import make_family
 from warmserve.registry import Registry
 from warmserve.scheduler_plugin.state import START_ATTEMPTS
@@ -45,7 +45,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     """The cluster, a client of it and the front door, on the default families and small-0."""
     _, registry_file = default_models(tmp_path_factory, "device-memory-models")
     make_family("small", "small", replicas=1, out=os.path.dirname(registry_file))
-    shm_files = len(os.listdir("/dev/shm"))
+    shm_files = set(os.listdir("/dev/shm"))
     with (
         plugin_cluster(
             registry_file, "cpu:0", "node-o", "--warmserve-device-memory", "384MiB"
@@ -59,7 +59,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             yield client, door.url
         finally:
             door.stop()
-    assert len(os.listdir("/dev/shm")) <= shm_files
+    poll(lambda: not shm_left(shm_files), "nothing left in /dev/shm")
 
 
 def clean(client: Client) -> bool:
