@@ -16,7 +16,6 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 
 from distributed import Worker, WorkerPlugin
 from distributed.comm import CommClosedError
@@ -25,7 +24,7 @@ from tornado.ioloop import PeriodicCallback
 
 from warmserve import options, protocol
 from warmserve.policy.state import Tier
-from warmserve.protocol import GenerateRequest, TokenChunk
+from warmserve.protocol import GenerateRequest, TokenChunk, chunk_to_wire, fold
 from warmserve.registry import ModelSpec, Registry, RegistryError
 from warmserve.worker_plugin import settings
 from warmserve.worker_plugin.client import WORKER_GENERATE
@@ -409,16 +408,8 @@ class WarmServeWorker(WorkerPlugin):
 
     async def complete(self, req: GenerateRequest) -> TokenChunk:
         """Run ``req`` to the end on an instance of its model: one chunk with all the output."""
-        text: list[str] = []
-        token_ids: list[int] = []
-        last = TokenChunk("", [])
-        prompt_tokens = 0
-        async for chunk in self.instances.generate(req):
-            text.append(chunk.text)
-            token_ids.extend(chunk.token_ids)
-            prompt_tokens = prompt_tokens or chunk.prompt_tokens
-            last = chunk
-        return TokenChunk("".join(text), token_ids, last.finish_reason, prompt_tokens)
+        chunks = [chunk async for chunk in self.instances.generate(req)]
+        return fold(chunks) if chunks else TokenChunk("", [])
 
     async def stream(self, comm, request: dict) -> dict:
         """Write one ``{"chunk": ...}`` message per TokenChunk, then reply ``{"done": True}``.
@@ -430,7 +421,7 @@ class WarmServeWorker(WorkerPlugin):
         try:
             req = GenerateRequest(**request)
             async for chunk in self.instances.generate(req):
-                await comm.write({"chunk": asdict(chunk)})
+                await comm.write({"chunk": chunk_to_wire(chunk)})
         except CommClosedError:
             raise
         except WarmServeWorkerError as e:
