@@ -1,17 +1,22 @@
-"""Soak: the embedded cluster at the largest load it holds, then at twice that, nothing lost.
+"""Soak: the embedded cluster ramped to the largest load it holds, then half of that for 30 min.
 
-One command starts ``warmserve up`` (2 devices, the default families) as its own process, so
-the load client here shares no event loop with the scheduler and front door, and then:
+The setup is what a user runs: ``warmserve up`` as its own process (2 CPU slots, the default
+families: tiny x4 and mini x3), so the load client here shares no event loop with the scheduler
+and front door. Then:
 
-1. warms up: one request per model, one at a time (engine starts are not load);
-2. ramps: open-loop replays of ``--step`` seconds at 1, 2, 4, ... requests/s until a step is not
-   *held* after one that was; the largest held rate is the soak's base load. A step is held
-   when at least 99.5% of its requests are served, none is rejected, the last of them is done
-   within ``--drain`` seconds of the step's end (no backlog builds), and the median TTFT is at
-   most ``--ttft-slo``. The median, not the p99: with 7 models on 2 exclusive devices, a request
-   that needs an engine of another family waits for one to start (20 to 70 s here) at any load,
-   and at the lowest rates most requests do, as idle instances are stopped between them;
-3. soaks: ``--minutes`` at the base load, then ``--minutes`` at twice it.
+1. warms up: one request per model, one at a time (the first engine start of each worker, 20 s
+   with vLLM's import here, is not load);
+2. ramps: open-loop replays of ``--step`` seconds at 0.5, 1, 2, 4, ... requests/s until a step
+   is not *held* after one that was. A step is held when at least 99.5% of its requests are
+   served, none is lost or rejected, the last of them is done within ``--drain`` seconds of the
+   step's end (no backlog builds), and the median TTFT is at most ``--ttft-slo``;
+3. soaks: ``--minutes`` (30) at ``--fraction`` (half) of the largest held rate, with the RSS of
+   every process of ``warmserve up`` (scheduler and front door, each worker and its children),
+   /dev/shm and the machine's load average sampled every ``--sample`` seconds (30). Memory is
+   *flat* when the end-of-run RSS, in total and per process, is within 10% of its value after
+   warm-up: the first sample of the soak, once the warm-up requests and the ramp have started
+   every engine the load needs. The figure against the RSS right after the warm-up requests
+   (before the ramp) is written beside it.
 
 Every phase replays a workload synthesized for it (``warmserve.traces.synth``: the default
 models with Zipf popularity, BurstGPT rate shape, Azure conversation token counts, output capped
@@ -19,10 +24,21 @@ at ``--max-output`` tokens) through ``warmserve.replay`` (open loop: each reques
 whatever earlier ones are doing). Each request's outcome is one of: served (HTTP 200 and a stream
 that ended normally), rejected (429 or 503 before the answer began), errored (any other status, or
 an error event in the stream), lost (no HTTP answer at all within ``--timeout``: what must not
-happen). Memory: RSS of the ``warmserve up`` process (scheduler and front door) and of each worker
-process with its children, and /dev/shm usage, at the start and end of each soak phase.
+happen).
 
-Run: ``python -m bench.soak [--minutes 10]``; writes ``bench/results/soak.json``.
+Why the first soak (2026-11-23 13:56, median TTFT 5.1 s, P99 164 s at 0.5 requests/s) was slow:
+it ran before three changes of the same afternoon. The 7 models share 2 devices, one instance
+each; a request for a model without an instance waited until the autoscaler stopped an idle one
+(its keep-alive, 5 s, checked at the 5 s planner tick: the 5 s median), since ``on_demand`` only
+placed on free devices (idle instances are preempted since 313020a); and then it waited for a
+fresh vLLM engine (an idle engine was not switched to another model of its family before
+597a67d, and an engine start took 20 to 70 s: vLLM's import counted in it and bf16 weights ran
+3x slower on this CPU before 500ca7f; an engine of another family starts in 0.4 to 0.8 s now).
+On the current code a request for a model without an instance preempts an idle one and is served
+by an engine already up (an in-place switch of 30 to 100 ms): the ramp's TTFT at 0.5 requests/s
+is 43 ms median, 188 ms P99.
+
+Run: ``python -m bench.soak [--minutes 30]``; writes ``bench/results/soak.json``.
 """
 
 from __future__ import annotations
@@ -54,11 +70,15 @@ from warmserve.traces.synth import synthesize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
 HELD_SERVED = 0.995
+FLAT = 0.10  # end-of-run RSS within this fraction of the value after warm-up
+SLICE_S = 300.0  # TTFT percentiles of the soak per slice of this many seconds
 
 
 @contextlib.contextmanager
 def warmserve_up(models_dir: str, log_path: str) -> Iterator[tuple[str, psutil.Process]]:
-    """``warmserve up`` on a free port; yields its URL and process, stops it with SIGTERM."""
+    """``warmserve up`` on a free port; yields its URL and process, stops it with SIGTERM.
+
+    Its console (engine starts, activations, evictions, warnings) goes to ``log_path``."""
     log = open(log_path, "w")  # noqa: SIM115 (closed below, after the process)
     cmd = [sys.executable, "-m", "warmserve", "up", "--port", "0", "--models-dir", models_dir]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -85,26 +105,103 @@ def warmserve_up(models_dir: str, log_path: str) -> Iterator[tuple[str, psutil.P
         log.close()
 
 
+def _mib(n: float) -> float:
+    return round(n / 2**20, 1)
+
+
 def memory(up: psutil.Process) -> dict:
-    """RSS (MiB) of the scheduler/front door process and of each worker process tree, and
-    /dev/shm usage: what a leak would grow."""
-
-    def rss(p: psutil.Process) -> int:
+    """RSS (MiB) of every process of ``warmserve up`` by pid (``up``: the scheduler and front
+    door; the others are its workers and their children, named by their command line), their
+    total, /dev/shm usage, and the machine's 1-minute load average."""
+    procs = {}
+    for p in [up, *up.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            return p.memory_info().rss
-        return 0
-
-    workers = {}
-    for child in up.children():
-        with contextlib.suppress(psutil.Error):
-            tree = [child, *child.children(recursive=True)]
-            workers[str(child.pid)] = round(sum(rss(p) for p in tree) / 2**20, 1)
+            name = "up" if p.pid == up.pid else " ".join(p.cmdline())[:60].strip()
+            procs[str(p.pid)] = {"name": name, "rss_mib": _mib(p.memory_info().rss)}
     shm = shutil.disk_usage("/dev/shm")
     return {
-        "scheduler_frontdoor_rss_mib": round(rss(up) / 2**20, 1),
-        "worker_rss_mib": workers,
-        "dev_shm_used_mib": round(shm.used / 2**20, 1),
+        "t": round(time.time(), 1),
+        "rss_mib": procs,
+        "total_rss_mib": round(sum(p["rss_mib"] for p in procs.values()), 1),
+        "dev_shm_used_mib": _mib(shm.used),
         "dev_shm_files": len(os.listdir("/dev/shm")),
+        "load_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def others(up: psutil.Process) -> list[dict]:
+    """Processes outside this soak using CPU now (the machine is shared), busiest first."""
+    mine = {os.getpid(), up.pid, *(p.pid for p in up.children(recursive=True))}
+    procs = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in mine]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)
+    time.sleep(2.0)
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            cpu = p.cpu_percent(None)
+            if cpu >= 10.0:
+                cmd = " ".join(p.info["cmdline"] or [])[:100].strip()
+                out.append({"pid": p.pid, "cpu_percent": cpu, "cmd": cmd})
+    return sorted(out, key=lambda x: -x["cpu_percent"])
+
+
+class Sampler:
+    """``memory(up)`` every ``every`` seconds on a thread, until stopped."""
+
+    def __init__(self, up: psutil.Process, every: float) -> None:
+        self.up, self.every = up, every
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(memory(self.up))
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(memory(self.up))
+
+
+def flat(reference: dict, end: dict) -> dict:
+    """End-of-run RSS against ``reference``, in total and per process present in both."""
+    ratio = end["total_rss_mib"] / reference["total_rss_mib"]
+    per = {}
+    for pid, p in reference["rss_mib"].items():
+        e = end["rss_mib"].get(pid)
+        per[pid] = {
+            "name": p["name"],
+            "reference_mib": p["rss_mib"],
+            "end_mib": e["rss_mib"] if e else None,
+            "ratio": round(e["rss_mib"] / p["rss_mib"], 3) if e and p["rss_mib"] else None,
+        }
+    ok = abs(ratio - 1) <= FLAT and all(
+        x["ratio"] is not None and abs(x["ratio"] - 1) <= FLAT for x in per.values()
+    )
+    return {
+        "reference_total_mib": reference["total_rss_mib"],
+        "end_total_mib": end["total_rss_mib"],
+        "ratio": round(ratio, 3),
+        "per_process": per,
+        "holds": ok,
+    }
+
+
+def percentiles(ttft: np.ndarray) -> dict:
+    if not len(ttft):
+        return {"ttft_p50_s": None, "ttft_p99_s": None}
+    return {
+        "ttft_p50_s": round(float(np.percentile(ttft, 50)), 4),
+        "ttft_p99_s": round(float(np.percentile(ttft, 99)), 4),
     }
 
 
@@ -127,14 +224,26 @@ def tally(outcomes: list[Outcome], seconds: float, rps: float) -> dict:
         "rejected": len(rejected),
         "errored": len(errored),
         "lost": len(lost),
-        "ttft_p50_s": float(np.percentile(ttft, 50)) if len(ttft) else None,
-        "ttft_p99_s": float(np.percentile(ttft, 99)) if len(ttft) else None,
+        **percentiles(ttft),
+        "ttft_max_s": round(float(ttft.max()), 4) if len(ttft) else None,
         "tokens_out": int(sum(o.output_tokens for o in served)),
         "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
     }
 
 
-async def phase(url: str, names: list[str], rps: float, seconds: float, args, seed: int) -> dict:
+def slices(outcomes: list[Outcome], seconds: float) -> list[dict]:
+    """TTFT percentiles of the served requests by arrival, per ``SLICE_S`` seconds."""
+    out = []
+    for start in np.arange(0.0, seconds, SLICE_S):
+        part = [o for o in outcomes if start <= o.arrival < start + SLICE_S]
+        ttft = np.array([o.ttft for o in part if o.status == "ok"])
+        out.append({"from_s": float(start), "sent": len(part), **percentiles(ttft)})
+    return out
+
+
+async def phase(
+    url: str, names: list[str], rps: float, seconds: float, args, seed: int
+) -> tuple[dict, list[Outcome]]:
     """One open-loop replay of a workload synthesized at ``rps`` for ``seconds``."""
     workload = synthesize(names, args.alpha, rps, seconds, seed=seed)
     t0 = time.perf_counter()
@@ -149,7 +258,7 @@ async def phase(url: str, names: list[str], rps: float, seconds: float, args, se
     )
     result = tally(outcomes, seconds, rps)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    return result
+    return result, outcomes
 
 
 def held(result: dict, drain: float, slo: float) -> bool:
@@ -157,6 +266,7 @@ def held(result: dict, drain: float, slo: float) -> bool:
     return (
         result["sent"] > 0
         and result["served"] >= HELD_SERVED * result["sent"]
+        and result["lost"] == 0
         and result["rejected"] == 0
         and result["wall_s"] <= result["seconds"] + drain
         and p50 is not None
@@ -175,34 +285,57 @@ async def warm_up(url: str, registry: Registry) -> None:
 async def soak(args, url: str, up: psutil.Process, registry: Registry) -> dict:
     names = list(registry)
     await warm_up(url, registry)
+    after_warm_up = memory(up)
     ramp = []
-    base = None
+    largest = None
     rps = args.start_rps
     while rps <= args.max_rps:
-        step = await phase(url, names, rps, args.step, args, seed=len(ramp))
+        step, _ = await phase(url, names, rps, args.step, args, seed=len(ramp))
         step["held"] = held(step, args.drain, args.ttft_slo)
+        step["load_1m_end"] = round(os.getloadavg()[0], 2)
         ramp.append(step)
         print(f"ramp {rps} rps: {json.dumps(step)}", flush=True)
         if step["held"]:
-            base = rps
-        elif base is not None:
+            largest = rps
+        elif largest is not None:
             break
         rps *= 2
-    if base is None:
-        base = args.start_rps / 2
-    phases = []
-    for k, rate in enumerate((base, 2 * base)):
-        before = memory(up)
-        result = await phase(url, names, rate, args.minutes * 60, args, seed=100 + k)
-        result["memory_start"], result["memory_end"] = before, memory(up)
-        phases.append(result)
-        print(f"soak {rate} rps: {json.dumps(result)}", flush=True)
-    return {"base_rps": base, "ramp": ramp, "phases": phases}
+    if largest is None:
+        raise SystemExit("no ramp step was held")
+    rate = args.fraction * largest
+    seconds = args.minutes * 60
+    print(f"soak at {rate} rps for {seconds:.0f} s", flush=True)
+    with Sampler(up, args.sample) as sampler:
+        result, outcomes = await phase(url, names, rate, seconds, args, seed=100)
+    result["slices"] = slices(outcomes, seconds)
+    samples = sampler.samples
+    result["memory"] = {
+        "sample_every_s": args.sample,
+        "samples": samples,
+        "flat": {
+            "rule": f"end-of-run RSS within {FLAT:.0%} of the first sample of the soak (after "
+            "the warm-up requests and the ramp), in total and for each process",
+            **flat(samples[0], samples[-1]),
+        },
+        "against_after_warm_up_requests": flat(after_warm_up, samples[-1]),
+        "after_warm_up_requests": after_warm_up,
+        "dev_shm_used_mib": [samples[0]["dev_shm_used_mib"], samples[-1]["dev_shm_used_mib"]],
+    }
+    loads = [s["load_1m"] for s in samples]
+    result["load_1m"] = {
+        "min": min(loads),
+        "median": float(np.median(loads)),
+        "max": max(loads),
+    }
+    print(f"soak {rate} rps: {json.dumps({k: result[k] for k in list(result)[:13]})}", flush=True)
+    return {"largest_held_rps": largest, "soak_rps": rate, "ramp": ramp, "soak": result}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="per soak phase")
+    parser.add_argument("--minutes", type=float, default=30.0, help="of the soak")
+    parser.add_argument("--fraction", type=float, default=0.5, help="of the largest held rate")
+    parser.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     parser.add_argument("--step", type=float, default=60.0, help="seconds per ramp step")
     parser.add_argument("--start-rps", type=float, default=0.5)
     parser.add_argument("--max-rps", type=float, default=64.0)
@@ -228,31 +361,54 @@ def main() -> None:
     log_path = os.path.join(os.path.dirname(args.models_dir), "warmserve-up.log")
     t0 = time.perf_counter()
     with warmserve_up(args.models_dir, log_path) as (url, up):
+        busy_at_start = others(up)
         start_memory = memory(up)
         result = asyncio.run(soak(args, url, up, registry))
-        end_memory = memory(up)
-    phases = result["phases"]
+        busy_at_end = others(up)
+    s = result["soak"]
     doc = {
         "command": "python -m bench.soak " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "stack": "warmserve up --devices 2 (default families: tiny x4, mini x3)",
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_1m_during_soak": s["load_1m"],
+            "other_processes_busy_at_start": busy_at_start,
+            "other_processes_busy_at_end": busy_at_end,
+        },
+        "stack": "warmserve up --devices 2 (default: 2 CPU slots; default families: tiny x4, "
+        "mini x3)",
         "models": list(registry),
         "largest_load_held": {
-            "rps": result["base_rps"],
-            "rule": f">= {HELD_SERVED:.1%} served, none rejected, all done within {args.drain:.0f} "
-            f"s of the end of a {args.step:.0f} s open-loop step, median TTFT <= {args.ttft_slo} "
-            f"s; rates doubling from {args.start_rps}, to the first failing one after a held one",
+            "rps": result["largest_held_rps"],
+            "rule": f">= {HELD_SERVED:.1%} served, none lost or rejected, all done within "
+            f"{args.drain:.0f} s of the end of a {args.step:.0f} s open-loop step, median TTFT "
+            f"<= {args.ttft_slo} s; rates doubling from {args.start_rps}, to the first failing "
+            "one after a held one",
         },
         "outcomes": "served: 200 and a complete stream; rejected: 429/503; errored: other "
         "status or an error event; lost: no HTTP answer within the per-request timeout",
-        "sent": sum(p["sent"] for p in phases),
-        "served": sum(p["served"] for p in phases),
-        "rejected": sum(p["rejected"] for p in phases),
-        "errored": sum(p["errored"] for p in phases),
-        "lost": sum(p["lost"] for p in phases),
+        "ramp_ttft": [
+            {k: step[k] for k in ("rps", "held", "ttft_p50_s", "ttft_p99_s")}
+            for step in result["ramp"]
+        ],
+        "soak_rps": result["soak_rps"],
+        "soak_minutes": args.minutes,
+        "soak_ttft": {"ttft_p50_s": s["ttft_p50_s"], "ttft_p99_s": s["ttft_p99_s"]},
+        "holds": {
+            "none_lost": sum(p["lost"] for p in [*result["ramp"], s]) == 0,
+            "soak_served_at_least_99.5%": s["served"] >= HELD_SERVED * s["sent"],
+            "memory_flat": s["memory"]["flat"]["holds"],
+        },
+        "sent": s["sent"],
+        "served": s["served"],
+        "rejected": s["rejected"],
+        "errored": s["errored"],
+        "lost": s["lost"],
         "memory_start": start_memory,
-        "memory_end": end_memory,
         "wall_s": round(time.perf_counter() - t0, 1),
         **result,
     }
@@ -260,7 +416,7 @@ def main() -> None:
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1)
     os.replace(tmp, args.out)
-    print(json.dumps({k: doc[k] for k in ("sent", "served", "rejected", "errored", "lost")}))
+    print(json.dumps({k: doc[k] for k in ("holds", "sent", "served", "rejected", "lost")}))
 
 
 if __name__ == "__main__":
