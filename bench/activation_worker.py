@@ -30,6 +30,7 @@ from distributed.comm import connect
 from distributed.core import rpc
 
 from bench.activation_bench import PROMPT
+from warmserve import protocol
 from warmserve.models.make import make_family
 from warmserve.protocol import GenerateRequest
 from warmserve.worker_plugin.client import stream_generate
@@ -58,7 +59,7 @@ def feed_queue(name: str, n: int) -> None:
 async def first_token(address: str, model: str, device: str) -> dict:
     start = time.perf_counter()
     async with rpc(address) as worker:
-        iid = await worker.warmserve_activate(model=model, device=device)
+        iid = await getattr(worker, protocol.WORKER_ACTIVATE)(model=model, device=device)
     activated = time.perf_counter()
     req = GenerateRequest(f"bench-{model}", model, prompt=PROMPT, max_tokens=1, temperature=0.0)
     stream = stream_generate(address, req)
@@ -66,7 +67,7 @@ async def first_token(address: str, model: str, device: str) -> dict:
     first = time.perf_counter()
     await stream.aclose()
     async with rpc(address) as worker:
-        await worker.warmserve_deactivate(instance=iid)
+        await getattr(worker, protocol.WORKER_DEACTIVATE)(instance=iid)
     return {"activate_s": activated - start, "first_token_s": first - start}
 
 
@@ -121,17 +122,17 @@ def main() -> None:
             if n == 0:
                 t["first_engine_in_process"] = call(first_token, address, m[3], ids[3])
             t["disk"] = call(first_token, address, m[0], ids[0])
-            call(handler, "warmserve_prewarm", model=m[1], tier="host", wait=True)
+            call(handler, protocol.WORKER_PREWARM, model=m[1], tier="host", wait=True)
             t["host"] = call(first_token, address, m[1], ids[1])
-            call(handler, "warmserve_prewarm", model=m[2], devices=[ids[2]], wait=True)
+            call(handler, protocol.WORKER_PREWARM, model=m[2], devices=[ids[2]], wait=True)
             t["device"] = call(first_token, address, m[2], ids[2])
-            call(handler, "warmserve_prewarm", model=m[3], devices=[ids[0]], wait=True)
+            call(handler, protocol.WORKER_PREWARM, model=m[3], devices=[ids[0]], wait=True)
             t["engine"] = call(first_token, address, m[3], ids[0])
-            call(handler, "warmserve_prewarm", model=m[1], devices=[ids[0]], wait=True)
+            call(handler, protocol.WORKER_PREWARM, model=m[1], devices=[ids[0]], wait=True)
             t["engine_again"] = call(first_token, address, m[1], ids[0])
             tiers[size] = t
             for model in m:  # give the host tier back before the next family
-                call(handler, "warmserve_evict", model=model, tier="disk")
+                call(handler, protocol.WORKER_EVICT, model=model, tier="disk")
 
         client.run(add_echo_handler, workers=[address])
         comm_chunk = min(call(echo_per_chunk, address) for _ in range(3))

@@ -1,8 +1,9 @@
-"""What crosses process boundaries on the request path: front door -> worker -> engine.
+"""The wire contract: every handler name, event topic and message type between WarmServe's
+processes (front door, scheduler plugin, worker plugin, ``warmserve status``).
 
 Plain dataclasses (msgpack/pickle friendly) shared by the front door, the scheduler plugin and
 the worker plugin, so each side can be read without the others. Handler names are constants so a
-rename is one edit.
+rename is one edit. Nothing here imports Dask or vLLM.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ WORKER_EVICT = "warmserve_evict"
 WORKER_ACTIVATE = "warmserve_activate"
 WORKER_DEACTIVATE = "warmserve_deactivate"
 WORKER_STATUS = "warmserve_status"
+# A front door streams a GenerateRequest's output over one comm: a message
+# ``{"op": WORKER_GENERATE, "request": <GenerateRequest>}``, then the worker writes
+# ``{"chunk": chunk_to_wire(TokenChunk)}`` per chunk and ends with ``{"done": True}`` or
+# ``{"error": {"kind", "message"}}`` (warmserve.worker_plugin.client.stream_generate).
+WORKER_GENERATE = "warmserve_generate"
+# The worker plugin's event topic (``log_event``: prewarm jobs, activations, deactivations,
+# engine deaths), also the key of its entry in the heartbeat metrics (the WORKER_STATUS dict).
+WORKER_TOPIC = "warmserve"
 
 # Scheduler handlers registered by warmserve.scheduler_plugin.
 SCHEDULER_ROUTE = "warmserve_route"
 SCHEDULER_DONE = "warmserve_done"
 SCHEDULER_SYNC = "warmserve_sync"  # a front door's batched lease report
 SCHEDULER_STATUS = "warmserve_status"
+SCHEDULER_RUN_ONCE = "warmserve_run_once"  # one planning pass now (WarmServeProxy.run_once)
+# The dashboard observer's picture, behind ``warmserve status`` (warmserve.dashboard.observer).
+SCHEDULER_OBSERVE = "warmserve_observe"
 # Event topic the scheduler publishes (``log_event``) when an instance went idle, stopped or
 # started: front doors subscribed to it let their waiting requests ask again at once.
 SCHEDULER_CHANGED = "warmserve-changed"

@@ -1,9 +1,9 @@
 """``warmserve status --scheduler ADDR``: what the WarmServe page shows, as tables in a terminal.
 
-It asks the scheduler's ``warmserve_observe`` handler (installed with the scheduler plugin) for
-its latest picture over one plain comm, without registering a Dask client, so it is cheap to run
-in a loop (``watch warmserve status ...``). An unreachable scheduler, or one without WarmServe,
-exits with status 2 and says which.
+It asks the scheduler's ``SCHEDULER_OBSERVE`` handler (:mod:`warmserve.protocol`, installed with
+the scheduler plugin) for its latest picture over one plain comm, without registering a Dask
+client, so it is cheap to run in a loop (``watch warmserve status ...``). An unreachable
+scheduler, or one without WarmServe, exits with status 2 and says which.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from distributed.core import rpc
 from distributed.security import Security
 
 from warmserve import options
-from warmserve.dashboard.observer import HANDLER
 from warmserve.dashboard.view import ClusterView
+from warmserve.protocol import SCHEDULER_OBSERVE
 
 
 class StatusError(click.ClickException):
@@ -31,7 +31,7 @@ class StatusError(click.ClickException):
 
 
 async def fetch(address: str, timeout: float) -> dict[str, Any]:
-    """The scheduler's answer to ``warmserve_observe``; StatusError when there is none. TLS
+    """The scheduler's answer to ``SCHEDULER_OBSERVE``; StatusError when there is none. TLS
     as ``distributed.comm.tls.*`` configures it (:func:`warmserve.options.tls_options`)."""
     args = Security().get_connection_args("client")
     tls = address.startswith("tls://")
@@ -42,7 +42,7 @@ async def fetch(address: str, timeout: float) -> dict[str, Any]:
     with dask.config.set({"distributed.comm.timeouts.connect": timeout}):
         try:
             async with rpc(address, timeout=timeout, connection_args=args) as scheduler:
-                answer = await getattr(scheduler, HANDLER)()
+                answer = await getattr(scheduler, SCHEDULER_OBSERVE)()
         except OSError as e:  # refused, timed out, closed
             raise StatusError(f"cannot reach the scheduler at {address}: {e}") from None
     if answer is None:  # a scheduler answers None for a handler it does not have

@@ -1,5 +1,5 @@
 """WarmServe's observability on the scheduler: a dashboard page, Prometheus metrics and the
-``warmserve_observe`` handler behind ``warmserve status``.
+``SCHEDULER_OBSERVE`` handler (:mod:`warmserve.protocol`) behind ``warmserve status``.
 
 Two hooks, because the dashboard is built in two steps. ``Scheduler.__init__`` imports its
 preloads and only then builds the dashboard from ``distributed.dashboard.scheduler.applications``,

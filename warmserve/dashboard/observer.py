@@ -20,14 +20,14 @@ from distributed import Scheduler, SchedulerPlugin
 from distributed.metrics import time
 from tornado.ioloop import PeriodicCallback
 
+from warmserve import protocol
 from warmserve.dashboard.view import ClusterView, build_view
 
 logger = logging.getLogger("warmserve.dashboard")
 
 NAME = "warmserve-observer"
-HANDLER = "warmserve_observe"
-EXTENSION = "warmserve"  # the scheduler extension's name, as the worker plugin's event topic
-TOPIC = "warmserve"
+EXTENSION = "warmserve"  # the scheduler extension's name (scheduler_plugin.extension.NAME)
+TOPIC = protocol.WORKER_TOPIC
 
 WARM_TIERS = frozenset({"device", "engine"})  # an activation from these found prewarmed weights
 
@@ -75,7 +75,7 @@ class Observer(SchedulerPlugin):
             return
         self.scheduler = scheduler
         scheduler.extensions[NAME] = self
-        scheduler.handlers[HANDLER] = self.observe
+        scheduler.handlers[protocol.SCHEDULER_OBSERVE] = self.observe
         self.sample()
         self._pc = PeriodicCallback(self.sample, self.interval * 1000.0)
         self._pc.start()
@@ -167,7 +167,7 @@ class Observer(SchedulerPlugin):
         return out
 
     def observe(self) -> dict[str, Any] | None:
-        """The ``warmserve_observe`` handler: the latest picture and prewarm hits per model, or
+        """The ``SCHEDULER_OBSERVE`` handler: the latest picture and prewarm hits per model, or
         None on a scheduler without the WarmServe extension."""
         if self.view is None:
             return None

@@ -97,7 +97,7 @@ class WarmServeExtension(SchedulerPlugin):
         scheduler.handlers[protocol.SCHEDULER_DONE] = self.done
         scheduler.handlers[protocol.SCHEDULER_SYNC] = self.sync
         scheduler.handlers[protocol.SCHEDULER_STATUS] = self.status
-        scheduler.handlers["warmserve_run_once"] = self.run_once
+        scheduler.handlers[protocol.SCHEDULER_RUN_ONCE] = self.run_once
         scheduler.extensions[NAME] = self
         if self.history is not None:
             self.history.load()
@@ -147,7 +147,7 @@ class WarmServeExtension(SchedulerPlugin):
         assert self.scheduler is not None
         if self._open(address):
             try:
-                report = await self.scheduler.rpc(address).warmserve_status()
+                report = await getattr(self.scheduler.rpc(address), protocol.WORKER_STATUS)()
             except Exception as e:  # a worker without the plugin, or one going away
                 logger.debug("no WarmServe status from %s: %r", address, e)
                 return
@@ -267,7 +267,7 @@ class WarmServeExtension(SchedulerPlugin):
             async with self._lanes[s.worker]:
                 if not self._open(s.worker):
                     raise RuntimeError(f"worker {s.worker} is closing")
-                iid = await self.scheduler.rpc(s.worker).warmserve_activate(
+                iid = await getattr(self.scheduler.rpc(s.worker), protocol.WORKER_ACTIVATE)(
                     model=s.model, device=s.devices[0]
                 )
             if s.worker in self.state.workers:

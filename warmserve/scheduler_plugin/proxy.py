@@ -24,4 +24,4 @@ class WarmServeProxy:
 
     def run_once(self) -> Any:
         """Run one planning pass now; returns the actions it enacted (as text)."""
-        return self._call("warmserve_run_once")
+        return self._call(protocol.SCHEDULER_RUN_ONCE)

@@ -1,7 +1,8 @@
 """What the front door imports to stream a request from a worker (no torch, no vLLM).
 
-Streaming goes over one Dask comm: the front door sends a ``warmserve_generate`` message and the
-worker's handler writes one message per :class:`TokenChunk` before its final reply. That costs
+Streaming goes over one Dask comm: the front door sends a ``WORKER_GENERATE`` message
+(:mod:`warmserve.protocol`) and the worker's handler writes one message per :class:`TokenChunk`
+before its final reply. That costs
 one msgpack frame per chunk on an already open connection, with no scheduler on the path and no
 task, Queue or pub/sub bookkeeping (measured in ``bench/activation_worker.py``).
 """
@@ -14,10 +15,8 @@ from dataclasses import asdict
 from distributed.comm import connect
 from distributed.core import ConnectionPool
 
-from warmserve.protocol import GenerateRequest, TokenChunk
+from warmserve.protocol import WORKER_GENERATE, GenerateRequest, TokenChunk
 from warmserve.worker_plugin.errors import WarmServeWorkerError, error_from_wire
-
-WORKER_GENERATE = "warmserve_generate"
 
 
 async def stream_generate(

@@ -24,10 +24,9 @@ from tornado.ioloop import PeriodicCallback
 
 from warmserve import options, protocol
 from warmserve.policy.state import Tier
-from warmserve.protocol import GenerateRequest, TokenChunk, chunk_to_wire, fold
+from warmserve.protocol import WORKER_GENERATE, GenerateRequest, TokenChunk, chunk_to_wire, fold
 from warmserve.registry import ModelSpec, Registry, RegistryError
 from warmserve.worker_plugin import settings
-from warmserve.worker_plugin.client import WORKER_GENERATE
 from warmserve.worker_plugin.devices import Device, discover
 from warmserve.worker_plugin.errors import (
     BadRequest,
@@ -41,7 +40,7 @@ from warmserve.worker_plugin.weight_store import WeightStore
 
 logger = logging.getLogger("warmserve.worker")
 
-NAME = "warmserve"  # plugin name on the worker, metrics key and event topic
+NAME = protocol.WORKER_TOPIC  # plugin name on the worker, metrics key and event topic
 RESOURCE = "warmserve-device"
 KEEP_DEATHS = 32
 
