@@ -1,14 +1,14 @@
 """Activation through the worker plugin, and what a streamed chunk costs over Dask.
 
 1. Activate-to-first-token per starting tier and family, through the handlers as the scheduler
-   plugin calls them: ``warmserve_activate`` then the first chunk of ``stream_generate`` (the
+   plugin calls them: ``warmserve_activate`` then the first chunk over a front door's channel (the
    prompt of bench/activation_bench.py, one token). Tiers disk, host and device each start an
    engine on a fresh CPU slot; tier engine switches an idle engine of the family in place. A
    first engine is started and stopped before measuring: the first engine in a process also
    pays for initializing vLLM (and waits for the import the plugin starts at setup).
 2. Per-chunk transport cost, without an engine: a worker handler writing N chunk messages on one
-   comm (what ``stream_generate`` uses) against a task feeding a ``distributed.Queue`` read by
-   the client (the obvious alternative).
+   comm (a channel's cost when each message holds one chunk) against a task feeding a
+   ``distributed.Queue`` read by the client (the obvious alternative).
 
 Run: ``python -m bench.activation_worker [--models DIR] [--sizes tiny small]``
 -> bench/results/worker_activation.json
@@ -33,7 +33,7 @@ from bench.activation_bench import PROMPT
 from warmserve import protocol
 from warmserve.models.make import make_family
 from warmserve.protocol import GenerateRequest
-from warmserve.worker_plugin.client import stream_generate
+from warmserve.worker_plugin.channel import Channels
 
 CHUNKS = 2000
 CHUNK = {"text": " token", "token_ids": [123], "finish_reason": None, "prompt_tokens": 0}
@@ -62,10 +62,12 @@ async def first_token(address: str, model: str, device: str) -> dict:
         iid = await getattr(worker, protocol.WORKER_ACTIVATE)(model=model, device=device)
     activated = time.perf_counter()
     req = GenerateRequest(f"bench-{model}", model, prompt=PROMPT, max_tokens=1, temperature=0.0)
-    stream = stream_generate(address, req)
+    channels = Channels(protocol.WORKER_CHANNEL, {})
+    stream = channels.generate(address, req)
     await anext(stream)
     first = time.perf_counter()
     await stream.aclose()
+    await channels.close()
     async with rpc(address) as worker:
         await getattr(worker, protocol.WORKER_DEACTIVATE)(instance=iid)
     return {"activate_s": activated - start, "first_token_s": first - start}

@@ -51,7 +51,7 @@ from warmserve.launcher import HOST, run, serving
 from warmserve.models.make import ensure_default_models
 from warmserve.protocol import GenerateRequest
 from warmserve.registry import Registry
-from warmserve.worker_plugin.client import stream_generate
+from warmserve.worker_plugin.channel import Channels
 
 MODEL = "tiny-0"
 PROMPT = "The scheduler assigns each task to a worker"
@@ -76,6 +76,7 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
             httpx.AsyncClient(base_url=plain_url, timeout=300) as plain,
         ):
             (await http.post("/v1/completions", json=body)).raise_for_status()  # activate
+            channels = Channels(protocol.WORKER_CHANNEL, client.connection_args)
             for _ in range(20):  # warm every path (connections, caches)
                 await http.post("/v1/completions", json=body)
                 await plain.post("/v1/completions", json=body)
@@ -85,7 +86,7 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
                 t0 = time.perf_counter()
                 await engine.complete(_request())
                 t1 = time.perf_counter()
-                await _through_dask(client, _request())
+                await _through_dask(client, channels, _request())
                 t2 = time.perf_counter()
                 r = await http.post("/v1/completions", json=body)
                 t3 = time.perf_counter()
@@ -97,6 +98,7 @@ async def measure(models_dir: str, requests: int, concurrency: int, throughput_n
                 direct.append(t2 - t1)
                 front.append(t3 - t2)
                 routed.append(t4 - t3)
+            await channels.close()
             rps = await _throughput(http, body, concurrency, throughput_n)
     finally:
         await asyncio.to_thread(engine.shutdown)
@@ -137,12 +139,12 @@ async def _front_door(scheduler: str, registry, **options) -> AsyncIterator[str]
         await task
 
 
-async def _through_dask(client: Client, req: GenerateRequest) -> None:
+async def _through_dask(client: Client, channels: Channels, req: GenerateRequest) -> None:
     """The front door's Dask work for one request, without HTTP."""
     route = await getattr(client.scheduler, protocol.SCHEDULER_ROUTE)(
         model=MODEL, request_id=req.request_id, exclude=[]
     )
-    async for _ in stream_generate(route["worker"], req, pool=client.rpc):
+    async for _ in channels.generate(route["worker"], req):
         pass
     await getattr(client.scheduler, protocol.SCHEDULER_DONE)(request_id=req.request_id)
 

@@ -9,6 +9,7 @@ Tests run in order and share the cluster; each says what it starts from.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -20,10 +21,11 @@ import pytest
 from distributed import Client, LocalCluster
 from distributed.core import rpc
 
+from warmserve import protocol
 from warmserve.protocol import GenerateRequest
 from warmserve.registry import Registry
 from warmserve.worker_plugin import generate
-from warmserve.worker_plugin.client import stream_generate
+from warmserve.worker_plugin.channel import Channels
 from warmserve.worker_plugin.errors import EngineDied, NoInstance, UnknownModel
 
 pytestmark = pytest.mark.engine
@@ -89,11 +91,14 @@ def stream(cluster, request: GenerateRequest):
 
     async def go():
         chunks, error = [], None
+        channels = Channels(protocol.WORKER_CHANNEL, {})
         try:
-            async for chunk in stream_generate(address, request):
+            async for chunk in channels.generate(address, request):
                 chunks.append(chunk)
         except Exception as e:
             error = e
+        finally:
+            await channels.close()
         return chunks, error
 
     return client.sync(go)
@@ -171,6 +176,42 @@ def test_activate_prewarmed_and_generate(cluster):
     status = call(cluster, "warmserve_status")
     assert device(status, A)["engines"] == {"tiny": "tiny-0"}
     assert device(status, A)["instances"] == [iid]
+    call(cluster, "warmserve_deactivate", instance=iid)
+
+
+def test_a_channel_stops_one_request_and_streams_the_other(cluster):
+    """Two requests share a front door's channel: abandoning one mid-stream aborts it on the
+    worker (its instance counts one request in flight, then none) while the other streams on."""
+    client, address = cluster
+    iid = call(cluster, "warmserve_activate", model="tiny-0", device=A)
+
+    def in_flight() -> int:
+        status = call(cluster, "warmserve_status")
+        return next(i["in_flight"] for i in status["instances"] if i["id"] == iid)
+
+    async def go() -> list[int]:
+        seen = []
+        channels = Channels(protocol.WORKER_CHANNEL, {})
+        try:  # ignore_eos and 1,500 tokens: neither ends by itself while the test runs
+            kept = channels.generate(address, request("tiny-0", "kept", max_tokens=1500))
+            dropped = channels.generate(address, request("tiny-0", "dropped", max_tokens=1500))
+            await anext(kept)
+            await anext(dropped)
+            seen.append(await asyncio.to_thread(in_flight))
+            await dropped.aclose()
+            while (n := await asyncio.to_thread(in_flight)) > 1:
+                await asyncio.sleep(0.05)
+            seen.append(n)
+            await anext(kept)  # the channel still carries the other
+            await kept.aclose()
+            while (n := await asyncio.to_thread(in_flight)) > 0:
+                await asyncio.sleep(0.05)
+            seen.append(n)
+        finally:
+            await channels.close()
+        return seen
+
+    assert client.sync(go) == [2, 1, 0]
     call(cluster, "warmserve_deactivate", instance=iid)
 
 

@@ -17,11 +17,9 @@ WORKER_EVICT = "warmserve_evict"
 WORKER_ACTIVATE = "warmserve_activate"
 WORKER_DEACTIVATE = "warmserve_deactivate"
 WORKER_STATUS = "warmserve_status"
-# A front door streams a GenerateRequest's output over one comm: a message
-# ``{"op": WORKER_GENERATE, "request": <GenerateRequest>}``, then the worker writes
-# ``{"chunk": chunk_to_wire(TokenChunk)}`` per chunk and ends with ``{"done": True}`` or
-# ``{"error": {"kind", "message"}}`` (warmserve.worker_plugin.client.stream_generate).
-WORKER_GENERATE = "warmserve_generate"
+# A front door's channel to a worker: one comm for every request it streams there, each
+# engine step's chunks of all of them in one message (warmserve.worker_plugin.channel).
+WORKER_CHANNEL = "warmserve_channel"
 # The worker plugin's event topic (``log_event``: prewarm jobs, activations, deactivations,
 # engine deaths), also the key of its entry in the heartbeat metrics (the WORKER_STATUS dict).
 WORKER_TOPIC = "warmserve"

@@ -3,7 +3,7 @@
 Per request: validate (:mod:`~warmserve.frontdoor.schemas`), take a free slot of a lease this
 front door holds or else ask the scheduler's ``warmserve_route`` for an instance (waiting in
 :mod:`~warmserve.frontdoor.admission`'s queue when all are full), stream tokens from the engine on
-the routed worker over a Dask comm (``warmserve.worker_plugin.client.stream_generate``), and
+the routed worker over the front door's channel to it (``warmserve.worker_plugin.channel``), and
 report the request done in the next batch to the scheduler (:mod:`~warmserve.frontdoor.leases`).
 Nothing is answered before a route exists, so queueing and overload get real HTTP statuses
 (429, 503) even for streaming requests; once the first token is sent, a failure becomes an
@@ -42,6 +42,7 @@ from warmserve.frontdoor.schemas import Kind, Parsed, parse_json, parse_request
 from warmserve.frontdoor.shapes import DONE, Shaper, sse
 from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.registry import Registry
+from warmserve.worker_plugin.channel import Channels
 
 logger = logging.getLogger("warmserve.frontdoor")
 request_logger = logging.getLogger("warmserve.frontdoor.requests")
@@ -75,6 +76,7 @@ class FrontDoor:
     client: Client | None = None
     admission: Admission | None = None
     leases: Leases | None = None
+    channels: Channels | None = None
     _owns_client: bool = False
     _watch: asyncio.Task | None = None
 
@@ -94,6 +96,7 @@ class FrontDoor:
         self._subscribe()
         self.leases = Leases(self._sync)
         self.leases.start()
+        self.channels = Channels(protocol.WORKER_CHANNEL, self.client.connection_args)
         self.admission = Admission(
             self._route,
             self.max_queue,
@@ -156,6 +159,8 @@ class FrontDoor:
             self._watch.cancel()
         if self.leases is not None:
             await self.leases.close()
+        if self.channels is not None:
+            await self.channels.close()
         if self._owns_client and self.client is not None:
             await self.client.close()
 
@@ -193,10 +198,8 @@ class FrontDoor:
     async def chunks(self, generate: GenerateRequest) -> AsyncIterator[TokenChunk]:
         """Tokens of ``generate`` from a routed instance, retrying elsewhere if an instance
         fails before its first token."""
-        from warmserve.worker_plugin.client import stream_generate
-
-        assert self.admission is not None and self.client is not None
-        assert self.leases is not None
+        assert self.admission is not None and self.leases is not None
+        assert self.channels is not None
         model = generate.model
         exclude: tuple[str, ...] = ()
         while True:
@@ -204,7 +207,7 @@ class FrontDoor:
             self.metrics.running.labels(model).inc()
             sent = False
             try:
-                stream = stream_generate(route.worker, generate, pool=self.client.rpc)
+                stream = self.channels.generate(route.worker, generate)
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
                         sent = True

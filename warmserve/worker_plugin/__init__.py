@@ -13,7 +13,7 @@ or register :class:`WarmServeWorker` from a client. Engines run inside the worke
 (``cuda:N``, the N-th visible one) pins its process to it through ``CUDA_VISIBLE_DEVICES`` before
 anything initialises CUDA (see :mod:`warmserve.worker_plugin.devices`), so its engines run
 there. Heavy imports (torch, vLLM) wait until the plugin is set up, so the front door can import
-:mod:`warmserve.worker_plugin.client` and :func:`generate` cheaply.
+:mod:`warmserve.worker_plugin.channel` and :func:`generate` cheaply.
 """
 
 from __future__ import annotations

@@ -15,18 +15,18 @@ import functools
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from distributed import Worker, WorkerPlugin
-from distributed.comm import CommClosedError
 from distributed.core import Status, error_message
 from tornado.ioloop import PeriodicCallback
 
 from warmserve import options, protocol
 from warmserve.policy.state import Tier
-from warmserve.protocol import WORKER_GENERATE, GenerateRequest, TokenChunk, chunk_to_wire, fold
+from warmserve.protocol import GenerateRequest, TokenChunk, fold
 from warmserve.registry import ModelSpec, Registry, RegistryError
-from warmserve.worker_plugin import settings
+from warmserve.worker_plugin import channel, settings
 from warmserve.worker_plugin.devices import Device, discover
 from warmserve.worker_plugin.errors import (
     BadRequest,
@@ -122,6 +122,7 @@ class WarmServeWorker(WorkerPlugin):
 
     async def setup(self, worker: Worker) -> None:
         self.worker = worker
+        self._closing_now = False
         self.devices: list[Device] = discover(*self._args)
         self.node = self.devices[0].node
         self._registry_path = options.registry_file(self._registry_path)
@@ -146,7 +147,7 @@ class WarmServeWorker(WorkerPlugin):
             protocol.WORKER_ACTIVATE: answers_errors(self.activate),
             protocol.WORKER_DEACTIVATE: answers_errors(self.deactivate),
             protocol.WORKER_STATUS: self.status,
-            WORKER_GENERATE: self.stream,
+            protocol.WORKER_CHANNEL: self.channel,
         }
         worker.handlers.update(self._handlers)
         worker.metrics[NAME] = lambda _worker: self.status()
@@ -169,7 +170,8 @@ class WarmServeWorker(WorkerPlugin):
         # the callers already handle, instead of Dask's "no handler" traceback.
         worker.handlers.update(dict.fromkeys(self._handlers, answers_errors(self._closing)))
         worker.handlers[protocol.WORKER_STATUS] = self._closing_status
-        worker.handlers[WORKER_GENERATE] = self._closing_stream
+        worker.handlers[protocol.WORKER_CHANNEL] = self.channel  # open ones answer till closed
+        self._closing_now = True
         self._liveness.stop()
         await self.jobs.close()
         # A worker under a nanny closes only to end its process: engines need not free memory.
@@ -186,9 +188,6 @@ class WarmServeWorker(WorkerPlugin):
         # A status request is no error (the scheduler asks every tick): it learns the worker
         # is leaving, which it may not have heard yet if teardown held this worker's loop.
         return {"closing": True}
-
-    async def _closing_stream(self, comm, **kwargs: object) -> dict:
-        return {"error": {"kind": WorkerClosing.kind, "message": "the worker is closing"}}
 
     def _blocking(self, fn, *args):
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -410,24 +409,17 @@ class WarmServeWorker(WorkerPlugin):
         chunks = [chunk async for chunk in self.instances.generate(req)]
         return fold(chunks) if chunks else TokenChunk("", [])
 
-    async def stream(self, comm, request: dict) -> dict:
-        """Write one ``{"chunk": ...}`` message per TokenChunk, then reply ``{"done": True}``.
+    async def channel(self, comm, **kwargs: object) -> None:
+        """A front door's channel: the requests it streams here, until it closes
+        (:mod:`warmserve.worker_plugin.channel`)."""
+        await channel.serve(comm, self.generate)
 
-        Errors the caller should tell apart come back as ``{"error": {"kind", "message"}}``
-        (kinds in :mod:`warmserve.worker_plugin.errors`). If the caller goes away mid-stream
-        the write fails and the request is aborted in the engine.
-        """
-        try:
-            req = GenerateRequest(**request)
-            async for chunk in self.instances.generate(req):
-                await comm.write({"chunk": chunk_to_wire(chunk)})
-        except CommClosedError:
-            raise
-        except WarmServeWorkerError as e:
-            return {"error": {"kind": e.kind, "message": str(e)}}
-        except (TypeError, ValueError) as e:
-            return {"error": {"kind": BadRequest.kind, "message": str(e)}}
-        return {"done": True}
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
+        """``req``'s output from an instance of its model; a closing worker takes none."""
+        if self._closing_now:
+            raise WorkerClosing(f"worker {self.worker.address} is closing")
+        async for chunk in self.instances.generate(req):
+            yield chunk
 
     def _engine_died(self, slot: EngineSlot, lost: list[str], reason: str) -> None:
         event = {
