@@ -1,5 +1,8 @@
-"""WarmServe: multi-LLM serving with one-for-many GPU prewarming on Dask and vLLM."""
+"""WarmServe: multi-LLM serving with one-for-many GPU prewarming on Dask and vLLM.
 
-from warmserve import config as _config  # noqa: F401  (registers the warmserve.* dask config)
+Importing a module of the package has no side effects: the ``warmserve.*`` dask.config defaults
+are registered by :mod:`warmserve.config`, which every module that reads them imports, and the
+dashboard page is served when the scheduler preload sets up (:func:`warmserve.dashboard.install`).
+"""
 
 __version__ = "0.1.0"

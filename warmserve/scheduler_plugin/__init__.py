@@ -22,8 +22,6 @@ from warmserve.registry import Registry
 
 logger = logging.getLogger("warmserve.scheduler")
 
-dashboard.register_page()  # before the scheduler builds its dashboard
-
 
 def build_extension(registry: Registry, policy_name: str):
     """The extension with the policy ``policy_name``, configured from dask.config now.
