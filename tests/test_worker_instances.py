@@ -14,6 +14,7 @@ import pytest
 
 from warmserve.engine.engine import Switch
 from warmserve.policy.state import Tier
+from warmserve.protocol import GenerateRequest, TokenChunk
 from warmserve.registry import ModelSpec
 from warmserve.worker_plugin import instances as instances_module
 from warmserve.worker_plugin.devices import Device
@@ -49,6 +50,17 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         self.closed = True
+
+    async def generate(self, req: GenerateRequest):
+        """One chunk naming the model that served it. As in Engine, the request counts in
+        ``in_flight`` only once the engine has added it, a step after the call."""
+        await asyncio.sleep(0)
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(0)
+            yield TokenChunk(self.model.name, [], "stop")
+        finally:
+            self.in_flight -= 1
 
 
 def spec(name: str, family: str) -> ModelSpec:
@@ -175,5 +187,35 @@ def test_a_switch_waits_for_the_idle_engine_to_let_its_last_request_go(make):
         with pytest.raises(DeviceBusy, match="in flight"):
             await inst.activate(A2, DEV)
         assert engine.switches == ["a-1"]
+
+    run(main())
+
+
+def test_a_switch_waits_for_a_request_routed_before_the_engine_counts_it(make):
+    """A front door may send a request on a lease the scheduler has just ended: routed to the
+    instance before its deactivation, the request is not yet in the engine's count when the
+    next activation switches the engine. The switch waits for it, and it is served by its own
+    model (the switch went first and the request was served by the new one)."""
+    inst = make(16 * MiB)
+
+    async def main():
+        first = await inst.activate(A0, DEV)
+        engine = first.slot.engine
+        served = []
+
+        async def request():
+            async for chunk in inst.generate(GenerateRequest("r1", "a-0")):
+                served.append(chunk.text)
+
+        task = asyncio.ensure_future(request())
+        while not first.in_flight:  # routed, not yet added by the engine
+            await asyncio.sleep(0)
+        assert engine.in_flight == 0
+        await inst.deactivate(first.id)
+        second = await inst.activate(A1, DEV)
+        await task
+        assert served == ["a-0"]
+        assert second.slot.engine is engine and engine.switches == ["a-1"]
+        assert first.slot.requests == 0
 
     run(main())

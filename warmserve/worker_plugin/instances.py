@@ -60,6 +60,9 @@ class EngineSlot:
     instance: str | None = None
     started: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+    # Requests routed to the engine and not yet over, counted from the moment they are routed:
+    # the engine counts a request only once its thread has added it, a moment later.
+    requests: int = 0
 
     @property
     def model(self) -> str:
@@ -238,16 +241,21 @@ class Instances:
 
         The scheduler stops an instance once its requests are done at the front door, which can
         be a moment before the engine has finished or aborted them; a switch then would raise
-        ``EngineBusy`` (seen on a GPU under replay). No new request reaches an engine without an
-        instance, so this ends within a step; DeviceBusy (the scheduler retries) if it does not
-        within ``DRAIN_INTERVALS`` liveness intervals.
+        ``EngineBusy`` (seen on a GPU under replay). A front door may also send a request on a
+        lease the scheduler has just ended (it stopped the instance as idle): routed here before
+        the deactivation, it is not yet in the engine, which adds it on its own thread, so the
+        engine's count alone let the switch go first (EngineBusy at the switch, seen in the soak
+        at 16 requests/s; or, had the switch been queued before the request, the request
+        served by the new model). Both counts must be zero. No new request
+        reaches an engine without an instance, so this ends when they finish; DeviceBusy (the
+        scheduler retries) if they do not within ``DRAIN_INTERVALS`` liveness intervals.
         """
         deadline = time.monotonic() + DRAIN_INTERVALS * self._interval
-        while slot.engine.in_flight:
+        while slot.requests or slot.engine.in_flight:
             if time.monotonic() > deadline:
                 raise DeviceBusy(
                     f"{slot.device}: the idle engine of {slot.family} still has "
-                    f"{slot.engine.in_flight} requests in flight"
+                    f"{max(slot.requests, slot.engine.in_flight)} requests in flight"
                 )
             await asyncio.sleep(DRAIN_POLL_S)
 
@@ -351,6 +359,7 @@ class Instances:
         instance = self.route(req.model)
         slot = instance.slot
         instance.in_flight += 1
+        slot.requests += 1
         stream = slot.engine.generate(req)
         step: asyncio.Future | None = None
         try:
@@ -371,6 +380,7 @@ class Instances:
                 yield chunk
         finally:
             instance.in_flight -= 1
+            slot.requests -= 1
             if step is not None and not step.done():
                 step.cancel()
                 await asyncio.wait([step])
