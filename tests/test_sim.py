@@ -299,6 +299,45 @@ def test_cli_bad_input_exits_2_before_running(tmp_path, models, arrival, names, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("memory", "model", "policy", "message"),
+    [
+        # 150 GB at tp 2: 75 GB of weights per 80 GB device, but 7.2 GB of KV cache for 32
+        # requests (the default cost model's, warmserve/sim/costs.yaml) and the engine's 2 GB
+        # do not fit beside them.
+        ("80 GB", {"bytes": "150 GB", "tp": 2}, "warmserve", "needs 84.2 GB per device"),
+        ("80 GB", {"bytes": "150 GB", "tp": 2}, "autoscale", "7.2 GB of KV cache for 32 requests"),
+        # 14 GB fits a 40 GB device, but not a half of it (share-slots 2) with its KV cache.
+        ("40 GB", {"bytes": "14 GB"}, "share", "share places no model: 2 parts per device"),
+    ],
+)
+def test_cli_setting_that_cannot_serve_exits_2(tmp_path, memory, model, policy, message):
+    """A model that can never run, or a baseline that can place nothing, is refused at load
+    with the numbers (issue 22), where it used to time out every request or drop them all."""
+    import yaml
+
+    from warmserve.sim.cli import command
+
+    cluster = tmp_path / "c.yaml"
+    spec = {
+        "nodes": 1,
+        "devices_per_node": 2,
+        "device_memory": memory,
+        "host_memory": "1 TB",
+        "models": [{"name": "a", "family": "f", **model}],
+    }
+    cluster.write_text(yaml.safe_dump(spec))
+    wl = tmp_path / "w.parquet"
+    pq.write_table(workload([0.0], ["a"]), wl)
+    out = tmp_path / "r.parquet"
+    args = ["--workload", str(wl), "--cluster", str(cluster), "--policy", policy]
+    res = CliRunner().invoke(command, [*args, "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "'a'" in res.output or "share" in res.output
+    assert message in res.output
+    assert not out.exists()
+
+
 def test_cluster_file_reads_sizes_and_inline_models(tmp_path):
     cluster, _ = _files(tmp_path, [{"name": "a", "family": "f", "bytes": "14 GB", "tp": 2}])
     spec = load_cluster(cluster)

@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from warmserve.registry import ModelSpec
+
+if TYPE_CHECKING:  # config imports this module
+    from warmserve.policy.config import PolicyConfig
 
 
 class Tier(IntEnum):
@@ -158,6 +161,7 @@ class Policy(Protocol):
     """What the scheduler plugin and the simulator call. Implementations are deterministic."""
 
     name: str
+    config: PolicyConfig
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         """Record the closed load window ``window`` of ``model`` (average and peak concurrency)."""

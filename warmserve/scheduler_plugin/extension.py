@@ -33,6 +33,7 @@ from distributed.metrics import time
 from tornado.ioloop import PeriodicCallback
 
 from warmserve import protocol
+from warmserve.policy.feasible import never_serve
 from warmserve.policy.load import LoadMeter, ShortLoad
 from warmserve.policy.state import (
     Action,
@@ -86,6 +87,8 @@ class WarmServeExtension(SchedulerPlugin):
         self._tasks: set[asyncio.Task] = set()
         self._run_lock = asyncio.Lock()
         self._clock = 0.0  # time of the latest arrival or completion fed to the meters
+        self._fit_devices: tuple[tuple[str, int], ...] = ()  # what _never was computed for
+        self._never: dict[str, str] = {}
 
     # -- SchedulerPlugin hooks -----------------------------------------------------------------
 
@@ -335,6 +338,9 @@ class WarmServeExtension(SchedulerPlugin):
         """
         if model not in self.registry:
             return {"status": "unknown"}
+        never = self._never_serves(model)
+        if never is not None:
+            return {"status": "failed", "reason": never}
         exclude = tuple(exclude)
         for iid in exclude:  # the caller saw it fail: learn what its worker has now
             inst = self.state.instances.get(iid)
@@ -364,6 +370,21 @@ class WarmServeExtension(SchedulerPlugin):
                 self._finish(request_id, time())
                 return {"status": "failed", "reason": failing}
         return {"status": "queued"}
+
+    def _never_serves(self, model: str) -> str | None:
+        """Why no TP group of the workers' devices can ever hold ``model`` (weights, KV cache
+        and engine), or None; None too while no worker has joined (one may bring room)."""
+        devices = tuple(
+            (d.node, d.memory) for w in self.state.workers.values() for d in w.devices.values()
+        )
+        if not devices:
+            return None
+        if devices != self._fit_devices:
+            self._fit_devices = devices
+            self._never = never_serve(self.registry, devices, self.policy.config)
+            for reason in self._never.values():
+                logger.error("%s: its requests are answered 503", reason)
+        return self._never.get(model)
 
     def sync(
         self,

@@ -13,8 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from warmserve.policy.config import PolicyConfig
+from warmserve.policy.feasible import never_serve, share_places_nothing
 from warmserve.policy.state import Policy
-from warmserve.sim.cluster import ClusterSpec
+from warmserve.sim.cluster import ClusterSpec, SimInputError
 
 
 def live_config() -> PolicyConfig:
@@ -45,7 +46,19 @@ def policy_config(cluster: ClusterSpec, base: PolicyConfig | None = None) -> Pol
 
 
 def build_policy(name: str, cluster: ClusterSpec, config: PolicyConfig) -> Policy:
-    """The named policy from the policy package's factory (``warmserve.policy.factory``)."""
+    """The named policy from the policy package's factory (``warmserve.policy.factory``).
+
+    Raises :class:`SimInputError` for a setting it could not serve: a model that no TP group
+    of the cluster can ever hold an instance of, or ``share`` with parts too small for any
+    model (:mod:`warmserve.policy.feasible`)."""
     from warmserve.policy.factory import make_policy
 
+    devices = [(node, cluster.device_memory) for _, node in cluster.device_ids()]
+    never = never_serve(cluster.models, devices, config)
+    if never:
+        raise SimInputError("; ".join(never.values()))
+    if name == "share":
+        nothing = share_places_nothing(cluster.models, devices, config)
+        if nothing:
+            raise SimInputError(nothing)
     return make_policy(name, cluster.models, config)
