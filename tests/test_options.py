@@ -104,6 +104,21 @@ def test_bad_config_fails_the_scheduler(tmp_path, tiny_registry: Registry, model
     assert str(tmp_path / "c.yaml") in line and "'soon'" in line
 
 
+def test_unknown_key_fails_the_scheduler(tmp_path, tiny_registry: Registry, models_dir: str):
+    (tmp_path / "c.yaml").write_text("planner:\n  tick: 2\n  tik: 3\n")
+    registry = os.path.join(models_dir, "registry.yaml")
+    argv = [*SCHEDULER, "--warmserve-config", "c.yaml", "--warmserve-registry", registry]
+    line = failed_start(argv, cwd=str(tmp_path))
+    assert str(tmp_path / "c.yaml") in line and "unknown setting warmserve.planner.tik" in line
+
+
+def test_unknown_variable_fails_the_worker(tmp_path, tiny_registry: Registry, models_dir: str):
+    registry = os.path.join(models_dir, "registry.yaml")
+    env = {"DASK_WARMSERVE__WORKER__ENGINEKV": "1GiB"}
+    line = failed_start([*WORKER, "--warmserve-registry", registry], str(tmp_path), env)
+    assert "unknown setting warmserve.worker.enginekv" in line
+
+
 def test_bad_setting_fails_the_worker(tmp_path, tiny_registry: Registry, models_dir: str):
     registry = os.path.join(models_dir, "registry.yaml")
     env = {"DASK_WARMSERVE__WORKER__ENGINE_KV": "lots"}

@@ -1,26 +1,28 @@
 """WarmServe's configuration lives in dask.config under ``warmserve.*``.
 
-Defaults ship in ``warmserve.yaml`` beside this file, as dask-cuda and dask-jobqueue do, so one
-mechanism covers YAML files in ``~/.config/dask``, ``DASK_WARMSERVE__...`` environment variables and
-``dask.config.set`` in tests. Per-process differences (a worker's devices) are click options on the
-preloads instead.
+Defaults ship in ``warmserve.yaml`` beside this file (read by :mod:`warmserve.defaults`), as
+dask-cuda and dask-jobqueue do, so one mechanism covers YAML files in ``~/.config/dask``,
+``DASK_WARMSERVE__...`` environment variables and ``dask.config.set`` in tests. Importing this
+module registers them, which is its purpose: every module that reads a ``warmserve.*`` key imports
+it. Per-process differences (a worker's devices) are click options on the preloads instead.
 """
 
 from __future__ import annotations
 
-import os
-
 import dask.config
-import yaml
 
-_DEFAULTS = os.path.join(os.path.dirname(__file__), "warmserve.yaml")
+from warmserve import defaults
 
-with open(_DEFAULTS) as _f:
-    defaults = yaml.safe_load(_f)
-
-dask.config.update_defaults(defaults)
+dask.config.update_defaults(defaults.document())
 
 
 def get(key: str):
-    """Return ``warmserve.<key>`` from dask.config (a dotted key, e.g. ``"planner.window"``)."""
+    """Return ``warmserve.<key>`` from dask.config (a dotted key, e.g. ``"planner.tick"``)."""
     return dask.config.get(f"warmserve.{key}")
+
+
+def check_keys() -> None:
+    """Raise :class:`~warmserve.defaults.ConfigError` naming every ``warmserve.*`` key set in
+    dask.config (a config file, ``~/.config/dask``, an environment variable) that is no
+    setting of ``warmserve.yaml``."""
+    defaults.check_keys(dask.config.get("warmserve"))

@@ -331,6 +331,10 @@ def command(
     from warmserve.models.make import ensure_default_models
 
     console.configure(verbose)
+    try:
+        config.check_keys()  # as the preloads would, but before anything starts
+    except ValueError as e:
+        raise click.ClickException(f"warmserve configuration: {e}") from None
     models_dir = os.path.abspath(models_dir or config.get("models-dir"))
     click.echo(f"Models in {models_dir} (generated if missing)...")
     registry = ensure_default_models(models_dir)

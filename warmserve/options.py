@@ -65,8 +65,9 @@ def load_config_file(path: str) -> None:
 
 def config_option(flag: str, check: Callable[[], None] | None = None) -> Callable[[F], F]:
     """``flag`` names a config YAML merged into dask.config as it is parsed (before the other
-    flags, whose defaults may come from it); ``check`` then validates the configuration, the
-    file's and the environment's (ValueError, TypeError or KeyError: what is wrong)."""
+    flags, whose defaults may come from it); a ``warmserve.*`` key that is no setting, the
+    file's or the environment's, then fails (:func:`warmserve.config.check_keys`), and
+    ``check`` validates the values (ValueError, TypeError or KeyError: what is wrong)."""
 
     def merge(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
         if value is not None:
@@ -75,12 +76,13 @@ def config_option(flag: str, check: Callable[[], None] | None = None) -> Callabl
                 load_config_file(path)
             except (OSError, yaml.YAMLError, ValueError) as e:
                 raise OptionError(f"{flag} {path}: {' '.join(str(e).split())}") from None
-        if check is not None:
-            try:
+        try:
+            config.check_keys()
+            if check is not None:
                 check()
-            except (ValueError, TypeError, KeyError) as e:
-                where = f"{flag} {os.path.abspath(value)}" if value else "warmserve configuration"
-                raise OptionError(f"{where}: {e}") from None
+        except (ValueError, TypeError, KeyError) as e:
+            where = f"{flag} {os.path.abspath(value)}" if value else "warmserve configuration"
+            raise OptionError(f"{where}: {e}") from None
         return value
 
     return click.option(

@@ -40,7 +40,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+from dask.utils import parse_bytes
 
+from warmserve import defaults
 from warmserve.engine.extension import EXTENSION_CLS
 from warmserve.protocol import GenerateRequest, Position, TokenChunk, fold
 from warmserve.registry import ModelSpec
@@ -66,13 +68,13 @@ class EngineBusy(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """How an engine is started. Small defaults: toy models on a shared 2-core machine."""
+    """How an engine is started. Defaults from ``warmserve.yaml`` (small: toy models on a shared
+    2-core machine), where each key says what it means."""
 
-    max_model_len: int = 512
-    max_num_seqs: int = 32  # the paper's per-instance concurrency
-    kv_cache_bytes: int = 256 * 2**20
-    # "auto": the checkpoint's dtype, except bf16/fp16 on a CPU without native bf16 (float32).
-    dtype: str = "auto"
+    max_model_len: int = int(defaults.get("engine.max-model-len"))
+    max_num_seqs: int = int(defaults.get("planner.instance-capacity"))
+    kv_cache_bytes: int = int(parse_bytes(defaults.get("worker.engine-kv")))
+    dtype: str = str(defaults.get("engine.dtype"))
     warmup: bool = True  # run one short request at start (see the module docstring)
 
 

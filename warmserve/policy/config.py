@@ -2,7 +2,10 @@
 
 The scheduler plugin reads ``warmserve.*`` from dask.config and hands the sections to
 :meth:`PolicyConfig.from_mapping`; the simulator and the tests build a :class:`PolicyConfig`
-directly. Keeping dask out of this module keeps the policy package pure.
+directly. The defaults, and what each constant means, are in ``warmserve/warmserve.yaml``
+(sections ``forecast``, ``planner``, ``autoscaler`` and ``policy``, read by
+:mod:`warmserve.defaults`, no Dask): a field is its key with dashes turned into underscores.
+Keeping dask out of this module keeps the policy package pure.
 
 Memory model (what :class:`~warmserve.policy.accounting.Accounting` charges per device):
 
@@ -23,45 +26,54 @@ Memory model (what :class:`~warmserve.policy.accounting.Accounting` charges per 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from warmserve import defaults
+from warmserve.defaults import ConfigError
 from warmserve.registry import ModelSpec
 
 _SECTIONS = ("forecast", "planner", "autoscaler", "policy")  # dask.config sections read
 
 
+def _default(section: str, key: str) -> Any:
+    return defaults.get(f"{section}.{key}")
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Constants of forecasting, planning and autoscaling. Defaults follow the paper."""
+    """Constants of forecasting, planning and autoscaling (``warmserve.yaml`` says what each
+    means; the section of each group is named above it)."""
 
-    # Forecast (Corrective Seasonal Predictor).
-    window: float = 300.0  # seconds per load window
-    period: float = 86_400.0  # seconds per season (one day)
-    periods: int = 3  # D: past periods the seasonal part averages over
-    correction_windows: int = 10  # N: recent errors that correct the seasonal part
-    correction_decay: float = 0.5  # weight of each error relative to the next more recent one
-    # Planner.
-    tick: float = 5.0  # seconds between plan() calls
-    instance_capacity: int = 32  # concurrent requests one instance serves
-    rank_decay: float = 0.5  # score of a model's (j+1)-th wanted replica relative to its j-th
-    burst_weight_cap: float = 4.0  # a burst replica's weight is peak/avg, at most this
-    disk_bw: float = 2e9  # bytes/s from the node's disk to a device (cold start)
-    host_bw: float = 25e9  # bytes/s from host memory to a device
-    # Reactive autoscaler.
-    scale_up: float = 0.8  # add an instance above this fraction of capacity
-    scale_down: float = 0.5  # remove one below this fraction of capacity ...
-    average: float = 5.0  # ... of the load averaged over this many seconds ...
-    grace: float = 5.0  # ... once it stayed below for this long
-    keep_alive: float = 60.0  # autoscale baseline: idle seconds before an instance stops
-    # KV cache.
-    kv_fraction: float = 0.5  # KV of a full instance as a fraction of its weights (default)
-    kv_bytes: Mapping[str, int] = field(default_factory=dict)  # model -> KV bytes per request
-    kv_headroom: float = 1.25  # a dedicated device keeps KV for this x its expected load
-    engine_bytes: int = 0  # device memory of one engine besides weights and KV (see above)
-    # MuxServe-style baseline: instances colocated on one device (a fixed memory split).
-    share_slots: int = 2
+    # forecast: the Corrective Seasonal Predictor.
+    window: float = float(_default("forecast", "window"))
+    period: float = float(_default("forecast", "period"))
+    periods: int = int(_default("forecast", "periods"))
+    correction_windows: int = int(_default("forecast", "correction-windows"))
+    correction_decay: float = float(_default("forecast", "correction-decay"))
+    # planner
+    tick: float = float(_default("planner", "tick"))
+    instance_capacity: int = int(_default("planner", "instance-capacity"))
+    rank_decay: float = float(_default("planner", "rank-decay"))
+    burst_weight_cap: float = float(_default("planner", "burst-weight-cap"))
+    disk_bw: float = float(_default("planner", "disk-bw"))
+    host_bw: float = float(_default("planner", "host-bw"))
+    engine_bytes: int = int(_default("planner", "engine-bytes"))
+    # autoscaler: the reactive autoscaler, and the autoscale baseline's keep-alive.
+    scale_up: float = float(_default("autoscaler", "scale-up"))
+    scale_down: float = float(_default("autoscaler", "scale-down"))
+    average: float = float(_default("autoscaler", "average"))
+    grace: float = float(_default("autoscaler", "grace"))
+    keep_alive: float = float(_default("autoscaler", "keep-alive"))
+    # policy: KV cache, and the share baseline.
+    kv_fraction: float = float(_default("policy", "kv-fraction"))
+    kv_bytes: Mapping[str, int] = field(
+        default_factory=lambda: dict(_default("policy", "kv-bytes") or {})
+    )
+    kv_headroom: float = float(_default("policy", "kv-headroom"))
+    share_slots: int = int(_default("policy", "share-slots"))
 
     def __post_init__(self) -> None:
         if self.window <= 0 or self.period < self.window:
@@ -98,19 +110,48 @@ class PolicyConfig:
 
         Keys of the ``forecast``, ``planner``, ``autoscaler`` and ``policy`` sections map to
         fields with dashes turned into underscores (``instance-capacity`` ->
-        ``instance_capacity``). Keys that name no field are skipped: those sections are shared
-        with the scheduler plugin, which keeps its own settings there.
+        ``instance_capacity``), each value converted to its field's type. A key that is not
+        one of its section's in ``warmserve.yaml``, or a value that does not convert, raises
+        :class:`~warmserve.defaults.ConfigError` naming it. The other sections are not read.
         """
         if "warmserve" in d and isinstance(d["warmserve"], Mapping):
             d = d["warmserve"]
-        names = {f.name for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for section in _SECTIONS:
-            for key, value in (d.get(section) or {}).items():
-                name = key.replace("-", "_")
-                if name in names:
-                    kwargs[name] = value
-        for name in ("window", "period", "average", "grace", "keep_alive", "tick"):
-            if name in kwargs:
-                kwargs[name] = float(kwargs[name])
+            values = d.get(section) or {}
+            defaults.check_keys(values, section)
+            for key, value in values.items():
+                name = str(key).replace("-", "_")
+                kwargs[name] = _convert(name, value, f"warmserve.{section}.{key}")
         return cls(**kwargs)
+
+
+_TYPES = typing.get_type_hints(PolicyConfig)
+
+
+def _convert(name: str, value: Any, where: str) -> Any:
+    """``value`` as the type of the field ``name``; ConfigError naming ``where`` if it is not."""
+    kind = _TYPES[name]
+    try:
+        if kind is float:
+            return float(value)
+        if kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise ValueError(f"expected a whole number, got {value!r}")
+            return int(float(value))
+        if not isinstance(value, Mapping):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return {str(k): int(v) for k, v in value.items()}
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def check_fields() -> None:
+    """Every field has its key in one section of ``warmserve.yaml`` and every key of those
+    sections is a field (a test runs it)."""
+    keys = [k.replace("-", "_") for s in _SECTIONS for k in defaults.section(s)]
+    names = [f.name for f in fields(PolicyConfig)]
+    if sorted(keys) != sorted(names):
+        raise ConfigError(f"warmserve.yaml's policy keys {sorted(keys)} are not the fields {names}")
