@@ -96,20 +96,22 @@ def test_missing_registry_fails_the_start(tmp_path, command):
     assert f"{tmp_path / 'nope.yaml'}: no such registry file" in line
 
 
-def test_bad_config_fails_the_scheduler(tmp_path, tiny_registry: Registry, models_dir: str):
-    (tmp_path / "c.yaml").write_text("planner:\n  tick: soon\n")
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("planner:\n  tick: soon\n", "'soon'"),
+        ("planner:\n  tick: 2\n  tik: 3\n", "unknown setting warmserve.planner.tik"),
+    ],
+    ids=["bad value", "unknown key"],
+)
+def test_bad_config_fails_the_scheduler(
+    tmp_path, tiny_registry: Registry, models_dir: str, text: str, named: str
+):
+    (tmp_path / "c.yaml").write_text(text)
     registry = os.path.join(models_dir, "registry.yaml")
     argv = [*SCHEDULER, "--warmserve-config", "c.yaml", "--warmserve-registry", registry]
     line = failed_start(argv, cwd=str(tmp_path))
-    assert str(tmp_path / "c.yaml") in line and "'soon'" in line
-
-
-def test_unknown_key_fails_the_scheduler(tmp_path, tiny_registry: Registry, models_dir: str):
-    (tmp_path / "c.yaml").write_text("planner:\n  tick: 2\n  tik: 3\n")
-    registry = os.path.join(models_dir, "registry.yaml")
-    argv = [*SCHEDULER, "--warmserve-config", "c.yaml", "--warmserve-registry", registry]
-    line = failed_start(argv, cwd=str(tmp_path))
-    assert str(tmp_path / "c.yaml") in line and "unknown setting warmserve.planner.tik" in line
+    assert str(tmp_path / "c.yaml") in line and named in line
 
 
 def test_unknown_variable_fails_the_worker(tmp_path, tiny_registry: Registry, models_dir: str):
