@@ -1,15 +1,14 @@
 """How much of ServeGen's peak error can any forecaster remove?
 
-``warmserve forecast eval`` takes each ServeGen window's peak from one sampled realisation of
-the trace's arrival model (``forecast_eval.SEED``). Part of that peak is sampling noise that no
-forecaster can predict, even one that knew the window's rates in advance. This samples
+``warmserve forecast eval`` takes each ServeGen window's peak from one sampled realisation of the
+trace's arrival model (``warmserve.evaluation.traces.SEED``). Part of that peak is sampling noise
+that no forecaster can predict, even one that knew the window's rates in advance. This samples
 ``--draws`` more realisations of the same rates and predicts every window's peak of the eval's
-realisation as the median of the other draws' peaks there: the *rate oracle*, which knows the
-future rates of every client and is wrong only by the sampling. Its held-out WAPE is about the
-floor of the peak's WAPE on these series (the median of the draws is what minimises the
-expected absolute error, up to the draws' own spread). The forecasters' WAPE above it is the
-part a better forecast could remove; the JSON gives each method's share of that part against
-AutoETS's.
+realisation as the median of the other draws' peaks there: the *rate oracle*, which knows the future
+rates of every client and is wrong only by the sampling. Its held-out WAPE is about the floor of the
+peak's WAPE on these series (the median of the draws is what minimises the expected absolute error,
+up to the draws' own spread). The forecasters' WAPE above it is the part a better forecast could
+remove; the JSON gives each method's share of that part against AutoETS's.
 
     python bench/forecast_peak_floor.py [--draws 8] [--jobs 2]
 
@@ -34,8 +33,7 @@ from concurrent.futures import ProcessPoolExecutor
 import click
 import numpy as np
 
-from warmserve import forecast_eval as fe
-from warmserve.policy import forecast as fc
+from warmserve.evaluation import batch, scoring, traces
 
 OUT = "bench/results/forecast_peak_floor.json"
 DRAW_SEED = 1000  # draw j samples with SEED + DRAW_SEED * (j + 1), far from the eval's seeds
@@ -43,8 +41,8 @@ DRAW_SEED = 1000  # draw j samples with SEED + DRAW_SEED * (j + 1), far from the
 
 def peaks(seed: int) -> np.ndarray:
     """Peaks (series x windows) of the realisation ``seed`` (gaps NaN, as in the eval)."""
-    fe.SEED = seed
-    return fe.load_servegen().peak
+    traces.SEED = seed
+    return traces.load_servegen().peak
 
 
 @click.command()
@@ -54,8 +52,8 @@ def main(draws: int, jobs: int) -> None:
     if draws < 2:
         raise click.BadParameter("needs at least 2 draws for a median", param_hint="--draws")
     t0 = time.perf_counter()
-    s = fe.load_servegen()
-    seeds = [fe.SEED + DRAW_SEED * (j + 1) for j in range(draws)]
+    s = traces.load_servegen()
+    seeds = [traces.SEED + DRAW_SEED * (j + 1) for j in range(draws)]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         drawn = np.stack(list(pool.map(peaks, seeds)))
@@ -64,18 +62,18 @@ def main(draws: int, jobs: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: gaps in every draw
         oracle = np.nan_to_num(np.nanmedian(drawn, axis=0))
-    avg_ets, peak_ets = fe.autoets_all(s)
-    mix_avg, mix_peak = fc.mixture_pair(s.avg, s.peak, fe.planner_params(s.period))
+    avg_ets, peak_ets = scoring.autoets_all(s)
+    mix_avg, mix_peak = batch.mixture_pair(s.avg, s.peak, scoring.planner_params(s.period))
     preds = {
         "rate-oracle": (s.avg, oracle),  # the average of a window is its rate: known exactly
-        "average-oracle": (s.avg, s.avg + fc.recent_quantile(s.peak - s.avg, 6, 0.5)),
+        "average-oracle": (s.avg, s.avg + batch.recent_quantile(s.peak - s.avg, 6, 0.5)),
         "mixture": (mix_avg, mix_peak),
         "autoets": (avg_ets, peak_ets),
-        "auto-ses": (fc.auto_ses(s.avg), fc.auto_ses(s.peak)),
-        "last-value": (fc.last_value(s.avg), fc.last_value(s.peak)),
+        "auto-ses": (batch.auto_ses(s.avg), batch.auto_ses(s.peak)),
+        "last-value": (batch.last_value(s.avg), batch.last_value(s.peak)),
     }
     results = {}
-    for where, scores in fe.held_out_scores(s, preds).items():
+    for where, scores in scoring.held_out_scores(s, preds).items():
         floor = scores["rate-oracle"]["wape_peak"]
         above = {n: sc["wape_peak"] - floor for n, sc in scores.items() if "oracle" not in n}
         results[where] = {
@@ -93,7 +91,7 @@ def main(draws: int, jobs: int) -> None:
         )
     doc = {
         "command": "python " + " ".join(sys.argv),
-        "servegen_seed": fe.SEED,
+        "servegen_seed": traces.SEED,
         "draw_seeds": seeds,
         "held_out_windows": [s.tune_end, s.avg.shape[1]],
         "results": results,

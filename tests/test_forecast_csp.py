@@ -6,14 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from warmserve.policy.forecast import (
-    SHIFT_BINS,
-    SHIFT_COLUMNS,
-    SHIFT_REACH,
-    SHIFT_STEPS,
-    CSPParams,
-    Forecaster,
-    MixParams,
+from warmserve.evaluation.batch import (
     auto_ses,
     burst_shift,
     choose_peak,
@@ -28,6 +21,8 @@ from warmserve.policy.forecast import (
     seasonal_part,
     seasonal_slope,
 )
+from warmserve.policy.forecast import CSPParams, Forecaster, MixParams
+from warmserve.policy.forecast.shift import SHIFT_BINS, SHIFT_COLUMNS, SHIFT_REACH, SHIFT_STEPS
 
 NAN = np.nan
 

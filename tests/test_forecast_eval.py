@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from warmserve import forecast_eval as fe
+from warmserve.evaluation import scoring, traces, tuning
 
 
 def _one_client(rate: float, dist: str, shape: float, t: int = 6):
@@ -16,16 +16,16 @@ def _one_client(rate: float, dist: str, shape: float, t: int = 6):
 
 def test_sampled_poisson_client_has_littles_law_average_and_a_modest_peak() -> None:
     win, rate, dist, shape = _one_client(20.0, "Gamma", 1.0)  # exponential gaps: Poisson
-    avg, peak = fe.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=1)
-    mean = 20.0 * fe.LATENCY
+    avg, peak = traces.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=1)
+    mean = 20.0 * traces.LATENCY
     assert avg[1:] == pytest.approx(np.full(5, mean), rel=0.05)  # window 0 starts empty
     # The most in flight over 6,000 looks at a Poisson count of mean 40: some 3 to 5 sd above.
     assert ((peak > mean + 2 * np.sqrt(mean)) & (peak < mean + 7 * np.sqrt(mean))).all()
 
 
 def test_bursty_fit_gives_higher_peaks_than_poisson_at_the_same_rate() -> None:
-    calm = fe.sampled_concurrency(*_one_client(20.0, "Gamma", 1.0), 6, 600.0, seed=1)
-    bursty = fe.sampled_concurrency(*_one_client(20.0, "Weibull", 0.3), 6, 600.0, seed=1)
+    calm = traces.sampled_concurrency(*_one_client(20.0, "Gamma", 1.0), 6, 600.0, seed=1)
+    bursty = traces.sampled_concurrency(*_one_client(20.0, "Weibull", 0.3), 6, 600.0, seed=1)
     assert bursty[1][1:].mean() > 1.5 * calm[1][1:].mean()
     assert bursty[0][1:] == pytest.approx(calm[0][1:], rel=0.1)  # the same average
 
@@ -33,26 +33,26 @@ def test_bursty_fit_gives_higher_peaks_than_poisson_at_the_same_rate() -> None:
 def test_sampling_is_deterministic_and_unfitted_windows_are_empty() -> None:
     win, rate, dist, shape = _one_client(5.0, "Weibull", 0.6)
     dist[2] = ""  # ServeGen leaves windows without requests unfitted
-    a = fe.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=3)
-    b = fe.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=3)
+    a = traces.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=3)
+    b = traces.sampled_concurrency(win, rate, dist, shape, 6, 600.0, seed=3)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    assert a[0][2] < 5.0 * fe.LATENCY * 0.01  # only the tail of window 1's requests
+    assert a[0][2] < 5.0 * traces.LATENCY * 0.01  # only the tail of window 1's requests
 
 
 def test_scores_skip_missing_windows() -> None:
     actual = np.array([[10.0, np.nan, 10.0]])
     pred = np.array([[12.0, 1000.0, 8.0]])
     peak = actual * 2
-    sc = fe._scores(pred, actual, pred * 2, peak)
+    sc = scoring._scores(pred, actual, pred * 2, peak)
     assert sc["wape_avg"] == pytest.approx(4.0 / 20.0)
     assert sc["windows"] == 2
     assert sc["missed_burst"] == 0.0
 
 
 def test_held_out_part_follows_the_tune_part() -> None:
-    s = fe.Series("servegen", ["m"], np.ones((1, 2016)), np.ones((1, 2016)), 600.0, 144, 432)
-    assert fe._part(s, "tune") == slice(432, 432 + 4 * 144)
-    assert fe._part(s, "held_out") == slice(432 + 4 * 144, 2016)
+    s = traces.Series("servegen", ["m"], np.ones((1, 2016)), np.ones((1, 2016)), 600.0, 144, 432)
+    assert scoring._part(s, "tune") == slice(432, 432 + 4 * 144)
+    assert scoring._part(s, "held_out") == slice(432 + 4 * 144, 2016)
 
 
 def test_bar_intervals_separate_a_clear_margin_from_noise() -> None:
@@ -61,7 +61,9 @@ def test_bar_intervals_separate_a_clear_margin_from_noise() -> None:
     rng = np.random.default_rng(0)
     t, period = 6 * 144, 144
     actual = 50.0 + rng.normal(0.0, 5.0, (2, t))
-    s = fe.Series("servegen", ["m0", "m1"], actual, actual * 2, 600.0, period, period, period * 2)
+    s = traces.Series(
+        "servegen", ["m0", "m1"], actual, actual * 2, 600.0, period, period, period * 2
+    )
     held = np.arange(s.tune_end, t)
 
     def pair(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -74,12 +76,12 @@ def test_bar_intervals_separate_a_clear_margin_from_noise() -> None:
     result = {
         "_preds": preds,
         "held_out": {
-            n: fe._scores(a[:, held], actual[:, held], p[:, held], s.peak[:, held])
+            n: scoring._scores(a[:, held], actual[:, held], p[:, held], s.peak[:, held])
             for n, (a, p) in preds.items()
         },
     }
     result["held_out_models_only"] = result["held_out"]
-    out = fe.bar(result, s)["all_held_out"]
+    out = scoring.bar(result, s)["all_held_out"]
     clear = out["last-value"]["wape_avg"]
     assert clear["clear"] == "better" and clear["ci95"][1] < 0
     assert clear["relative"] == pytest.approx(1 / 3 - 1, abs=0.01)
@@ -92,7 +94,7 @@ def test_tuning_picks_the_setting_whose_worst_ratios_sort_lowest(monkeypatch) ->
     every expert set gets its best setting, and the chosen set's ratios, largest first, sort
     no higher than any other's; without AutoETS last-value is the only baseline."""
     monkeypatch.setattr(
-        fe,
+        tuning,
         "GRID",
         {
             "eta": (300.0, 30_000.0),
@@ -108,9 +110,9 @@ def test_tuning_picks_the_setting_whose_worst_ratios_sort_lowest(monkeypatch) ->
     level = np.repeat(rng.uniform(0.7, 1.3, days), period)
     avg = (40.0 + ramp) * level + rng.normal(0.0, 3.0, (2, t))
     peak = avg * 1.4 + rng.gamma(2.0, 4.0, (2, t))
-    s = fe.Series("servegen", ["a", "a/c1"], avg, peak, 600.0, period, 3 * period)
-    out = fe.tune({"servegen": s}, None)
-    assert set(out["by_expert_set"]) == set(fe.EXPERT_SETS)
+    s = traces.Series("servegen", ["a", "a/c1"], avg, peak, 600.0, period, 3 * period)
+    out = tuning.tune({"servegen": s}, None)
+    assert set(out["by_expert_set"]) == set(tuning.EXPERT_SETS)
     assert set(out["baselines"]) == {"servegen", "servegen models"}  # a client: models alone too
     assert set(out["baselines"]["servegen models"]) == {"last-value"}
 
@@ -119,8 +121,8 @@ def test_tuning_picks_the_setting_whose_worst_ratios_sort_lowest(monkeypatch) ->
 
     chosen = key(out["chosen"])
     assert chosen == sorted(chosen, reverse=True)
-    assert all(chosen <= key(label) for label in fe.EXPERT_SETS)
+    assert all(chosen <= key(label) for label in tuning.EXPERT_SETS)
     best = out["by_expert_set"][out["chosen"]]
-    assert best["eta"][0] in fe.GRID["eta"] and best["tau_peak"] in fe.GRID["tau_peak"]
-    assert best["miss_cost"] in fe.GRID["miss_cost"]
+    assert best["eta"][0] in tuning.GRID["eta"] and best["tau_peak"] in tuning.GRID["tau_peak"]
+    assert best["miss_cost"] in tuning.GRID["miss_cost"]
     assert isinstance(out["planner_defaults_are_best"], bool)

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "frontdoor": ("warmserve.frontdoor.cli", "Serve the OpenAI API in front of a running cluster."),
     "models": ("warmserve.models.cli", "Generate local model families (random Llama weights)."),
     "trace": ("warmserve.traces.cli", "Convert, synthesize and describe Parquet traces."),
-    "forecast": ("warmserve.forecast_eval", "Evaluate load forecasters on real traces."),
+    "forecast": ("warmserve.evaluation.cli", "Evaluate load forecasters on real traces."),
     "simulate": ("warmserve.sim.cli", "Replay a workload against a simulated cluster."),
     "report": ("warmserve.report.cli", "TTFT/TPOT tables and plots from result Parquet files."),
     "replay": ("warmserve.replay", "Replay a Parquet workload against a front door over HTTP."),

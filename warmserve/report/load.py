@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from warmserve.evaluation.batch import mixture_pair
 from warmserve.policy.config import PolicyConfig
-from warmserve.policy.forecast import mixture_pair
 from warmserve.policy.load import LoadMeter
 from warmserve.policy.planner import csp_params
 
