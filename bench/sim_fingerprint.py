@@ -11,6 +11,7 @@ give the same hashes, so comparing the ``runs`` of two files shows whether a cha
 request.
 
     python -m bench.sim_fingerprint [--warmup 1800] [--duration 1800] [--jobs 2]
+    python -m bench.sim_fingerprint --baseline OLD.json   # the differences go in the output
     python -m bench.sim_fingerprint --compare OLD.json NEW.json
 """
 
@@ -117,7 +118,16 @@ def compare(old: dict, new: dict) -> list[str]:
 @click.option("--out", default="bench/results/sim_fingerprint.json", show_default=True)
 @click.option("--compare", "files", nargs=2, type=click.Path(exists=True, dir_okay=False),
               help="Compare two fingerprint files and exit (status 1 if they differ).")  # fmt: skip
-def main(warmup: float, duration: float, jobs: int, out: str, files: tuple[str, str]) -> None:
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False),
+              help="A fingerprint file to compare this run with, in the output.")  # fmt: skip
+def main(
+    warmup: float,
+    duration: float,
+    jobs: int,
+    out: str,
+    files: tuple[str, str],
+    baseline: str | None,
+) -> None:
     if files:
         docs = []
         for path in files:
@@ -147,6 +157,14 @@ def main(warmup: float, duration: float, jobs: int, out: str, files: tuple[str, 
         "runs": {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in results},
         "wall_s": round(time.perf_counter() - t0, 1),
     }
+    if baseline:
+        with open(baseline) as f:
+            base = json.load(f)
+        doc["baseline"] = {
+            "git_head": base["git_head"],
+            "command": base["command"],
+            "differences": compare(base, doc),
+        }
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
