@@ -47,6 +47,8 @@ def run_once() -> dict:
         "summary": lines[-1] if lines else done.stderr[-300:],
         "s": round(time.perf_counter() - start, 1),
         "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))],
+        # What each failure asserted: a flaky run is of no use without it.
+        "errors": [line for line in lines if line.startswith("E ")][:40],
     }
 
 
@@ -59,6 +61,8 @@ def main() -> None:
     for i in range(args.runs):
         runs.append(run_once())
         print(f"[faults_repeat] run {i + 1}/{args.runs}: {runs[-1]['summary']}", flush=True)
+        for line in runs[-1]["failures"] + runs[-1]["errors"]:
+            print(f"    {line}", flush=True)
     result = {
         "command": f"python -m bench.faults_repeat --runs {args.runs}",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
