@@ -19,7 +19,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 
+import cloudpickle
 import dask.config
 import httpx
 import numpy as np
@@ -83,6 +85,11 @@ async def kill_mid_stream(url: str, victim: subprocess.Popen) -> list[tuple[int,
     assert not all(t.done() for t in tasks), "every stream ended before the kill"
     victim.send_signal(signal.SIGKILL)
     return await asyncio.gather(*tasks)
+
+
+# ``dask scheduler`` runs in its own process, where ``tests`` is not importable (unless
+# PYTHONPATH names the checkout): functions of this module go to it by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def forecaster_of(dask_scheduler) -> tuple:
