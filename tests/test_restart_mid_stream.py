@@ -40,6 +40,7 @@ from tests.test_restart_scheduler import (
     listens,
     poll,
     scheduler,
+    stop,
     worker,
 )
 from warmserve.policy.forecast import Forecaster
@@ -189,11 +190,5 @@ def restart_mid_stream(tiny_registry: Registry, models_dir: str, tmp_path) -> No
             assert [i["id"] for i in proxy.status()["instances"]] == [slot["instance"]]
         assert nanny.poll() is None  # the same `dask worker` (its nanny) throughout
     finally:
-        if door is not None:
-            door.stop()
-        nanny.send_signal(signal.SIGTERM)
-        nanny.wait(120)
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait(60)
+        stop(door, nanny, procs)
     poll(lambda: not shm_left(shm_files), "nothing left in /dev/shm")

@@ -102,6 +102,18 @@ def listens(port: int) -> bool:
     return True
 
 
+def stop(door: FrontDoor | None, nanny: subprocess.Popen, procs: list[subprocess.Popen]) -> None:
+    """End a test's stack as an operator would: the front door, then the worker (its nanny,
+    which may take a while to close its worker), then the schedulers."""
+    if door is not None:
+        door.stop()
+    nanny.send_signal(signal.SIGTERM)
+    nanny.wait(120)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait(60)
+
+
 def health(url: str) -> httpx.Response | None:
     try:
         return httpx.get(f"{url}/health", timeout=5)
@@ -151,10 +163,4 @@ def restart(tiny_registry: Registry, models_dir: str) -> None:
         assert r.status_code == 200, r.text
         assert nanny.poll() is None  # the same `dask worker` (its nanny) throughout
     finally:
-        if door is not None:
-            door.stop()
-        nanny.send_signal(signal.SIGTERM)
-        nanny.wait(120)
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            p.wait(60)
+        stop(door, nanny, procs)
