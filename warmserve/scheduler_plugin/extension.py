@@ -338,9 +338,6 @@ class WarmServeExtension(SchedulerPlugin):
         """
         if model not in self.registry:
             return {"status": "unknown"}
-        never = self._never_serves(model)
-        if never is not None:
-            return {"status": "failed", "reason": never}
         exclude = tuple(exclude)
         for iid in exclude:  # the caller saw it fail: learn what its worker has now
             inst = self.state.instances.get(iid)
@@ -351,7 +348,11 @@ class WarmServeExtension(SchedulerPlugin):
         for _ in range(2):  # a second pass if the start we waited for failed
             inst = self.state.pick(model, exclude)
             granted = 0
-            if inst is None:
+            if inst is None:  # only here: a model that never serves has no instance
+                never = self._never_serves(model)
+                if never is not None:
+                    self._finish(request_id, time())
+                    return {"status": "failed", "reason": never}
                 inst = await self._wait_for_start(model)
             elif holder is not None and lease > 0:
                 granted = self.state.grant(holder, inst, lease)
