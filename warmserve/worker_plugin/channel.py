@@ -2,7 +2,8 @@
 
 Streaming over a comm per request cost one message per token per request. A Dask comm message
 takes about 46 us of CPU to write and read back, msgpack framing and the socket included
-(3 us a chunk when 32 chunks share a message; measured on this project's 2-core machine). At
+(3 us a chunk when 32 chunks share a message; an ad hoc measurement on this project's 2-core
+machine, not kept in bench/results). At
 32 concurrent streams on a GPU, the worker's event loop then held the GIL for about a
 millisecond and a half of every engine step, time the engine's thread waited for. Decode
 throughput at 64 streams was 0.54x that of vLLM's own server (bench/results/gpu_decode_64.json),
