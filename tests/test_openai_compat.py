@@ -606,3 +606,18 @@ def test_a_500_says_internal_error_and_the_log_has_its_id(caplog):
     assert_clean(body)
     assert json.loads(body)["error"]["message"] == "internal error (request id cmpl-abc)"
     assert any("cmpl-abc" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_scheduler_failure_is_internal_not_the_clients_input():
+    """The engine's ValueError/TypeError is the client's bad input (400); the same types raised
+    by a scheduler handler are our bug (a planner TypeError once came back as a 400 with its
+    message). The failure is made up: a real scheduler raises only on a bug."""
+    from warmserve.frontdoor.app import SchedulerFailed, _error_of
+
+    bug = TypeError("Accounting.kv_shard() missing 1 required positional argument")
+    try:
+        raise SchedulerFailed(f"warmserve_route raised {bug!r}") from bug
+    except SchedulerFailed as e:
+        error = _error_of(e, "cmpl-def")
+    assert error.status == 500
+    assert b"kv_shard" not in error.response().body

@@ -56,6 +56,11 @@ class WorkerLost(Exception):
     """The worker or engine serving a request went away after tokens were already sent."""
 
 
+class SchedulerFailed(Exception):
+    """A scheduler handler raised. Its answers are statuses, so an exception there is our bug,
+    whatever its type: a TypeError of the planner must not read as the client's bad input."""
+
+
 class ClientGone(Exception):
     """The HTTP client disconnected before an answer started."""
 
@@ -180,6 +185,8 @@ class FrontDoor:
             )
         except OSError:
             raise self.away() from None
+        except Exception as e:
+            raise SchedulerFailed(f"{protocol.SCHEDULER_ROUTE} raised {e!r}") from e
 
     async def _sync(self, events: list[list], returned: list[str], held: list[str]) -> dict:
         assert self.client is not None
