@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from warmserve.policy.config import PolicyConfig
 from warmserve.policy.state import DeviceSnapshot
 from warmserve.registry import ModelSpec, Registry
 from warmserve.scheduler_plugin.state import ClusterState, Starting
@@ -13,7 +14,7 @@ MODELS = Registry([ModelSpec("a", "f", 100)])
 
 def test_lost_worker_ends_its_starts_and_hides_its_devices():
     async def scenario() -> tuple[ClusterState, Starting]:
-        s = ClusterState(MODELS, capacity=2)
+        s = ClusterState(MODELS, PolicyConfig(instance_capacity=2))
         for w, dev in (("tcp://w0", "n/cpu:0"), ("tcp://w1", "n/cpu:1")):
             s.update_worker(w, [DeviceSnapshot(dev, "n", 1000)], [], [], now=0.0)
         start = Starting("a", ("n/cpu:0",), "tcp://w0")

@@ -24,17 +24,21 @@ CONFIG = PolicyConfig(engine_bytes=2 * GB, kv_fraction=0.5, instance_capacity=32
 
 
 def test_a_group_must_hold_weights_kv_and_engine_on_each_device():
+    """Weights, an engine and the smallest useful KV cache, one request's, on each device."""
     models = Registry(
         [
-            ModelSpec("fits", "f", 40 * GB, tp=2),  # 20 + 10 + 2 GB per device
-            ModelSpec("weights-only", "g", 100 * GB, tp=2),  # 50 GB fits, 50 + 25 + 2 does not
+            ModelSpec("fits", "f", 40 * GB, tp=2),  # 20 + 0.3 + 2 GB per device
+            # 58 GB of weights fit a 60 GB device; with 0.9 GB of one request's KV and 2 GB of
+            # engine they do not.
+            ModelSpec("weights-only", "g", 116 * GB, tp=2),
             ModelSpec("too-wide", "h", 1 * GB, tp=4),
         ]
     )
     devices = [("n0", 80 * GB), ("n0", 60 * GB), ("n1", 80 * GB)]
     never = never_serve(models, devices, CONFIG)
     assert sorted(never) == ["too-wide", "weights-only"]
-    assert "needs 77.0 GB per device of its 2-device group" in never["weights-only"]
+    assert "needs 60.9 GB per device of its 2-device group" in never["weights-only"]
+    assert "KV cache for one request" in never["weights-only"]
     assert "more than the 60.0 GB" in never["weights-only"]  # n0's second device bounds it
     assert "tp=4" in never["too-wide"]
     # Two 80 GB devices on one node make a group that holds it.

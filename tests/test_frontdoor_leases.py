@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from warmserve.frontdoor.leases import Leases
+from warmserve.policy.config import PolicyConfig
 from warmserve.policy.state import DeviceSnapshot
 from warmserve.registry import ModelSpec, Registry
 from warmserve.scheduler_plugin.state import ClusterState
@@ -18,7 +19,7 @@ CAPACITY = 4
 
 @pytest.fixture
 def state() -> ClusterState:
-    s = ClusterState(MODELS, capacity=CAPACITY)
+    s = ClusterState(MODELS, PolicyConfig(instance_capacity=CAPACITY))
     s.update_worker("tcp://w0", [DeviceSnapshot("n/cpu:0", "n", 1000)], [], [], now=0.0)
     s.update_worker(
         "tcp://w0",

@@ -81,6 +81,7 @@ def check(snapshot: ClusterSnapshot, groups: dict) -> None:
     cfg = CONFIG
     specs = snapshot.models
     node = {d.id: d.node for d in snapshot.devices}
+    memory = {d.id: d.memory for d in snapshot.devices}
     for d in snapshot.devices:
         used = sum(math.ceil(specs[m].nbytes / specs[m].tp) for m in d.resident)
         used += cfg.engine_bytes * len(d.engines)
@@ -90,7 +91,9 @@ def check(snapshot: ClusterSnapshot, groups: dict) -> None:
         for inst in snapshot.instances:
             if d.id in inst.devices:
                 spec = specs[inst.model]
-                kv += math.ceil(cfg.kv_reservation(spec) / spec.tp)
+                group = min(memory[x] for x in inst.devices)
+                assert cfg.capacity(spec, group) >= 1, inst
+                kv += math.ceil(cfg.kv_reservation(spec, group) / spec.tp)
                 used += math.ceil(spec.nbytes / spec.tp)
                 on_device.append(inst.model)
         assert 0 <= d.lent <= kv

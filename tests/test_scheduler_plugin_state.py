@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from warmserve.policy.config import PolicyConfig
 from warmserve.policy.state import DeviceMode, DeviceSnapshot
 from warmserve.registry import ModelSpec, Registry
 from warmserve.scheduler_plugin.extension import parse_report
@@ -16,7 +17,7 @@ MODELS = Registry([ModelSpec("a", "f", 100), ModelSpec("b", "f", 100)])
 
 @pytest.fixture
 def state() -> ClusterState:
-    s = ClusterState(MODELS, capacity=2)
+    s = ClusterState(MODELS, PolicyConfig(instance_capacity=2))
     for w, dev in (("tcp://w0", "n/cpu:0"), ("tcp://w1", "n/cpu:1")):
         s.update_worker(w, [DeviceSnapshot(dev, "n", 1000)], [], [], now=0.0)
     s.update_worker(
@@ -76,7 +77,7 @@ def test_report_replaces_instances_but_keeps_loads(state):
 
 def test_a_start_under_way_counts_as_dedicating_its_device():
     async def main():
-        s = ClusterState(MODELS, capacity=2)
+        s = ClusterState(MODELS, PolicyConfig(instance_capacity=2))
         s.update_worker(
             "tcp://w", [DeviceSnapshot("n/cpu:0", "n", 1000, resident=("b",))], [], [], 0
         )
@@ -91,7 +92,7 @@ def test_a_start_under_way_counts_as_dedicating_its_device():
 
 def test_starts_failing_in_a_row_make_a_model_unstartable_until_one_succeeds():
     async def main():
-        s = ClusterState(MODELS, capacity=2)
+        s = ClusterState(MODELS, PolicyConfig(instance_capacity=2))
         for attempt in range(1, START_ATTEMPTS + 1):
             assert s.start_failing("a") is None
             starting = Starting("a", ("n/cpu:0",), "tcp://w")
@@ -138,7 +139,7 @@ def test_a_request_waiting_on_a_start_is_that_start_s_load_not_queued():
     request as waiting too made the planner start another instance for it."""
 
     async def main():
-        s = ClusterState(MODELS, capacity=2)
+        s = ClusterState(MODELS, PolicyConfig(instance_capacity=2))
         s.update_worker("tcp://w", [DeviceSnapshot("n/cpu:0", "n", 1000)], [], [], 0)
         starting = Starting("a", ("n/cpu:0",), "tcp://w")
         s.starting.append(starting)

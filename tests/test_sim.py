@@ -302,11 +302,11 @@ def test_cli_bad_input_exits_2_before_running(tmp_path, models, arrival, names, 
 @pytest.mark.parametrize(
     ("memory", "model", "policy", "message"),
     [
-        # 150 GB at tp 2: 75 GB of weights per 80 GB device, but 7.2 GB of KV cache for 32
-        # requests (the default cost model's, warmserve/sim/costs.yaml) and the engine's 2 GB
-        # do not fit beside them.
-        ("80 GB", {"bytes": "150 GB", "tp": 2}, "warmserve", "needs 84.2 GB per device"),
-        ("80 GB", {"bytes": "150 GB", "tp": 2}, "autoscale", "7.2 GB of KV cache for 32 requests"),
+        # 156 GB at tp 2: 78 GB of weights per 80 GB device, but one request's KV cache (0.2 GB
+        # per device, the default cost model's, warmserve/sim/costs.yaml) and the engine's 2 GB
+        # do not fit beside them. (At 150 GB, 3 GB per device are left: 13 requests' KV.)
+        ("80 GB", {"bytes": "156 GB", "tp": 2}, "warmserve", "needs 80.2 GB per device"),
+        ("80 GB", {"bytes": "156 GB", "tp": 2}, "autoscale", "0.2 GB of KV cache for one request"),
         # 14 GB fits a 40 GB device, but not a half of it (share-slots 2) with its KV cache.
         ("40 GB", {"bytes": "14 GB"}, "share", "share places no model: 2 parts per device"),
     ],

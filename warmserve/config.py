@@ -21,6 +21,14 @@ def get(key: str):
     return dask.config.get(f"warmserve.{key}")
 
 
+def policy_config():
+    """The :class:`~warmserve.policy.config.PolicyConfig` of ``warmserve.*`` as set now (what
+    the scheduler's policy runs with; the worker sizes its engines' slots by the same rule)."""
+    from warmserve.policy.config import PolicyConfig
+
+    return PolicyConfig.from_mapping(dask.config.get("warmserve"))
+
+
 def check_keys() -> None:
     """Raise :class:`~warmserve.defaults.ConfigError` naming every ``warmserve.*`` key set in
     dask.config (a config file, ``~/.config/dask``, an environment variable) that is no

@@ -106,6 +106,7 @@ class Accounting:
         self.time = snapshot.time
         self.models: Mapping[str, ModelSpec] = snapshot.models
         self._shards: dict[str, int] = {}  # model -> bytes of its shard, as asked for
+        self._kv_shards: dict[tuple[str, int], int] = {}  # (model, memory) -> KV shard bytes
         self.load = dict(snapshot.load)
         self.queued = dict(snapshot.queued)
         self.order = [d.id for d in snapshot.devices]
@@ -156,9 +157,34 @@ class Accounting:
             out = self._shards[model] = math.ceil(spec.nbytes / spec.tp)
         return out
 
-    def kv_shard(self, model: str) -> int:
-        spec = self.models[model]
-        return math.ceil(self.config.kv_reservation(spec) / spec.tp)
+    def group_memory(self, devices: Iterable[str]) -> int:
+        """The smallest device of a group: what bounds an instance's KV there."""
+        return min(self.memory[d] for d in devices)
+
+    def capacity(self, model: str, devices: Iterable[str]) -> int:
+        """Concurrent requests an instance of ``model`` serves on ``devices``
+        (:meth:`PolicyConfig.capacity`)."""
+        return self.config.capacity(self.models[model], self.group_memory(devices))
+
+    def best_capacity(self, model: str) -> int:
+        """The capacity of an instance of ``model`` on the largest devices: what the planner
+        counts a wanted replica as (on a cluster of one device size, every instance's)."""
+        return self.config.capacity(self.models[model], max(self.memory.values(), default=0))
+
+    def kv_shard(self, model: str, devices: Iterable[str]) -> int:
+        """KV bytes an instance of ``model`` on ``devices`` reserves on each of them."""
+        return self.kv_shard_at(model, self.group_memory(devices))
+
+    def kv_shard_at(self, model: str, memory: int) -> int:
+        """:meth:`kv_shard` on a group whose smallest device has ``memory`` bytes."""
+        key = (model, memory)
+        out = self._kv_shards.get(key)
+        if out is None:
+            spec = self.models[model]
+            out = self._kv_shards[key] = math.ceil(
+                self.config.kv_reservation(spec, memory) / spec.tp
+            )
+        return out
 
     def free(self, device: str) -> int:
         return self.memory[device] - self.used[device] + self.lent[device]
@@ -405,7 +431,7 @@ class Accounting:
 
     def _add(self, r: Replica) -> None:
         shard = self.shard(r.model)
-        kv = self.kv_shard(r.model) if r.instance else 0
+        kv = self.kv_shard(r.model, r.devices) if r.instance else 0
         self.version[r.model] = self.version.get(r.model, 0) + 1
         self.bumped.add(r.model)
         self.touched.add(self.node[r.devices[0]])
@@ -420,7 +446,7 @@ class Accounting:
 
     def _remove(self, r: Replica) -> None:
         shard = self.shard(r.model)
-        kv = self.kv_shard(r.model) if r.instance else 0
+        kv = self.kv_shard(r.model, r.devices) if r.instance else 0
         self.version[r.model] = self.version.get(r.model, 0) + 1
         self.bumped.add(r.model)
         self.touched.add(self.node[r.devices[0]])
@@ -504,12 +530,14 @@ class Accounting:
 
     def start(self, model: str, devices: tuple[str, ...]) -> str:
         self._check_group(model, devices)
+        if self.capacity(model, devices) < 1:
+            raise InfeasibleAction(f"{devices} cannot hold one request of {model!r}")
         r = self.resident_replica(model, devices)
         if r is None and any(self.replica_on(model, d) for d in devices):
             raise InfeasibleAction(f"{model!r} already has a replica on part of {devices}")
         if self.conflicts(devices, ignore=r):
             raise InfeasibleAction(f"{devices} overlaps a replica without nesting")
-        need = self.kv_shard(model) + (0 if r else self.shard(model))
+        need = self.kv_shard(model, devices) + (0 if r else self.shard(model))
         short = [d for d in devices if self.free(d) < need + self.engine_need(model, d)]
         if short:
             raise InfeasibleAction(f"start {model!r}: no room on {short}")
@@ -711,7 +739,7 @@ class Accounting:
     def _charge(self, r: Replica) -> None:
         """Put a replica the ledger already lists back on its devices (see :meth:`sync`)."""
         shard = self.shard(r.model)
-        kv = self.kv_shard(r.model) if r.instance else 0
+        kv = self.kv_shard(r.model, r.devices) if r.instance else 0
         for d in r.devices:
             self.on[d].append(r)
             self.used[d] += shard + kv

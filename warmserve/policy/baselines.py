@@ -108,10 +108,10 @@ class SharePolicy:
 
     def _slot(self, acc: Accounting, model: str, used: dict[str, int]) -> tuple[str, ...] | None:
         """The first group with a free part on every device that the model fits."""
-        need = acc.shard(model) + acc.kv_shard(model)
         for g in acc.groups(acc.models[model].tp):
             if any(used[d] >= self.config.share_slots for d in g):
                 continue
+            need = acc.shard(model) + acc.kv_shard(model, g)
             if any(need > acc.memory[d] // self.config.share_slots for d in g):
                 continue
             if any(acc.replica_on(model, d) for d in g):

@@ -10,9 +10,16 @@ Keeping dask out of this module keeps the policy package pure.
 Memory model (what :class:`~warmserve.policy.accounting.Accounting` charges per device):
 
 - a TP shard of a model's weights is ``ceil(nbytes / tp)`` bytes on each device of its group;
-- an instance also reserves KV cache for ``instance_capacity`` concurrent requests:
-  ``kv_reservation(spec) = instance_capacity * kv_per_request(spec)`` in all, split in
-  ``ceil(... / tp)`` per device;
+- an instance serves at most :meth:`PolicyConfig.capacity` concurrent requests and reserves KV
+  cache for that many: ``kv_reservation(spec, memory) = capacity(spec, memory) *
+  kv_per_request(spec)`` in all, split in ``ceil(... / tp)`` per device. ``memory`` is the
+  smallest device of its TP group (each device holds an equal shard, so that one bounds it);
+- the capacity is what fits, as vLLM sizes its own KV cache: ``instance_capacity`` (the paper's
+  32) where the device holds that many requests' KV beside the weight shard and an engine,
+  fewer on a smaller device (a 7B model on a 32 GB device), down to 1; 0 where not even one
+  request's KV fits, and the model can never serve there (:mod:`warmserve.policy.feasible`).
+  The simulator's admission, the ledger, the planner and autoscaler, and the live scheduler's
+  slots and worker's engines all take it from that one method;
 - ``kv_per_request(spec)`` is ``kv_bytes[spec.name]`` when the mapping names the model, else
   ``ceil(kv_fraction * nbytes / instance_capacity)``: by default a full instance's KV cache is
   half the size of its weights, which is what a 7-8B model at a few thousand tokens of context
@@ -96,9 +103,22 @@ class PolicyConfig:
             return int(self.kv_bytes[spec.name])
         return math.ceil(self.kv_fraction * spec.nbytes / self.instance_capacity)
 
-    def kv_reservation(self, spec: ModelSpec) -> int:
-        """KV bytes an instance of ``spec`` reserves over its whole TP group."""
-        return self.instance_capacity * self.kv_per_request(spec)
+    def capacity(self, spec: ModelSpec, memory: int) -> int:
+        """Concurrent requests an instance of ``spec`` serves on a TP group whose smallest
+        device has ``memory`` bytes: ``min(instance_capacity, floor(kv / kv_per_request))``
+        where ``kv`` is what the group holds beside the weight shards and an engine,
+        ``tp * (memory - ceil(nbytes / tp) - engine_bytes)``. 0 when not even one request's KV
+        fits: the smallest useful KV cache is one request's."""
+        kv = spec.tp * (memory - math.ceil(spec.nbytes / spec.tp) - self.engine_bytes)
+        if kv < 0:
+            return 0
+        per = self.kv_per_request(spec)
+        return self.instance_capacity if per <= 0 else min(self.instance_capacity, kv // per)
+
+    def kv_reservation(self, spec: ModelSpec, memory: int) -> int:
+        """KV bytes an instance of ``spec`` reserves over its whole TP group (``memory`` as
+        for :meth:`capacity`)."""
+        return self.capacity(spec, memory) * self.kv_per_request(spec)
 
     def cold_start(self, spec: ModelSpec) -> float:
         """Seconds to load ``spec`` from disk: what prewarming one replica saves."""

@@ -7,9 +7,11 @@ request and exited 0. The simulator refuses such a setting before it runs (exit 
 scheduler answers a request for a model that cannot run on the devices it has with the reason
 instead of a wait. Same rule in both, written once here.
 
-What an instance needs on each device of its TP group is what the ledger charges it
-(:mod:`warmserve.policy.accounting`): its weight shard, its KV shard (``kv_reservation`` over
-``tp``) and an engine (``engine_bytes``).
+A model can serve on a TP group when :meth:`PolicyConfig.capacity
+<warmserve.policy.config.PolicyConfig.capacity>` gives it at least one request there: each device
+holds its weight shard, an engine (``engine_bytes``) and its share of the smallest useful KV cache,
+one request's (``kv_per_request`` over ``tp``). On a larger device the instance takes more
+requests, up to ``instance_capacity``, with the KV that fits.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from warmserve.registry import ModelSpec
 
 
 def per_device(spec: ModelSpec, config: PolicyConfig) -> int:
-    """Bytes an instance of ``spec`` takes on each device of its TP group."""
+    """The least memory each device of a TP group needs for an instance of ``spec`` (one
+    request's KV): ``config.capacity(spec, m) >= 1`` exactly when ``m`` is at least this."""
     weights = math.ceil(spec.nbytes / spec.tp)
-    kv = math.ceil(config.kv_reservation(spec) / spec.tp)
+    kv = math.ceil(config.kv_per_request(spec) / spec.tp)
     return weights + kv + config.engine_bytes
 
 
@@ -47,18 +50,17 @@ def never_serve(
                 f"most {widest}"
             )
             continue
-        need = per_device(spec, config)
         # A group is tp devices of one node: the tp-th largest of a node bounds its best group.
         best = max(
             (sorted(m, reverse=True)[spec.tp - 1] for m in by_node.values() if len(m) >= spec.tp),
             default=0,
         )
-        if need > best:
+        if config.capacity(spec, best) < 1:
             out[spec.name] = (
-                f"model {spec.name!r} needs {_gb(need)} per device of its {spec.tp}-device group "
-                f"({_gb(math.ceil(spec.nbytes / spec.tp))} of weights, "
-                f"{_gb(math.ceil(config.kv_reservation(spec) / spec.tp))} of KV cache for "
-                f"{config.instance_capacity} requests, {_gb(config.engine_bytes)} for the engine), "
+                f"model {spec.name!r} needs {_gb(per_device(spec, config))} per device of its "
+                f"{spec.tp}-device group ({_gb(math.ceil(spec.nbytes / spec.tp))} of weights, "
+                f"{_gb(math.ceil(config.kv_per_request(spec) / spec.tp))} of KV cache for one "
+                f"request, {_gb(config.engine_bytes)} for the engine), "
                 f"more than the {_gb(best)} of the largest such group's devices"
             )
     return out
@@ -69,11 +71,12 @@ def share_places_nothing(
 ) -> str | None:
     """Why ``share`` (:class:`~warmserve.policy.baselines.SharePolicy`) could place no model at
     all, or None: each device is cut into ``share_slots`` parts, and a model fits a part if its
-    weight and KV shards do."""
+    weight and KV shards do (the KV its instance reserves on such a device)."""
     largest = max((memory for _, memory in devices), default=0)
     part = largest // config.share_slots
     needs = {
-        name: math.ceil(spec.nbytes / spec.tp) + math.ceil(config.kv_reservation(spec) / spec.tp)
+        name: math.ceil(spec.nbytes / spec.tp)
+        + math.ceil(config.kv_reservation(spec, largest) / spec.tp)
         for name, spec in models.items()
     }
     if not needs or min(needs.values()) <= part:

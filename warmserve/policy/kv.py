@@ -1,7 +1,8 @@
 """KV lending: a dedicated device keeps the KV its load needs and lends the rest to prewarming.
 
-An instance reserves KV for ``instance_capacity`` requests, but most of the time it serves far
-fewer. Each tick, for every dedicated device, the KV its instances need is
+An instance reserves KV for its capacity (``PolicyConfig.capacity``: what fits on its devices, at
+most ``instance_capacity`` requests), but most of the time it serves far fewer. Each tick, for
+every dedicated device, the KV its instances need is
 ``kv_per_request * min(capacity, headroom * expected)``, where ``expected`` is the larger of the
 instance's current load and its share of the model's forecast peak. Anything above that is lent
 (a :class:`LendKV`) so prewarmed weights can use it; when the need rises above what is left, the
@@ -33,7 +34,7 @@ def kv_needed(acc: Accounting, device: str, expected: Mapping[str, float]) -> in
         spec = acc.models[r.model]
         n = sum(1 for x in acc.replicas[r.model] if x.instance)
         share = max(r.load, expected.get(r.model, 0.0) / max(n, 1))
-        reqs = min(cfg.instance_capacity, math.ceil(cfg.kv_headroom * share))
+        reqs = min(acc.capacity(r.model, r.devices), math.ceil(cfg.kv_headroom * share))
         need += math.ceil(reqs * cfg.kv_per_request(spec) / spec.tp)
     return need
 
@@ -54,13 +55,17 @@ def _reclaim(acc: Accounting, d: str, want: int) -> list[Action]:
 
 def reclaim_for(acc: Accounting, model: str) -> list[Action]:
     """Take back the loans on the devices of ``model``'s instances that have a free slot (its
-    requests are waiting). An instance holding ``instance_capacity`` requests admits none
-    whatever its KV space, so its loans stay: taking them back there evicted the weights
-    prewarmed in them at every queued request of a busy model, for nothing."""
+    requests are waiting). An instance holding its capacity of requests admits none whatever
+    its KV space, so its loans stay: taking them back there evicted the weights prewarmed in
+    them at every queued request of a busy model, for nothing."""
     out: list[Action] = []
-    cap = acc.config.instance_capacity
     mine = sorted(
-        {d for r in acc.replicas.get(model, ()) if r.instance and r.load < cap for d in r.devices},
+        {
+            d
+            for r in acc.replicas.get(model, ())
+            if r.instance and r.load < acc.capacity(model, r.devices)
+            for d in r.devices
+        },
         key=acc.position.__getitem__,
     )
     for d in mine:

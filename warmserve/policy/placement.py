@@ -246,6 +246,8 @@ def _start_key(
     acc: Accounting, g: tuple[str, ...], model: str, exclusive: bool
 ) -> tuple[tuple, list[Replica]] | None:
     """Exact ranking key of starting ``model`` on ``g`` and the victims; None if it cannot."""
+    if acc.capacity(model, g) < 1:
+        return None  # its devices cannot hold even one request's KV beside the weights
     over = acc.overlapping(g)
     mine = acc.resident_replica(model, g)
     if any(r.model == model and r is not mine for r in over):
@@ -258,7 +260,7 @@ def _start_key(
     others = sorted(
         (r for r in over if not r.instance and r is not mine), key=lambda r: (r.score, r.model)
     )
-    base = acc.kv_shard(model) + (0 if mine else acc.shard(model))
+    base = acc.kv_shard(model, g) + (0 if mine else acc.shard(model))
     need = {d: base + acc.engine_need(model, d) for d in g}
     victims = _make_room(acc, g, need, others, conflicts)
     if victims is None:
@@ -292,8 +294,9 @@ def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[
             best, best_group, best_victims = (*found[0], k), g, found[1]
     if best is None or best[0] > -int(Tier.DEVICE):
         groups, st = acc.groups(spec.tp), acc.group_stats(spec.tp)
-        need = acc.shard(model) + acc.kv_shard(model)
-        feasible = st.room >= need
+        kv, fits = _kv_shards(acc, model, spec.tp)
+        need = acc.shard(model) + kv
+        feasible = fits & (st.room >= need)
         if exclusive:
             feasible &= st.inst == 0
         _exclude_holding(acc, model, spec.tp, feasible)
@@ -304,7 +307,8 @@ def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[
             cost = st.rsum * (1 - 1e-9)
         else:  # a victim on every device that is short
             ix = acc.device_index()
-            cost = np.where(ix.free[gi] < need, ix.rmin[gi], 0.0).max(axis=1) * (1 - 1e-9)
+            short = ix.free[gi] < need[:, None]
+            cost = np.where(short, ix.rmin[gi], 0.0).max(axis=1) * (1 - 1e-9)
         bounds = (tier, cost, st.free < need)
 
         def exact(g: tuple[str, ...]) -> tuple[tuple, list[Replica]] | None:
@@ -320,6 +324,21 @@ def place_start(acc: Accounting, model: str, *, exclusive: bool = True) -> list[
     acc.start(model, best_group)
     out.append(Start(model, best_group))
     return out
+
+
+def _kv_shards(acc: Accounting, model: str, tp: int) -> tuple[np.ndarray, np.ndarray]:
+    """The KV shard an instance of ``model`` reserves on each group of size ``tp`` (it follows
+    the group's smallest device, :meth:`Accounting.kv_shard`), and whether the group's devices
+    are large enough for one request at all."""
+    memory = np.fromiter(acc.memory.values(), np.int64, len(acc.memory))[acc.group_index(tp)]
+    smallest = memory.min(axis=1) if memory.size else np.zeros(0, np.int64)
+    spec = acc.models[model]
+    sizes = {
+        int(m): (acc.kv_shard_at(model, int(m)), acc.config.capacity(spec, int(m)) >= 1)
+        for m in np.unique(smallest)
+    }
+    kv = np.array([sizes[int(m)][0] for m in smallest], np.int64)
+    return kv, np.array([sizes[int(m)][1] for m in smallest], bool)
 
 
 def start_on(acc: Accounting, model: str, group: tuple[str, ...]) -> list[Action]:

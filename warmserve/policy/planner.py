@@ -6,7 +6,8 @@ recording its actions in one :class:`Accounting` so later steps see what earlier
 1. reactive autoscaling on the snapshot's short-average load (:mod:`.autoscaler`);
 2. KV lending and reclaiming on dedicated devices (:mod:`.kv`);
 3. scoring: the forecast peak of the window now open and of the next one gives
-   ``ceil(peak / capacity)`` wanted replicas per model; replica ``j`` scores
+   ``ceil(peak / capacity)`` wanted replicas per model (the capacity of an instance on the
+   cluster's largest devices, :meth:`Accounting.best_capacity`); replica ``j`` scores
    ``cold_start * activity * rank_decay**j``, times ``min(peak / avg, burst_weight_cap)`` for
    burst replicas (those beyond ``ceil(avg / capacity)``; a model with a zero average forecast
    counts every replica as burst at the cap). ``activity`` (:func:`activity`) is the chance that
@@ -82,9 +83,12 @@ def activity(avg: float, peak: float) -> float:
     return 1.0 - math.exp(-max(avg, peak - 1.0, 0.0))
 
 
-def replica_scores(config: PolicyConfig, spec: ModelSpec, avg: float, peak: float) -> list[float]:
-    """Scores of ``spec``'s wanted replicas, best first (see step 3 of the module docstring)."""
-    cap = config.instance_capacity
+def replica_scores(
+    config: PolicyConfig, spec: ModelSpec, avg: float, peak: float, cap: int | None = None
+) -> list[float]:
+    """Scores of ``spec``'s wanted replicas, best first (see step 3 of the module docstring),
+    each replica serving ``cap`` requests (``instance_capacity`` if not given)."""
+    cap = max(cap or config.instance_capacity, 1)
     wanted = math.ceil(max(peak, avg) / cap - 1e-9)
     base = math.ceil(avg / cap - 1e-9)
     burst = min(peak / avg, config.burst_weight_cap) if avg > 0 else config.burst_weight_cap
@@ -170,7 +174,8 @@ class WarmServePolicy:
             key = (avg, peak, acc.version.get(model, 0))
             done = self._scored.get(model)
             if done is None or done[0] != key:
-                scores = replica_scores(self.config, self.models[model], avg, peak)
+                cap = acc.best_capacity(model)
+                scores = replica_scores(self.config, self.models[model], avg, peak, cap)
                 have = sorted(
                     acc.replicas.get(model, ()),
                     key=lambda r: (r.instance is None, acc.position[r.devices[0]]),
@@ -212,8 +217,9 @@ class WarmServePolicy:
         self._score(acc, self.forecast(snapshot.time))
         out: list[Action] = reclaim_for(acc, model) if self.lend else []
         if out:
-            cap = self.config.instance_capacity
-            spare = math.fsum(cap - r.load for r in acc.replicas[model] if r.instance)
+            spare = math.fsum(
+                acc.capacity(model, r.devices) - r.load for r in acc.replicas[model] if r.instance
+            )
             if acc.queued.get(model, 0) <= spare:
                 return out  # the loans back are room enough
         started = place_start(acc, model)

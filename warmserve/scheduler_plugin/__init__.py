@@ -46,7 +46,6 @@ def build_extension(registry: Registry, policy_name: str):
         registry,
         policy,
         tick=float(config.get("planner.tick")),
-        capacity=int(config.get("planner.instance-capacity")),
         window=window,
         average=float(config.get("autoscaler.average")),
         history=history,

@@ -69,7 +69,6 @@ class WarmServeExtension(SchedulerPlugin):
         policy: Policy,
         *,
         tick: float,
-        capacity: int,
         window: float,
         average: float,
         history: History | None = None,
@@ -78,7 +77,7 @@ class WarmServeExtension(SchedulerPlugin):
         self.history = history  # the forecaster's, kept on disk across restarts
         self.policy = policy
         self.tick = tick
-        self.state = ClusterState(registry, capacity)
+        self.state = ClusterState(registry, policy.config)
         self.meter = LoadMeter(window)  # forecaster's windows
         self.short = ShortLoad(average)  # the autoscaler's load
         self.scheduler: Scheduler | None = None

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from warmserve.policy.config import PolicyConfig
 from warmserve.policy.state import ClusterSnapshot, DeviceSnapshot, InstanceSnapshot
 from warmserve.registry import ModelSpec
 
@@ -86,11 +87,16 @@ until the front door's request timeout."""
 
 
 class ClusterState:
-    """Accounting of the whole cluster as the planner and the router see it."""
+    """Accounting of the whole cluster as the planner and the router see it.
 
-    def __init__(self, models: Mapping[str, ModelSpec], capacity: int) -> None:
+    An instance has :meth:`capacity` slots: ``config.capacity`` on its devices' memory, the
+    rule the policy's ledger and the simulator follow (fewer slots on a device too small for
+    ``instance_capacity`` requests' KV beside the weights)."""
+
+    def __init__(self, models: Mapping[str, ModelSpec], config: PolicyConfig) -> None:
         self.models = models
-        self.capacity = capacity
+        self.config = config
+        self._capacity: dict[tuple[str, tuple[str, ...]], int] = {}  # (model, devices) -> slots
         self.workers: dict[str, WorkerView] = {}
         self.instances: dict[str, Instance] = {}
         self.starting: list[Starting] = []
@@ -122,9 +128,13 @@ class ClusterState:
         now: float,
     ) -> None:
         """Replace what is known of ``address`` by its report; keep the loads of its instances."""
-        self.workers[address] = WorkerView(
-            address, {d.id: d for d in devices}, frozenset(host_cache)
-        )
+        view = WorkerView(address, {d.id: d for d in devices}, frozenset(host_cache))
+        old = self.workers.get(address)
+        if old is None or {d.id: d.memory for d in old.devices.values()} != {
+            d.id: d.memory for d in view.devices.values()
+        }:
+            self._capacity.clear()
+        self.workers[address] = view
         reported = set()
         for iid, model, devs in instances:
             reported.add(iid)
@@ -146,6 +156,7 @@ class ClusterState:
         policy must not see devices that are gone, and the activation call may hang until its
         comm times out."""
         view = self.workers.pop(address, None)
+        self._capacity.clear()
         for device in view.devices if view else ():
             self.lent.pop(device, None)
         lost = [i.id for i in self.instances.values() if i.worker == address]
@@ -221,13 +232,27 @@ class ClusterState:
         want = set(devices)
         return any(i.draining and want & set(i.devices) for i in self.instances.values())
 
+    def capacity(self, model: str, devices: tuple[str, ...]) -> int:
+        """Slots of an instance of ``model`` on ``devices``: ``PolicyConfig.capacity`` on the
+        smallest of them as their workers report it (``instance_capacity`` while none has)."""
+        key = (model, devices)
+        out = self._capacity.get(key)
+        if out is None:
+            views = self.workers.values()
+            memory = [w.devices[d].memory for w in views for d in devices if d in w.devices]
+            if not memory:
+                return self.config.instance_capacity
+            out = self._capacity[key] = self.config.capacity(self.models[model], min(memory))
+        return out
+
     def free(self, inst: Instance) -> int:
         """Slots of ``inst`` neither in use, leased nor promised."""
-        return self.capacity - (inst.load - inst.on_lease) - inst.leased - inst.promised
+        cap = self.capacity(inst.model, inst.devices)
+        return cap - (inst.load - inst.on_lease) - inst.leased - inst.promised
 
     def starting_with_room(self, model: str) -> Starting | None:
         for s in self.starting:
-            if s.model == model and s.reserved < self.capacity:
+            if s.model == model and s.reserved < self.capacity(model, s.devices):
                 return s
         return None
 

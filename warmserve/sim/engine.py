@@ -3,7 +3,8 @@
 A plain binary heap of events (departures, instances becoming ready, planner ticks) merged with
 the workload's arrival column, which is already sorted and is read in chunks rather than put on
 the heap; ``README.md`` says why this and not simpy. Each instance batches continuously: it admits
-a request whenever it has fewer than ``instance_capacity`` requests and KV room for the request's
+a request whenever it has fewer than its capacity of requests (``PolicyConfig.capacity``: at most
+``instance_capacity``, fewer where its devices hold less KV) and KV room for the request's
 tokens; a request then takes the model's prefill time to its first token and decode time per
 further token, slowed by the number of busy instances sharing its devices (GPU sharing splits
 the compute).
@@ -176,7 +177,7 @@ class Simulator:
         heapq.heappush(self.heap, (fin, self.seq, _DEPART, inst, r))
 
     def _room(self, inst: Instance, r: int) -> bool:
-        if inst.count >= self.config.instance_capacity:
+        if inst.count >= inst.capacity:
             return False
         return inst.count == 0 or inst.kv_used + self.inp[r] + self.out[r] <= inst.kv_budget
 
@@ -212,7 +213,7 @@ class Simulator:
         and again every ``demand_interval_s`` while requests wait beyond the instances already
         starting for them, or at once when told that something changed (``now``)."""
         q = self.queues[m]
-        if len(q) <= self.cluster.starting[m] * self.config.instance_capacity:
+        if len(q) <= self.cluster.starting_slots[m]:
             return
         if now or t >= self.next_demand[m]:
             self._on_demand(m, t)

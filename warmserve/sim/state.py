@@ -10,9 +10,10 @@ Semantics the policy can rely on:
 - Prewarmed weights count as resident from the moment the Prewarm is accepted (their memory is
   reserved then); an instance started on them waits until the copy lands.
 - Memory is charged as ``warmserve.policy.config`` describes: an instance holds its weight shard
-  and ``kv_reservation / tp`` of KV cache on each device of its group; prewarmed weights use the
-  rest of the device plus whatever KV space the device lends (LendKV). Instances started on one
-  device (GPU sharing) each keep their own reservation and split the compute.
+  and ``kv_reservation / tp`` of KV cache on each device of its group, for the requests it admits
+  at most (``PolicyConfig.capacity``: what fits beside the weights on its devices); prewarmed
+  weights use the rest of the device plus whatever KV space the device lends (LendKV). Instances
+  started on one device (GPU sharing) each keep their own reservation and split the compute.
 - Start evicts the other models' prewarmed weights from its devices (down to host memory) and
   takes back lent KV space.
 - A start where no weights of the model are resident but an idle engine of its family is up
@@ -56,6 +57,7 @@ class Instance:
     """A simulated serving instance: its slots, KV budget (tokens) and serving costs."""
 
     __slots__ = (
+        "capacity",
         "count",
         "decode_s",
         "devices",
@@ -81,6 +83,7 @@ class Instance:
         self.model = spec.name
         self.midx = midx
         self.devices: list[Device] = []
+        self.capacity = 0  # requests it admits at most (PolicyConfig.capacity on its devices)
         self.count = 0  # requests admitted and not finished
         self.kv_used = 0  # tokens of KV held by admitted requests
         self.last_finish = 0.0  # when the last admitted request ends (drain time after Stop)
@@ -152,7 +155,6 @@ class SimCluster:
         self.by_id = {d.id: d for d in self.devices}
         self.per_device = {m.name: -(-m.nbytes // m.tp) for m in self.models.values()}
         self.profiles = {m.name: self.costs.profile(m) for m in self.models.values()}
-        self.kv_dev = {m.name: -(-config.kv_reservation(m) // m.tp) for m in self.models.values()}
         # node -> model -> time its weights are in host memory; LRU order, oldest first
         self.host: dict[str, OrderedDict[str, float]] = {
             node: OrderedDict() for node in {d.node for d in self.devices}
@@ -160,7 +162,8 @@ class SimCluster:
         self.host_used: dict[str, int] = dict.fromkeys(self.host, 0)
         self.instances: dict[str, Instance] = {}
         self.serving: list[list[Instance]] = [[] for _ in model_index]  # ready, not draining
-        self.starting: list[int] = [0] * len(model_index)  # instances not ready yet, per model
+        # Slots of the instances not ready yet, per model (their capacities added up).
+        self.starting_slots: list[int] = [0] * len(model_index)
         self.rejected: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
         self.timeline: list[tuple] = []
@@ -432,14 +435,16 @@ class SimCluster:
         prof = self.profiles[model]
         inst.devices = devices
         inst.kv_per_token = prof.kv_bytes_per_token
-        inst.kv_dev = self.kv_dev[model]
+        memory = min(d.memory for d in devices)
+        inst.capacity = self.config.capacity(spec, memory)
+        inst.kv_dev = -(-self.config.kv_reservation(spec, memory) // spec.tp)
         inst.prefill_s = prof.prefill_s
         inst.decode_s = prof.decode_s
         inst.ready_at = ready
         inst.tier = tier
         self.instances[inst.id] = inst
         self._inst_pos = None
-        self.starting[inst.midx] += 1
+        self.starting_slots[inst.midx] += inst.capacity
         self._to_host(devices[0].node, model, ready)
         for d in devices:
             d.engines[spec.family] = min(d.engines.get(spec.family, ready), ready)
@@ -463,7 +468,7 @@ class SimCluster:
         """The instance's activation finished: it admits requests from now on."""
         if self.instances.get(inst.id) is not inst:
             return  # stopped before it was ready; _stop did the accounting
-        self.starting[inst.midx] -= 1
+        self.starting_slots[inst.midx] -= inst.capacity
         inst.ready = True
         if not inst.draining:
             self.serving[inst.midx].append(inst)
@@ -476,7 +481,7 @@ class SimCluster:
         if inst.ready:
             self.serving[inst.midx].remove(inst)
         else:
-            self.starting[inst.midx] -= 1
+            self.starting_slots[inst.midx] -= inst.capacity
         del self.instances[inst.id]
         self._inst_pos = None
         for d in inst.devices:

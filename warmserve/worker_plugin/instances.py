@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dask.utils import parse_bytes
 
@@ -118,6 +118,7 @@ class Instances:
             dtype=str(config.get("engine.dtype")),
         )
         self._overhead = int(parse_bytes(config.get("planner.engine-bytes") or 0))
+        self._policy = config.policy_config()  # engines take the requests its capacity says
         self._interval = liveness_interval
         self._on_death = on_death
         # Instance ids are ``device/model/<token><n>``: the token differs per process, so ids
@@ -182,6 +183,14 @@ class Instances:
         charges per engine, so the two ledgers agree."""
         weights = weight_bytes(spec.nbytes, spec.path, self._engine_config.dtype)
         return weights + self._engine_config.kv_cache_bytes + self._overhead
+
+    def engine_config(self, spec: ModelSpec, device: str) -> EngineConfig:
+        """How an engine for ``spec`` starts on ``device``: ``max_num_seqs`` is the capacity the
+        scheduler gives an instance there (``PolicyConfig.capacity`` on the memory this worker
+        reports for the device), so vLLM batches as many requests as the scheduler routes."""
+        memory = self.store.memory[device].device.memory
+        slots = max(self._policy.capacity(spec, memory), 1)
+        return replace(self._engine_config, max_num_seqs=slots)
 
     # --- activation -------------------------------------------------------------------------
 
@@ -279,7 +288,7 @@ class Instances:
             async with self._start_lock:
                 if self._preloaded is not None:
                     await asyncio.wait([self._preloaded])  # a failed preload: the start says why
-                engine = await self._run_blocking(Engine, spec, self._engine_config)
+                engine = await self._run_blocking(Engine, spec, self.engine_config(spec, device))
         except BaseException:
             memory.release_engine(key)
             raise
