@@ -320,11 +320,18 @@ class Accounting:
         on = self.on[device]
         scores: list[float] = []
         rbytes, rshare = 0, 0.0
+        serving: set[str] = set()
         for r in on:
             if not r.instance:
                 scores.append(r.score)
                 rbytes += self.shard(r.model)
                 rshare += r.score / len(r.devices)
+            else:
+                serving.add(self.models[r.model].family)
+        if len(scores) and self.config.engine_bytes:  # engines that go with the residents
+            for f in self.engines[device]:
+                if f not in serving and any(self.models[r.model].family == f for r in on):
+                    rbytes += self.config.engine_bytes
         rows[i] = (
             self.memory[device] - self.used[device] + self.lent[device],
             len(on),

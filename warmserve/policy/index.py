@@ -17,8 +17,9 @@ class DeviceIndex(NamedTuple):
     1,000-device cluster with a few numpy reductions instead of a Python scan.
 
     ``count`` counts replicas of any kind, ``inst`` instances; ``rbytes``, ``rsum``, ``rmin``
-    and ``rmax`` cover resident (not serving) replicas only: their shard bytes, and the sum,
-    least and greatest of their scores (``rmin`` is +inf and ``rmax`` -inf on a device with
+    and ``rmax`` cover resident (not serving) replicas only: their shard bytes (and the engines
+    that would go with them, of families no instance there serves), and the sum, least and
+    greatest of their scores (``rmin`` is +inf and ``rmax`` -inf on a device with
     none). ``rshare`` spreads each resident's score evenly over its devices, so the shares on a
     group's devices add up to at most what its distinct residents are worth.
     """

@@ -46,29 +46,50 @@ def _make_room(
     need: dict[str, int],
     candidates: list[Replica],
     forced: list,
+    family: str | None = None,
 ) -> list[Replica] | None:
-    """Victims, ``forced`` first then ``candidates`` in order, until ``need[d]`` bytes fit on
-    every device ``d`` of ``group``; None if they cannot."""
+    """Victims, ``forced`` first then ``candidates`` in order, until ``need[d]`` bytes, and an
+    engine of ``family`` where none would be up, fit on every device ``d`` of ``group``; None if
+    they cannot.
+
+    An engine goes with the last replica of its family on a device (:meth:`Accounting.evict`),
+    so evicting that frees the engine's bytes too, and a family whose engine goes needs a new
+    one. Counting only the weights, a start whose KV fills what its device has beside the
+    weights and an engine (its capacity bound by memory) never found room beside a resident of
+    another family, though evicting it would free the whole device."""
     victims = list(forced)
-    freed = dict.fromkeys(group, 0)
-    for r in victims:
-        shard = acc.shard(r.model)
-        for d in r.devices:
-            if d in freed:
-                freed[d] += shard
+    chosen = set(victims)
     pending = iter(candidates)
-    while any(acc.free(d) + freed[d] < need[d] for d in group):
+    while not all(_fits(acc, d, need[d], chosen, family) for d in group):
         r = next(pending, None)
         if r is None:
             return None
-        if r in victims or not any(d in freed for d in r.devices):
+        if r in chosen or not any(d in need for d in r.devices):
             continue
         victims.append(r)
-        shard = acc.shard(r.model)
-        for d in r.devices:
-            if d in freed:
-                freed[d] += shard
+        chosen.add(r)
     return victims
+
+
+def _fits(acc: Accounting, d: str, need: int, gone: set[Replica], family: str | None) -> bool:
+    """Whether ``need`` bytes, and an engine of ``family`` unless one stays up, fit on ``d``
+    once the replicas ``gone`` are evicted."""
+    free = acc.free(d)
+    left: set[str] = set()
+    dropped: set[str] = set()
+    for r in acc.on[d]:
+        f = acc.models[r.model].family
+        if r in gone:
+            free += acc.shard(r.model)
+            dropped.add(f)
+        else:
+            left.add(f)
+    engines = acc.engines[d]
+    dropped = {f for f in dropped - left if f in engines}
+    free += acc.config.engine_bytes * len(dropped)
+    if family is not None and (family not in engines or family in dropped):
+        need += acc.config.engine_bytes
+    return free >= need
 
 
 def _exclude_holding(acc: Accounting, model: str, tp: int, feasible: np.ndarray) -> None:
@@ -180,9 +201,9 @@ def _prewarm_key(
     lower = sorted(
         (r for r in over if not r.instance and r.score < score), key=lambda r: (r.score, r.model)
     )
-    shard = acc.shard(model)
-    need = {d: shard + (acc.engine_need(model, d) if engine else 0) for d in g}
-    victims = _make_room(acc, g, need, lower if evict else [], conflicts)
+    need = dict.fromkeys(g, acc.shard(model))
+    family = acc.models[model].family if engine else None
+    victims = _make_room(acc, g, need, lower if evict else [], conflicts, family)
     if victims is None:
         return None
     residents = [r for r in over if not r.instance]
@@ -260,9 +281,8 @@ def _start_key(
     others = sorted(
         (r for r in over if not r.instance and r is not mine), key=lambda r: (r.score, r.model)
     )
-    base = acc.kv_shard(model, g) + (0 if mine else acc.shard(model))
-    need = {d: base + acc.engine_need(model, d) for d in g}
-    victims = _make_room(acc, g, need, others, conflicts)
+    need = dict.fromkeys(g, acc.kv_shard(model, g) + (0 if mine else acc.shard(model)))
+    victims = _make_room(acc, g, need, others, conflicts, acc.models[model].family)
     if victims is None:
         return None
     # An exclusive instance blocks every other resident on its devices from starting, evicted

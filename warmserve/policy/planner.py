@@ -3,7 +3,14 @@
 ``plan()`` runs every tick (``config.tick``, 5 s by default) and does, in this order, each step
 recording its actions in one :class:`Accounting` so later steps see what earlier ones spent:
 
-1. reactive autoscaling on the snapshot's short-average load (:mod:`.autoscaler`);
+1. reactive autoscaling on the snapshot's short-average load (:mod:`.autoscaler`); then, for
+   each model whose waiting requests outnumber the free slots of its instances (those starting
+   included) and that the autoscaler started nothing for, a start as ``on_demand`` makes it,
+   stopping idle instances where no group is free (:meth:`WarmServePolicy._preempt`), before
+   any prewarm can take the memory: prewarming never starves a request (issue 22). The
+   autoscaler's own starts never stop anything, and where every group held an instance, idle
+   or not, a waiting model got nothing from the tick while the prewarm step filled the KV
+   those idle instances lent;
 2. KV lending and reclaiming on dedicated devices (:mod:`.kv`);
 3. scoring: the forecast peak of the window now open and of the next one gives
    ``ceil(peak / capacity)`` wanted replicas per model (the capacity of an instance on the
@@ -196,6 +203,9 @@ class WarmServePolicy:
         self._score(acc, fc)
         missing = self._missing()
         out: list[Action] = self.autoscaler.scale(acc)
+        for model in self._starved(acc):
+            started = place_start(acc, model)
+            out += started or self._preempt(acc.snapshot(), acc, model, move=False)
         if self.lend:
             out += adjust_lending(acc, {m: p for m, (_, p) in fc.items()})
         if self.prewarm and self.proactive:
@@ -227,6 +237,22 @@ class WarmServePolicy:
             started = self._preempt(snapshot, acc, model)
         return out + started
 
+    def _starved(self, acc: Accounting) -> list[str]:
+        """Models with more requests waiting than their instances, those starting included,
+        have free slots for."""
+        out = []
+        for model, waiting in sorted(acc.queued.items()):
+            if waiting <= 0 or model not in self.models:
+                continue
+            free = math.fsum(
+                acc.capacity(model, r.devices) - r.load
+                for r in acc.replicas.get(model, ())
+                if r.instance
+            )
+            if waiting > free:
+                out.append(model)
+        return out
+
     def _spare(self, acc: Accounting) -> list[str]:
         """Instances that can stop at once with nothing lost: those serving no request (one
         with requests in flight would hold its devices until they finish) that have begun
@@ -241,19 +267,23 @@ class WarmServePolicy:
             if r.instance and r.load == 0 and r.started < acc.time
         )
 
-    def _preempt(self, snapshot: ClusterSnapshot, acc: Accounting, model: str) -> list[Action]:
+    def _preempt(
+        self, snapshot: ClusterSnapshot, acc: Accounting, model: str, move: bool = True
+    ) -> list[Action]:
         """No group is free for a waiting request: stop idle instances (:meth:`_spare`) where
-        that frees the best group, then start there."""
+        that frees the best group, then start there; failing that, :meth:`_move` busy ones if
+        ``move``. The trial of where it would go starts from ``snapshot``: the one ``acc`` was made
+        from (on demand) or what ``acc`` holds now (the tick, after the autoscaler's actions)."""
         spare = [i for i in self._spare(acc) if acc.instances[i].model != model]
         if not spare:
-            return self._move(snapshot, acc, model)
+            return self._move(snapshot, acc, model) if move else []
         trial = Accounting(snapshot, self.config)  # where would it go with all of them stopped?
         self._score(trial, self.forecast(snapshot.time))
         for i in spare:
             trial.stop(i)
         found = place_start(trial, model)
         if not found:
-            return self._move(snapshot, acc, model)
+            return self._move(snapshot, acc, model) if move else []
         group = set(found[-1].devices)
         out: list[Action] = []
         for i in spare:
