@@ -234,13 +234,14 @@ class ClusterState:
 
     def capacity(self, model: str, devices: tuple[str, ...]) -> int:
         """Slots of an instance of ``model`` on ``devices``: ``PolicyConfig.capacity`` on the
-        smallest of them as their workers report it (``instance_capacity`` while none has)."""
+        smallest of them as their workers report it (``instance_capacity`` while none has, or
+        for a model the registry does not name)."""
         key = (model, devices)
         out = self._capacity.get(key)
         if out is None:
             views = self.workers.values()
             memory = [w.devices[d].memory for w in views for d in devices if d in w.devices]
-            if not memory:
+            if not memory or model not in self.models:
                 return self.config.instance_capacity
             out = self._capacity[key] = self.config.capacity(self.models[model], min(memory))
         return out
