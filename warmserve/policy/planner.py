@@ -205,7 +205,9 @@ class WarmServePolicy:
         out: list[Action] = self.autoscaler.scale(acc)
         for model in self._starved(acc):
             started = place_start(acc, model)
-            out += started or self._preempt(acc.snapshot(), acc, model, move=False)
+            if not started and any(acc.instances[i].model != model for i in self._spare(acc)):
+                started = self._preempt(acc.snapshot(), acc, model, move=False)
+            out += started
         if self.lend:
             out += adjust_lending(acc, {m: p for m, (_, p) in fc.items()})
         if self.prewarm and self.proactive:
