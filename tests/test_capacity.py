@@ -13,10 +13,9 @@ import asyncio
 
 import dask.config
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from tests.test_sim import workload
-from tests.test_worker_instances import _blocking
 from warmserve.policy.accounting import Accounting
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.feasible import never_serve
@@ -35,6 +34,22 @@ from warmserve.worker_plugin.weight_store import WeightStore
 GB = 10**9
 MiB = 1 << 20
 SEVEN_B = ModelSpec("a", "llama-7b", 14 * GB)
+
+
+def workload(arrival, model, out: int = 10) -> pa.Table:
+    n = len(arrival)
+    return pa.table(
+        {
+            "arrival": np.asarray(arrival, np.float64),
+            "model": list(model),
+            "input_tokens": np.full(n, 100, np.int32),
+            "output_tokens": np.full(n, out, np.int32),
+        }
+    )
+
+
+async def _blocking(fn, *args):
+    return fn(*args)
 
 
 def small_cluster(memory: int = 32 * GB) -> ClusterSpec:
