@@ -35,6 +35,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import dask.config
 import httpx
@@ -144,7 +145,7 @@ async def _through_dask(client: Client, channels: Channels, req: GenerateRequest
     route = await getattr(client.scheduler, protocol.SCHEDULER_ROUTE)(
         model=MODEL, request_id=req.request_id, exclude=[]
     )
-    async for _ in channels.generate(route["worker"], req):
+    async for _ in channels.generate(route["worker"], replace(req, instance=route["instance"])):
         pass
     await getattr(client.scheduler, protocol.SCHEDULER_DONE)(request_id=req.request_id)
 

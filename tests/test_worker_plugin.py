@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 
 import dask
 import psutil
@@ -227,6 +228,12 @@ def test_second_model_of_family_switches_in_place(cluster):
 
     one = client.submit(generate, request("tiny-1", "full-1"), workers=[address], pure=False)
     assert one.result().text != OUTPUTS["tiny-0"]
+    # A request names the instance the scheduler chose: served there, or NoInstance when it is
+    # gone (the front door then asks the scheduler again), never served by another instance.
+    chunks, error = stream(cluster, replace(request("tiny-1", "named"), instance=iid))
+    assert error is None and "".join(c.text for c in chunks) == one.result().text
+    chunks, error = stream(cluster, replace(request("tiny-1", "gone"), instance="node-a/gone"))
+    assert isinstance(error, NoInstance) and chunks == []
     status = call(cluster, "warmserve_status")
     assert device(status, A)["engines"] == {"tiny": "tiny-1"}
     assert [i["id"] for i in status["instances"]] == [iid]

@@ -74,6 +74,10 @@ class GenerateRequest:
     # False for chat prompts: their template already wrote the special tokens it wants (a BOS
     # added on top would change the prompt the model sees, as vLLM's server does not).
     add_special_tokens: bool = True
+    # The instance the scheduler chose for it (the front door sets it from the route); the
+    # worker serves it there or nowhere. None: the least loaded instance of ``model`` on the
+    # worker (callers without a scheduler: benchmarks, tests).
+    instance: str | None = None
 
 
 # One position's logprobs as vLLM ranks them: (token id, logprob, token text) for the chosen

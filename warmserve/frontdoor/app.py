@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from dask.utils import parse_bytes
@@ -214,7 +214,8 @@ class FrontDoor:
             self.metrics.running.labels(model).inc()
             sent = False
             try:
-                stream = self.channels.generate(route.worker, generate)
+                chosen = replace(generate, instance=route.instance)
+                stream = self.channels.generate(route.worker, chosen)
                 async with contextlib.aclosing(stream):
                     async for chunk in stream:
                         sent = True

@@ -352,8 +352,17 @@ class Instances:
 
     # --- requests ---------------------------------------------------------------------------
 
-    def route(self, model: str) -> Instance:
-        """The least loaded instance of ``model`` here; NoInstance when there is none."""
+    def route(self, model: str, instance: str | None = None) -> Instance:
+        """The instance ``instance`` (the scheduler's choice), or without one the least loaded
+        instance of ``model`` here; NoInstance when there is none. A chosen instance that is
+        gone (switched away since the scheduler chose it) is NoInstance too, not another one:
+        the scheduler counts the request on the instance it chose, and the front door's retry
+        asks it again."""
+        if instance is not None:
+            chosen = self.instances.get(instance)
+            if chosen is None or chosen.model != model:
+                raise NoInstance(f"instance {instance!r} of {model!r} is not on this worker")
+            return chosen
         candidates = [i for i in self.instances.values() if i.model == model]
         if not candidates:
             raise NoInstance(f"no active instance of {model!r} on this worker")
@@ -365,7 +374,7 @@ class Instances:
         While waiting for a token the engine's liveness is checked every liveness interval, so
         a request on an engine that dies without a word ends with an error, not a hang.
         """
-        instance = self.route(req.model)
+        instance = self.route(req.model, req.instance)
         slot = instance.slot
         instance.in_flight += 1
         slot.requests += 1
