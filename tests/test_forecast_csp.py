@@ -366,3 +366,44 @@ def test_restored_forecaster_predicts_as_the_one_it_was_saved_from() -> None:
         np.testing.assert_allclose(restored.predict(w), saved.predict(w))
         saved.observe_all(w, avg[:, w], peak[:, w])
         restored.observe_all(w, avg[:, w], peak[:, w])
+
+
+_COMPILED = """
+import json
+from warmserve.policy.config import PolicyConfig
+from warmserve.policy.factory import make_policy
+from warmserve.policy.forecast import kernels
+from warmserve.registry import ModelSpec
+
+def signatures():
+    return {k.py_func.__name__: [str(s) for s in k.signatures] for k in kernels.KERNELS}
+
+models = {f"m{i}": ModelSpec(f"m{i}", "f", 10**8) for i in range(7)}
+policy = make_policy("warmserve", models, PolicyConfig())
+policy.prepare()
+prepared = signatures()
+now = 6_000_000.0
+policy.forecast(now)  # the first request's on-demand call, before any window closed
+for k in range(3):  # windows closing one model at a time, as the scheduler feeds them
+    for m in models:
+        policy.observe(m, int(now // 300) + k, 0.5 * k, 2.0)
+    policy.forecast(now + 300 * (k + 1))
+print(json.dumps([prepared, signatures()]))
+"""
+
+
+def test_prepare_compiles_every_kernel_the_live_planner_calls() -> None:
+    """The live scheduler compiles the forecaster's numba kernels in a thread at start
+    (``Policy.prepare``); a kernel signature first seen later would compile on its event loop,
+    which froze every request for 15 s in the soak. A fresh process, so no earlier test's
+    compiling hides a signature that prepare misses."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILED], capture_output=True, text=True, check=True
+    )
+    prepared, used = json.loads(out.stdout.splitlines()[-1])
+    assert all(prepared.values()), prepared
+    assert used == prepared

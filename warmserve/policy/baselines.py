@@ -40,6 +40,9 @@ class AutoscalePolicy:
         )
         self._ledgers = LedgerCache(self.config)
 
+    def prepare(self) -> None:
+        """Nothing to compile: this baseline does not forecast."""
+
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         """Nothing to learn: this baseline does not forecast."""
 
@@ -62,6 +65,9 @@ class SharePolicy:
         self._layout: list[tuple[str, tuple[str, ...]]] = []
         self._devices: tuple | None = None  # the device set the layout was made for
         self._ledgers = LedgerCache(self.config)
+
+    def prepare(self) -> None:
+        """Nothing to compile: this baseline does not forecast."""
 
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         self._popularity[model] = self._popularity.get(model, 0.0) + avg

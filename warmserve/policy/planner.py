@@ -137,6 +137,9 @@ class WarmServePolicy:
         self._scored_fc: Mapping | None = None
         self._scored_load: set[str] = set()
 
+    def prepare(self) -> None:
+        self.forecaster.compile()
+
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         self.forecaster.observe(model, window, avg, peak)
         self._observed += 1

@@ -163,6 +163,11 @@ class Policy(Protocol):
     name: str
     config: PolicyConfig
 
+    def prepare(self) -> None:
+        """Slow work done once before the first use (compiling the forecaster's kernels). The
+        live scheduler runs it in a thread at start, and uses the policy only once it is done;
+        the simulator does not call it (the first use does the same work)."""
+
     def observe(self, model: str, window: int, avg: float, peak: float) -> None:
         """Record the closed load window ``window`` of ``model`` (average and peak concurrency)."""
 

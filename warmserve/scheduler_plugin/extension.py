@@ -22,7 +22,9 @@ here and the load meters still see every request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -88,6 +90,7 @@ class WarmServeExtension(SchedulerPlugin):
         self._clock = 0.0  # time of the latest arrival or completion fed to the meters
         self._fit_devices: tuple[tuple[str, int], ...] = ()  # what _never was computed for
         self._never: dict[str, str] = {}
+        self._prepared: asyncio.Future | None = None  # the policy's prepare(), in a thread
 
     # -- SchedulerPlugin hooks -----------------------------------------------------------------
 
@@ -103,6 +106,7 @@ class WarmServeExtension(SchedulerPlugin):
         scheduler.extensions[NAME] = self
         if self.history is not None:
             self.history.load()
+        self._prepared = self._prepare()
         for address in scheduler.workers:
             self._spawn(self.refresh(address))
         self._pc = PeriodicCallback(self.run_once, self.tick * 1000.0)
@@ -113,6 +117,36 @@ class WarmServeExtension(SchedulerPlugin):
             len(self.registry),
             self.tick,
         )
+
+    def _prepare(self) -> asyncio.Future:
+        """Run the policy's slow one-time work (numba compiling the forecaster: 30 to 40 s on 2
+        cores without its disk cache) in a thread, so the event loop keeps routing meanwhile;
+        the policy's first use waits for it (:meth:`_ready`). A daemon thread: a scheduler
+        closed meanwhile does not wait for it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            t0 = time()
+            try:
+                self.policy.prepare()
+                logger.debug("policy %s prepared in %.1f s", self.policy.name, time() - t0)
+            except Exception:  # its first use then does the same work on the event loop
+                logger.warning("preparing policy %s failed", self.policy.name, exc_info=True)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(finish)
+
+        threading.Thread(target=run, name="warmserve-prepare", daemon=True).start()
+        return done
+
+    async def _ready(self) -> None:
+        """Wait until the policy is prepared (at once, once it is)."""
+        if self._prepared is not None and not self._prepared.done():
+            await asyncio.shield(self._prepared)
 
     async def close(self) -> None:
         if self._pc is not None:
@@ -176,6 +210,7 @@ class WarmServeExtension(SchedulerPlugin):
     async def run_once(self) -> list[str]:
         """One planning pass: refresh workers, feed closed windows, plan, enact."""
         assert self.scheduler is not None
+        await self._ready()
         async with self._run_lock:
             await asyncio.gather(*(self.refresh(a) for a in list(self.scheduler.workers)))
             now = time()
@@ -432,6 +467,7 @@ class WarmServeExtension(SchedulerPlugin):
 
     async def _wait_for_start(self, model: str) -> Instance | None:
         """Reserve a slot on a start under way (asking the policy for one if none) and await it."""
+        await self._ready()
         starting = self.state.starting_with_room(model)
         if starting is None:
             now = time()
