@@ -372,11 +372,17 @@ _COMPILED = """
 import json
 from warmserve.policy.config import PolicyConfig
 from warmserve.policy.factory import make_policy
-from warmserve.policy.forecast import kernels
+from numba.core.registry import CPUDispatcher
+from warmserve.policy.forecast import kernels, shift
 from warmserve.registry import ModelSpec
 
 def signatures():
-    return {k.py_func.__name__: [str(s) for s in k.signatures] for k in kernels.KERNELS}
+    return {
+        f"{m.__name__}.{name}": [str(s) for s in k.signatures]
+        for m in (kernels, shift)
+        for name, k in vars(m).items()
+        if isinstance(k, CPUDispatcher)
+    }
 
 models = {f"m{i}": ModelSpec(f"m{i}", "f", 10**8) for i in range(7)}
 policy = make_policy("warmserve", models, PolicyConfig())
@@ -405,5 +411,7 @@ def test_prepare_compiles_every_kernel_the_live_planner_calls() -> None:
         [sys.executable, "-c", _COMPILED], capture_output=True, text=True, check=True
     )
     prepared, used = json.loads(out.stdout.splitlines()[-1])
-    assert all(prepared.values()), prepared
     assert used == prepared
+    kernels = ("expert_kernel", "learn", "smooth")
+    assert all(prepared[f"warmserve.policy.forecast.kernels.{k}"] for k in kernels), prepared
+    assert prepared["warmserve.policy.forecast.shift.refit_shift"], prepared

@@ -341,7 +341,3 @@ def smooth(values, seen, alphas, discount, level, loss):  # pragma: no cover (co
                         else:
                             loss[a, p, c] = discount * loss[a, p, c] + abs(x - old)
                             level[a, p, c] = old + alphas[a] * (x - old)
-
-
-# Every compiled kernel: a test checks that Forecaster.compile compiles each one the planner calls.
-KERNELS = (expert_kernel, learn, smooth)
