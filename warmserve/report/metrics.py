@@ -60,9 +60,12 @@ def request_metrics(table: pa.Table, slo_ttft: float = 0.1) -> dict[str, float |
     }
 
 
-def device_seconds(devices: pa.Table, end: float | None = None) -> dict[str, float]:
+def device_seconds(
+    devices: pa.Table, end: float | None = None, start: float | None = None
+) -> dict[str, float]:
     """Device-seconds spent in each mode, from a device timeline (each row holds until the
-    device's next row; the last one until ``end``, default the timeline's last time)."""
+    device's next row; the last one until ``end``, default the timeline's last time), counted
+    from ``start`` on (default: from each device's first row)."""
     if devices.num_rows == 0:
         return {}
     t = _col(devices, "time").astype(np.float64)
@@ -76,16 +79,20 @@ def device_seconds(devices: pa.Table, end: float | None = None) -> dict[str, flo
     last = np.ones(len(t), bool)
     last[:-1] = dev[1:] != dev[:-1]
     nxt[last] = stop
-    dur = np.clip(nxt - t, 0, None)
+    begin = t if start is None else np.maximum(t, start)
+    dur = np.clip(np.minimum(nxt, stop) - begin, 0, None)
     out: dict[str, float] = {}
     for m in np.unique(mode):
         out[str(m)] = float(dur[mode == m].sum())
     return out
 
 
-def gpu_seconds(devices: pa.Table, end: float | None = None) -> dict[str, float]:
-    """GPU-seconds held (universal or dedicated) and serving (dedicated)."""
-    by_mode = device_seconds(devices, end)
+def gpu_seconds(
+    devices: pa.Table, end: float | None = None, start: float | None = None
+) -> dict[str, float]:
+    """GPU-seconds held (universal or dedicated) and serving (dedicated), from ``start`` to
+    ``end`` (as for :func:`device_seconds`)."""
+    by_mode = device_seconds(devices, end, start)
     return {
         "gpu_seconds_held": by_mode.get("universal", 0.0) + by_mode.get("dedicated", 0.0),
         "gpu_seconds_serving": by_mode.get("dedicated", 0.0),

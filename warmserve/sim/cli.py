@@ -17,6 +17,7 @@ from warmserve.report.schema import devices_path
 from warmserve.sim.cluster import SimInputError, check_workload, load_cluster
 from warmserve.sim.engine import Simulator
 from warmserve.sim.policies import build_policy, live_config, policy_config
+from warmserve.sim.recipe import load_recipe
 from warmserve.traces.schema import TraceError, read_workload
 
 
@@ -40,12 +41,26 @@ def with_metadata(table: pa.Table, meta: dict[str, str]) -> pa.Table:
 
 
 @click.group("simulate", invoke_without_command=True)
-@click.option("--workload", type=click.Path(dir_okay=False), help="Workload Parquet file.")
+@click.option(
+    "--workload",
+    type=click.Path(dir_okay=False),
+    help="Workload Parquet file [default: made by the cluster file's workload recipe].",
+)
 @click.option("--cluster", type=click.Path(dir_okay=False), help="Cluster YAML file.")
 @click.option("--policy", help="Policy name (warmserve, autoscale, share, ablations).")
 @click.option("--registry", type=click.Path(dir_okay=False), help="Models, if not in the cluster.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Result Parquet file.")
-@click.option("--seed", default=0, show_default=True, help="Recorded in the result metadata.")
+@click.option(
+    "--rate",
+    default=None,
+    help="Without --workload: a rate the recipe names (low, high) or requests/s.",
+)
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    help="The recipe's workload seed (without --workload); recorded in the result metadata.",
+)
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
 def command(
@@ -55,25 +70,35 @@ def command(
     policy: str | None,
     registry: str | None,
     out_path: str | None,
+    rate: str | None,
     seed: int,
     progress: bool,
 ) -> None:
     """Replay WORKLOAD on CLUSTER under POLICY; write one row per request to OUT and the device
-    timeline beside it (OUT with .devices before the extension)."""
+    timeline beside it (OUT with .devices before the extension). Without WORKLOAD, the cluster
+    file's workload recipe (``warmserve.sim.recipe``) makes one at RATE with SEED."""
     if ctx.invoked_subcommand is not None:
         return
     missing = [
-        f"--{n}"
-        for n, v in (("workload", workload), ("cluster", cluster), ("policy", policy))
-        if not v
-    ] + (["--out"] if not out_path else [])
+        f"--{n}" for n, v in (("cluster", cluster), ("policy", policy), ("out", out_path)) if not v
+    ]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)}")
-    assert workload and cluster and policy and out_path
+    if workload and rate is not None:
+        raise click.UsageError("--rate makes a workload from the recipe: give it or --workload")
+    assert cluster and policy and out_path
     try:
         spec = load_cluster(cluster, registry)
         spec.check()
-        table = read_table(workload)
+        if workload:
+            table = read_table(workload)
+        else:
+            recipe = load_recipe(cluster)
+            if recipe is None:
+                raise SimInputError(f"{cluster}: no workload recipe; give --workload")
+            if rate is None:
+                raise SimInputError(f"give --rate: one of {', '.join(recipe.rates)} or requests/s")
+            table = recipe.workload(list(spec.models), rate, seed)
         check_workload(table, spec.models)
         config = policy_config(spec, live_config())
         pol = build_policy(policy, spec, config)
@@ -83,7 +108,7 @@ def command(
     meta = {
         "policy": policy,
         "cluster": os.path.abspath(cluster),
-        "workload": os.path.abspath(workload),
+        "workload": os.path.abspath(workload) if workload else f"recipe, rate {rate}",
         "seed": str(seed),
         "stats": json.dumps(result.stats),
     }
