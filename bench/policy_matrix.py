@@ -157,7 +157,8 @@ def run(task: Task) -> dict:
         policy = build_policy(task.policy, spec, config)
         table = recipe.workload(list(spec.models), task.rate, task.seed)
     except (SimInputError, ValueError) as e:
-        return {**rec, "error": str(e), "error_kind": "load", "wall_s": time.perf_counter() - t0}
+        rec.update(error=str(e), error_kind="load", wall_s=round(time.perf_counter() - t0, 2))
+        return rec
     try:
         sim = Simulator(spec, policy, table, config)
         starts = record_starts(sim)
@@ -537,14 +538,15 @@ def located(path: str) -> str:
     return str(ROOT / path) if not os.path.isabs(path) else path
 
 
-def write(doc: dict, out: str) -> None:
+def write(doc: dict, out: str, plot: bool = True) -> None:
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(f"{out}.json.tmp", "w") as f:
         json.dump(doc, f, indent=1)
     os.replace(f"{out}.json.tmp", f"{out}.json")
     with open(f"{out}.md", "w") as f:
         f.write(markdown(doc))
-    chart(doc, f"{out}_slo.png")
+    if plot:
+        chart(doc, f"{out}_slo.png")
 
 
 def tasks_for(
@@ -556,8 +558,9 @@ def tasks_for(
     scale: float,
     slo_ttft: float,
 ) -> list[Task]:
-    """Every run of the filters, ordered so that warmserve and the baselines of every cell
-    come before any ablation, cell by cell (a budget that runs out leaves ablations undone)."""
+    """Every run of the filters, ordered so that a budget that runs out leaves the least
+    missed: warmserve and the baselines of every cell before any ablation, and the first seed
+    of every cell before the second."""
     from warmserve.sim.recipe import RecipeError, load_recipe
 
     out = []
@@ -581,22 +584,26 @@ def tasks_for(
         out,
         key=lambda t: (
             t.policy.startswith("warmserve-"),
+            t.seed,
             files.index(t.path),
             t.rate != "low",
             rank.get(t.policy, 99),
-            t.seed,
         ),
     )
 
 
-def execute(tasks: list[Task], jobs: int, budget: float | None) -> tuple[list[dict], list[Task]]:
+def execute(
+    tasks: list[Task], jobs: int, budget: float | None, checkpoint=None
+) -> tuple[list[dict], list[Task]]:
     """Run ``tasks`` on ``jobs`` processes (in this one for 1) with a progress bar; after
-    ``budget`` seconds no run starts. Returns the records and the tasks not run."""
+    ``budget`` seconds no run starts. ``checkpoint(records, pending)`` is called after each
+    run. Returns the records and the tasks not run."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     records: list[dict] = []
     todo = list(tasks)
+    running: dict[Future, Task] = {}
     bar = tqdm(total=len(tasks), desc="runs", file=sys.stderr, unit="run", dynamic_ncols=True)
 
     def late() -> bool:
@@ -608,6 +615,8 @@ def execute(tasks: list[Task], jobs: int, budget: float | None) -> tuple[list[di
         bar.set_postfix_str(f"{rec['key']} {rec.get('wall_s', 0):.0f}s", refresh=False)
         if "error" in rec:
             tqdm.write(f"{rec['key']}: {rec.get('error_kind')} error: {rec['error']}", sys.stderr)
+        if checkpoint is not None:
+            checkpoint(records, [*running.values(), *todo])
 
     if jobs <= 1:
         while todo and not late():
@@ -615,14 +624,15 @@ def execute(tasks: list[Task], jobs: int, budget: float | None) -> tuple[list[di
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            running: set[Future] = set()
             while todo or running:
                 while todo and len(running) < jobs and not late():
-                    running.add(pool.submit(run, todo.pop(0)))
+                    task = todo.pop(0)
+                    running[pool.submit(run, task)] = task
                 if not running:
                     break
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
+                    del running[fut]
                     done(fut.result())
     bar.close()
     return records, todo
@@ -670,7 +680,6 @@ def main(
                 doc["notes"] = [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
         write(doc, out)
         return
-    t0 = time.perf_counter()
     files = sorted(str(p.resolve()) for p in Path(matrix).glob("*.yaml"))
     if settings:
         names = [s.strip() for s in settings.split(",") if s.strip()]
@@ -699,41 +708,46 @@ def main(
         if old.get("scale") != scale:
             raise click.UsageError(f"--merge: {out}.json was made at --scale {old.get('scale')}")
         old_runs = old.get("runs", [])
-    records, left = execute(tasks, jobs, budget)
-    redone = {r["key"] for r in records}
-    previous = [r for r in old_runs if r["key"] not in redone]
-    wall = time.perf_counter() - t0
+    started = time.perf_counter()
     mine = [shown(f) for f in files]
-    all_files = [*mine, *sorted({r["task"]["path"] for r in previous} - set(mine))]
-    meta = {
-        "command": "python " + " ".join(sys.argv),
-        "git_head": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip(),
-        "slo_ttft": slo_ttft,
-        "scale": scale,
-        "seeds": sorted({r["task"]["seed"] for r in [*previous, *records]}),
-        "policies": policy_list
-        if not previous
-        else [p for p in POLICIES if any(r["task"]["policy"] == p for r in [*previous, *records])],
-        "share_slots_searched": slot_list,
-        "jobs": jobs,
-        "wall_s": round(wall, 1),
-        "not_run": [t.key for t in left],
-        "setting_files": all_files,
-    }
-    if merge and previous:
-        meta["merged_runs"] = len(previous)
-    runs = [*previous, *records]
-    for r in runs:
-        r["task"]["path"] = shown(r["task"]["path"])
-    doc = document(runs, meta)
-    if notes:
-        with open(notes) as f:
-            doc["notes"] = [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
-    write(doc, out)
+
+    def save(records: list[dict], left: list[Task], final: bool) -> dict:
+        redone = {r["key"] for r in records}
+        previous = [r for r in old_runs if r["key"] not in redone]
+        runs = [*previous, *records]
+        for r in runs:
+            r["task"]["path"] = shown(r["task"]["path"])
+        meta = {
+            "command": "python " + " ".join(sys.argv),
+            "git_head": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip(),
+            "slo_ttft": slo_ttft,
+            "scale": scale,
+            "seeds": sorted({r["task"]["seed"] for r in runs}),
+            "policies": [p for p in POLICIES if any(r["task"]["policy"] == p for r in runs)],
+            "share_slots_searched": slot_list,
+            "jobs": jobs,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "finished": final,
+            "not_run": [t.key for t in left],
+            "setting_files": [*mine, *sorted({r["task"]["path"] for r in runs} - set(mine))],
+        }
+        if previous:
+            meta["merged_runs"] = len(previous)
+        doc = document(runs, meta)
+        if notes:
+            with open(notes) as f:
+                doc["notes"] = [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]
+        write(doc, out, plot=final)
+        return doc
+
+    records, left = execute(
+        tasks, jobs, budget, lambda recs, pending: save(recs, pending, final=False)
+    )
+    doc = save(records, left, final=True)
     click.echo(
-        f"wall time {wall:.0f} s: {len(records)} runs on {jobs} processes, median run "
+        f"wall time {doc['wall_s']:.0f} s: {len(records)} runs on {jobs} processes, median run "
         f"{doc['run_wall_s_median']:.1f} s; {len(left)} not run; {out}.json, {out}.md",
         err=True,
     )
