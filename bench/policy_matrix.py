@@ -722,6 +722,14 @@ def main(
             "git_head": subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
             ).stdout.strip(),
+            "git_dirty": bool(
+                subprocess.run(
+                    ["git", "status", "--porcelain", "--", "warmserve", "clusters", __file__],
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                ).stdout.strip()
+            ),
             "slo_ttft": slo_ttft,
             "scale": scale,
             "seeds": sorted({r["task"]["seed"] for r in runs}),
