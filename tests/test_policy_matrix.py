@@ -182,3 +182,37 @@ def test_policy_matrix_smoke(tmp_path):
     assert doc["comparisons"]["paper-a2/low"]["best_baseline"] in ("autoscale", "share")
     assert Path(f"{out}.md").read_text().startswith("# Policy matrix")
     assert Path(f"{out}_slo.png").stat().st_size > 0
+
+
+def _cell(slo: float, under: float = 0.5, starts: float = 10.0) -> dict:
+    return {
+        "slo_attainment": slo,
+        "under_100ms": under,
+        "ttft_p99": 1.0,
+        "starts_per_hour": starts,
+    }
+
+
+def test_share_keeps_its_best_layout_and_warmserve_is_compared_with_the_best_baseline():
+    layouts = {
+        1: _cell(0.90, 0.5),
+        2: _cell(0.95, 0.4),
+        3: _cell(0.95, 0.6),
+        4: {"error": "share places no model"},
+    }
+    share = policy_matrix.best_share(layouts)
+    assert share["share_slots"] == 3 and share["layouts"]["4"] == {"error": "share places no model"}
+    none = policy_matrix.best_share({4: {"error": "x"}})
+    assert none["error_kind"] == "load" and "4 slots: x" in none["error"]
+    c = policy_matrix.compare(
+        {"warmserve": _cell(0.97, starts=40.0), "autoscale": _cell(0.99), "share": share}
+    )
+    assert c["best_baseline"] == "autoscale" and c["points_ahead"] == -2.0
+    assert c["starts_vs_autoscale"] == 4.0 and c["starts_over_3x_autoscale"]
+    quiet = policy_matrix.compare(
+        {"warmserve": _cell(0.97, starts=1.0), "autoscale": _cell(0.9, starts=0.0)}
+    )
+    assert quiet["starts_vs_autoscale"] is None and quiet["starts_over_3x_autoscale"]
+    t = policy_matrix.targets({"a/low": c, "b/low": quiet})
+    assert t["warmserve >= best baseline - 0.5 point, every cell"] == "1 of 2; behind on a/low"
+    assert t["warmserve starts/h <= 3x autoscale's, every cell"].startswith("0 of 2")
