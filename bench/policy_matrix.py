@@ -632,8 +632,13 @@ def execute(
                     break
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    del running[fut]
-                    done(fut.result())
+                    task = running.pop(fut)
+                    try:
+                        rec = fut.result()
+                    except Exception as e:  # the worker process died (memory, a signal)
+                        rec = {"task": asdict(task), "key": task.key, "error_kind": "crash"}
+                        rec["error"] = f"{type(e).__name__}: {e}"
+                    done(rec)
     bar.close()
     return records, todo
 
