@@ -294,6 +294,9 @@ def compare(by_policy: dict[str, dict]) -> dict | None:
         "warmserve_slo": ws["slo_attainment"],
         "points_ahead": round(100 * (ws["slo_attainment"] - base[best]["slo_attainment"]), 2),
     }
+    seeds = {p: c["seeds"] for p, c in (("warmserve", ws), *base.items()) if "seeds" in c}
+    if len({tuple(v) for v in seeds.values()}) > 1:  # a matrix cut short by its budget
+        out["seeds_differ"] = seeds
     auto = base.get("autoscale")
     if auto:
         out["starts_per_hour"] = {
@@ -369,8 +372,9 @@ def markdown(doc: dict) -> str:
             setting, rate = key.split("/")
             sp = c.get("starts_per_hour", {})
             rps = doc["settings"][setting]["rates"][rate]["rps"]
+            mark = " (seeds differ)" if c.get("seeds_differ") else ""
             lines.append(
-                f"| {setting} | {rate} | {rps:g} | {_f(c['warmserve_slo'], 'pct')} | "
+                f"| {setting} | {rate}{mark} | {rps:g} | {_f(c['warmserve_slo'], 'pct')} | "
                 f"{c['best_baseline']} {_f(c['best_baseline_slo'], 'pct')} | "
                 f"{c['points_ahead']:+.1f} | {_f(sp.get('warmserve'))} | "
                 f"{_f(sp.get('autoscale'))} | {_f(c.get('starts_vs_autoscale'))} |"
@@ -395,21 +399,21 @@ def markdown(doc: dict) -> str:
                 f"### {rate}: {rr['rps']:g} RPS (arrivals over capacity: {_f(over, 'pct')})",
                 "",
                 "| policy | SLO | TTFT < 100 ms | P50 TTFT (s) | P99 TTFT (s) | GPU-s held | "
-                "starts/h | host starts/h | dropped |",
-                "|---" * 9 + "|",
+                "starts/h | host starts/h | dropped | seeds |",
+                "|---" * 10 + "|",
             ]
             for policy, c in rr["policies"].items():
                 k = c.get("share_slots")
                 label = policy + (f" ({k} slot{'s' * (k > 1)})" if k else "")
                 if "error" in c:
-                    lines.append(f"| {label} | {c['error_kind']} error: {c['error']} |" + " |" * 7)
+                    lines.append(f"| {label} | {c['error_kind']} error: {c['error']} |" + " |" * 8)
                     continue
                 lines.append(
                     f"| {label} | {_f(c['slo_attainment'], 'pct')} | "
                     f"{_f(c['under_100ms'], 'pct')} | {_f(c['ttft_p50'], 's')} | "
                     f"{_f(c['ttft_p99'], 's')} | {_f(c['gpu_seconds_held'], 'int')} | "
                     f"{_f(c['starts_per_hour'])} | {_f(c['host_starts_per_hour'])} | "
-                    f"{_f(c['dropped'], 'int')} |"
+                    f"{_f(c['dropped'], 'int')} | {','.join(map(str, c['seeds']))} |"
                 )
             lines.append("")
     if doc["not_run"]:
