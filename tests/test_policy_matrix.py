@@ -216,3 +216,17 @@ def test_share_keeps_its_best_layout_and_warmserve_is_compared_with_the_best_bas
     t = policy_matrix.targets({"a/low": c, "b/low": quiet})
     assert t["warmserve >= best baseline - 0.5 point, every cell"] == "1 of 2; behind on a/low"
     assert t["warmserve starts/h <= 3x autoscale's, every cell"].startswith("0 of 2")
+
+
+def test_record_starts_sees_every_start_the_cluster_accepts():
+    from warmserve.sim.engine import Simulator
+
+    s = load_setting(ROOT / "clusters/matrix/mixed24-8x48.yaml")
+    recipe = s.recipe.scaled(0.05)
+    config = policy_config(s.cluster, live_config())
+    table = recipe.workload(list(s.cluster.models), "high", 0)
+    sim = Simulator(s.cluster, build_policy("autoscale", s.cluster, config), table, config)
+    starts = policy_matrix.record_starts(sim)
+    res = sim.run()
+    assert len(starts) == res.stats["accepted_actions"]["Start"] > 0
+    assert {tier for _, _, tier in starts} <= {"disk", "host", "device", "engine", "active"}
