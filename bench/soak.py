@@ -45,9 +45,13 @@ instance and an idle engine of its family switches to it in place (30 to 100 ms)
 an engine of the family up.
 
 What remains is load: only 2 of the 7 models are served at a time, and a model's request waits
-until an instance of another goes idle. At 8 requests/s the TTFT grows with a
-model's rank in popularity (median 69 ms for the most asked, 1.45 s for the least; its P99 10 s),
-and every 2.8 requests a device changes model (171 activations in a 60 s step).
+until an instance of another goes idle; at 16 requests/s the P99 is about 11 s.
+
+The held rate was once 1 request/s by the P99 rule: the scheduler and front door process stopped
+for 15 to 17 s right after the first 300 s load window closed, while numba compiled the
+forecaster's kernels on the event loop (the first request's on-demand call paid another 12 s).
+Since 5da390d the scheduler compiles them in a thread at start (``Policy.prepare``); 2 requests/s
+then has a P99 of 95 ms and 8 requests/s 0.68 s (``bench/results/soak.json``, its notes).
 
 Run: ``python -m bench.soak [--minutes 30]``; writes ``bench/results/soak.json``.
 """
