@@ -107,6 +107,7 @@ class Accounting:
         self.models: Mapping[str, ModelSpec] = snapshot.models
         self._shards: dict[str, int] = {}  # model -> bytes of its shard, as asked for
         self._kv_shards: dict[tuple[str, int], int] = {}  # (model, memory) -> KV shard bytes
+        self._largest: int | None = None  # the largest device's memory, once asked for
         self.load = dict(snapshot.load)
         self.queued = dict(snapshot.queued)
         self.order = [d.id for d in snapshot.devices]
@@ -159,7 +160,7 @@ class Accounting:
 
     def group_memory(self, devices: Iterable[str]) -> int:
         """The smallest device of a group: what bounds an instance's KV there."""
-        return min(self.memory[d] for d in devices)
+        return min(map(self.memory.__getitem__, devices))
 
     def capacity(self, model: str, devices: Iterable[str]) -> int:
         """Concurrent requests an instance of ``model`` serves on ``devices``
@@ -169,7 +170,9 @@ class Accounting:
     def best_capacity(self, model: str) -> int:
         """The capacity of an instance of ``model`` on the largest devices: what the planner
         counts a wanted replica as (on a cluster of one device size, every instance's)."""
-        return self.config.capacity(self.models[model], max(self.memory.values(), default=0))
+        if self._largest is None:
+            self._largest = max(self.memory.values(), default=0)
+        return self.config.capacity(self.models[model], self._largest)
 
     def kv_shard(self, model: str, devices: Iterable[str]) -> int:
         """KV bytes an instance of ``model`` on ``devices`` reserves on each of them."""
@@ -320,18 +323,17 @@ class Accounting:
         on = self.on[device]
         scores: list[float] = []
         rbytes, rshare = 0, 0.0
-        serving: set[str] = set()
         for r in on:
             if not r.instance:
                 scores.append(r.score)
                 rbytes += self.shard(r.model)
                 rshare += r.score / len(r.devices)
-            else:
-                serving.add(self.models[r.model].family)
-        if len(scores) and self.config.engine_bytes:  # engines that go with the residents
-            for f in self.engines[device]:
-                if f not in serving and any(self.models[r.model].family == f for r in on):
-                    rbytes += self.config.engine_bytes
+        if scores and self.config.engine_bytes and self.engines[device]:
+            # The engines that would go with the residents: of families no instance serves.
+            family = {r.model: self.models[r.model].family for r in on}
+            gone = {family[r.model] for r in on if not r.instance}
+            gone.difference_update(family[r.model] for r in on if r.instance)
+            rbytes += self.config.engine_bytes * len(gone.intersection(self.engines[device]))
         rows[i] = (
             self.memory[device] - self.used[device] + self.lent[device],
             len(on),
@@ -710,6 +712,7 @@ class Accounting:
         for d in devs:
             ds = snapshot.devices[self.position[d]]
             self.memory[d] = ds.memory
+            self._largest = None
             self.engines[d] = list(ds.engines)
             self.lent[d] = ds.lent
             self.used[d] = engine * len(ds.engines)

@@ -352,13 +352,11 @@ def _kv_shards(acc: Accounting, model: str, tp: int) -> tuple[np.ndarray, np.nda
     are large enough for one request at all."""
     memory = np.fromiter(acc.memory.values(), np.int64, len(acc.memory))[acc.group_index(tp)]
     smallest = memory.min(axis=1) if memory.size else np.zeros(0, np.int64)
+    sizes, at = np.unique(smallest, return_inverse=True)  # few sizes: one rule call each
     spec = acc.models[model]
-    sizes = {
-        int(m): (acc.kv_shard_at(model, int(m)), acc.config.capacity(spec, int(m)) >= 1)
-        for m in np.unique(smallest)
-    }
-    kv = np.array([sizes[int(m)][0] for m in smallest], np.int64)
-    return kv, np.array([sizes[int(m)][1] for m in smallest], bool)
+    kv = np.array([acc.kv_shard_at(model, int(m)) for m in sizes], np.int64)
+    fits = np.array([acc.config.capacity(spec, int(m)) >= 1 for m in sizes], bool)
+    return kv[at], fits[at]
 
 
 def start_on(acc: Accounting, model: str, group: tuple[str, ...]) -> list[Action]:
