@@ -19,8 +19,8 @@ from distributed import Client, Scheduler
 
 from warmserve import protocol
 from warmserve.frontdoor import admission
-from warmserve.frontdoor.app import FrontDoor
 from warmserve.frontdoor.catalog import Catalog
+from warmserve.frontdoor.door import FrontDoor
 from warmserve.policy.state import DeviceSnapshot
 from warmserve.registry import ModelSpec, Registry
 from warmserve.scheduler_plugin.extension import NAME

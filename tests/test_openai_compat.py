@@ -612,7 +612,8 @@ def test_a_scheduler_failure_is_internal_not_the_clients_input():
     """The engine's ValueError/TypeError is the client's bad input (400); the same types raised
     by a scheduler handler are our bug (a planner TypeError once came back as a 400 with its
     message). The failure is made up: a real scheduler raises only on a bug."""
-    from warmserve.frontdoor.app import SchedulerFailed, _error_of
+    from warmserve.frontdoor.app import _error_of
+    from warmserve.frontdoor.door import SchedulerFailed
 
     bug = TypeError("Accounting.kv_shard() missing 1 required positional argument")
     try:
