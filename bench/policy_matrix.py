@@ -553,6 +553,40 @@ def write(doc: dict, out: str, plot: bool = True) -> None:
         chart(doc, f"{out}_slo.png")
 
 
+def combine(doc: dict, adds: tuple[str, ...]) -> dict:
+    """``doc`` with the runs of the result files ``adds`` joined (``doc``'s own run of a key
+    wins), its cells, comparisons and targets made again: one matrix from invocations that ran
+    side by side or on different machines (at one --scale)."""
+    runs: dict[str, dict] = {}
+    not_run: set[str] = set(doc.get("not_run", []))
+    files = list(doc.get("setting_files") or [])
+    walls, jobs = [doc.get("wall_s", 0.0)], [doc.get("jobs") or 0]
+    for path in adds:
+        with open(path) as f:
+            other = json.load(f)
+        walls.append(other.get("wall_s", 0.0))
+        jobs.append(other.get("jobs") or 0)
+        if other.get("scale") != doc.get("scale"):
+            raise click.UsageError(f"{path} was made at --scale {other.get('scale')}")
+        runs.update({r["key"]: r for r in other["runs"]})
+        not_run |= set(other.get("not_run", []))
+    runs.update({r["key"]: r for r in doc["runs"]})
+    files += sorted({r["task"]["path"] for r in runs.values()} - set(files))
+    keep = ("command", "git_head", "git_dirty", "slo_ttft", "scale", "share_slots_searched")
+    meta = {k: doc[k] for k in keep if k in doc}
+    meta.update(
+        seeds=sorted({r["task"]["seed"] for r in runs.values()}),
+        policies=[p for p in POLICIES if any(r["task"]["policy"] == p for r in runs.values())],
+        jobs=sum(jobs),  # the invocations ran side by side: the longest one's wall time
+        wall_s=max(walls),
+        finished=doc.get("finished"),
+        not_run=sorted(not_run - set(runs)),
+        combined_from=[*adds],
+        setting_files=files,
+    )
+    return document(list(runs.values()), meta)
+
+
 def tasks_for(
     files: list[str],
     rates: list[str] | None,
@@ -662,6 +696,13 @@ def execute(
 @click.option("--out", default="bench/results/policy_matrix", show_default=True)
 @click.option("--markdown-only", is_flag=True, help="Only rewrite OUT.md and the chart.")
 @click.option(
+    "--add",
+    "adds",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="With --markdown-only: join the runs of this result JSON to OUT.json's (repeat).",
+)
+@click.option(
     "--notes", type=click.Path(exists=True, dir_okay=False), help="Notes, one a paragraph."
 )
 def main(
@@ -678,12 +719,17 @@ def main(
     matrix: str,
     out: str,
     markdown_only: bool,
+    adds: tuple[str, ...],
     notes: str | None,
 ) -> None:
     """Run the policy matrix and write OUT.json, OUT.md and OUT_slo.png."""
+    if adds and not markdown_only:
+        raise click.UsageError("--add joins result files: use it with --markdown-only")
     if markdown_only:
         with open(f"{out}.json") as f:
             doc = json.load(f)
+        if adds:
+            doc = combine(doc, adds)
         if notes:
             with open(notes) as f:
                 doc["notes"] = [" ".join(p.split()) for p in f.read().split("\n\n") if p.strip()]

@@ -230,3 +230,25 @@ def test_record_starts_sees_every_start_the_cluster_accepts():
     res = sim.run()
     assert len(starts) == res.stats["accepted_actions"]["Start"] > 0
     assert {tier for _, _, tier in starts} <= {"disk", "host", "device", "engine", "active"}
+
+
+def test_policy_matrix_joins_result_files(tmp_path):
+    common = ["--settings", "paper-a2", "--rates", "low", "--seeds", "0", "--scale", "0.01"]
+    common += ["--jobs", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out, policy in ((a, "warmserve"), (b, "autoscale")):
+        run = CliRunner().invoke(
+            policy_matrix.main, [*common, "--policies", policy, "--out", str(out)]
+        )
+        assert run.exit_code == 0, run.output
+    run = CliRunner().invoke(
+        policy_matrix.main, ["--markdown-only", "--out", str(a), "--add", f"{b}.json"]
+    )
+    assert run.exit_code == 0, run.output
+    doc = json.loads(Path(f"{a}.json").read_text())
+    assert set(doc["settings"]["paper-a2"]["rates"]["low"]["policies"]) == {
+        "warmserve",
+        "autoscale",
+    }
+    assert doc["comparisons"]["paper-a2/low"]["best_baseline"] == "autoscale"
+    assert doc["combined_from"] == [f"{b}.json"]
