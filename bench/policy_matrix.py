@@ -351,6 +351,10 @@ def markdown(doc: dict) -> str:
         "",
         f"Command: `{doc['command']}` (git {doc['git_head']})",
         "",
+    ]
+    for c in doc.get("combined_from", []):
+        lines += [f"Joined with the {c['runs']} runs of `{c['command']}`", ""]
+    lines += [
         f"{doc['runs_done']} runs in {doc['wall_s']:.0f} s on {doc['jobs']} processes "
         f"(median run {doc['run_wall_s_median']:.1f} s); SLO: TTFT <= {doc['slo_ttft']:g} s. "
         f"Measured span: each recipe's warm-up and hour times {doc['scale']:g}. Medians over "
@@ -561,9 +565,11 @@ def combine(doc: dict, adds: tuple[str, ...]) -> dict:
     not_run: set[str] = set(doc.get("not_run", []))
     files = list(doc.get("setting_files") or [])
     walls, jobs = [doc.get("wall_s", 0.0)], [doc.get("jobs") or 0]
+    sources = []
     for path in adds:
         with open(path) as f:
             other = json.load(f)
+        sources.append({"file": path, "command": other.get("command"), "runs": len(other["runs"])})
         walls.append(other.get("wall_s", 0.0))
         jobs.append(other.get("jobs") or 0)
         if other.get("scale") != doc.get("scale"):
@@ -572,7 +578,15 @@ def combine(doc: dict, adds: tuple[str, ...]) -> dict:
         not_run |= set(other.get("not_run", []))
     runs.update({r["key"]: r for r in doc["runs"]})
     files += sorted({r["task"]["path"] for r in runs.values()} - set(files))
-    keep = ("command", "git_head", "git_dirty", "slo_ttft", "scale", "share_slots_searched")
+    keep = (
+        "command",
+        "git_head",
+        "git_dirty",
+        "slo_ttft",
+        "scale",
+        "share_slots_searched",
+        "notes",
+    )
     meta = {k: doc[k] for k in keep if k in doc}
     meta.update(
         seeds=sorted({r["task"]["seed"] for r in runs.values()}),
@@ -581,7 +595,7 @@ def combine(doc: dict, adds: tuple[str, ...]) -> dict:
         wall_s=max(walls),
         finished=doc.get("finished"),
         not_run=sorted(not_run - set(runs)),
-        combined_from=[*adds],
+        combined_from=[*doc.get("combined_from", []), *sources],
         setting_files=files,
     )
     return document(list(runs.values()), meta)

@@ -251,4 +251,5 @@ def test_policy_matrix_joins_result_files(tmp_path):
         "autoscale",
     }
     assert doc["comparisons"]["paper-a2/low"]["best_baseline"] == "autoscale"
-    assert doc["combined_from"] == [f"{b}.json"]
+    assert [c["file"] for c in doc["combined_from"]] == [f"{b}.json"]
+    assert doc["combined_from"][0]["runs"] == 1
