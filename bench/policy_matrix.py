@@ -613,13 +613,14 @@ def tasks_for(
     """Every run of the filters, ordered so that a budget that runs out leaves the least
     missed: warmserve and the baselines of every cell before any ablation, and the first seed
     of every cell before the second."""
-    from warmserve.sim.recipe import RecipeError, load_recipe
+    from warmserve.sim.cluster import SimInputError
+    from warmserve.sim.recipe import load_recipe
 
     out = []
     for path in files:
         try:
             recipe = load_recipe(path)
-        except RecipeError:
+        except SimInputError:
             recipe = None
         if recipe is None:  # the run reports the error
             out += [Task(path, "-", p, 0, None, scale, slo_ttft) for p in policies[:1]]

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import yaml
 
+from warmserve.yamlfile import read_mapping
+
 REGISTRY_FILE = "registry.yaml"  # a models folder's registry, as `warmserve models make` writes it
 
 
@@ -94,14 +96,8 @@ class Registry(Mapping[str, ModelSpec]):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> Registry:
         """Read a registry file; relative weight paths resolve against the file's folder."""
-        try:
-            with open(path) as f:
-                doc = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise RegistryError(f"{path}: no such registry file") from None
-        except yaml.YAMLError as e:
-            raise RegistryError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("models"), list):
+        doc = read_mapping(path, "registry", RegistryError)
+        if not isinstance(doc.get("models"), list):
             raise RegistryError(f"{path}: expected a mapping with a 'models' list")
         base = os.path.dirname(os.path.abspath(path))
         models = []

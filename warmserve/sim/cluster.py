@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import yaml
 
 from warmserve.registry import ModelSpec, Registry, RegistryError
 from warmserve.sim.costs import CostError, CostModel, load_costs
+from warmserve.yamlfile import read_mapping
 
 
 class SimInputError(ValueError):
@@ -140,15 +140,7 @@ def _models(entries: Any, where: str) -> list[ModelSpec]:
 def load_cluster(path: str | os.PathLike, registry: str | os.PathLike | None = None) -> ClusterSpec:
     """Read a cluster file; models come from ``registry`` (if given), its ``registry:`` and
     ``models:`` keys, in that order of precedence."""
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise SimInputError(f"{path}: no such cluster file") from None
-    except yaml.YAMLError as e:
-        raise SimInputError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise SimInputError(f"{path}: expected a mapping")
+    doc = read_mapping(path, "cluster", SimInputError)
     for key in ("nodes", "devices_per_node", "device_memory", "host_memory"):
         if key not in doc:
             raise SimInputError(f"{path}: lacks {key}")

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import yaml
 
 from warmserve.sim.cluster import ClusterSpec, SimInputError, load_cluster
 from warmserve.traces.synth import SAMPLES
+from warmserve.yamlfile import read_mapping
 
 # The committed derived samples (traces/README.md) by name: rate curves, and token pairs.
 TRACES: dict[str, tuple[str, ...]] = {
@@ -224,15 +224,7 @@ def parse_recipe(doc: Any, path: str) -> Recipe:
 def load_recipe(path: str | os.PathLike) -> Recipe | None:
     """The workload recipe of the cluster file ``path``, or None if it has none."""
     path = str(path)
-    try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: no such cluster file") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise RecipeError(f"{path}: expected a mapping")
+    doc = read_mapping(path, "cluster", RecipeError)
     if doc.get("workload") is None:
         return None
     return parse_recipe(doc["workload"], path)
